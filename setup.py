@@ -1,0 +1,53 @@
+"""dspark-sglang: confidence-scheduled speculative decoding as an SGLang plugin.
+
+`kernels/`, `calibration/` and `benchmarks/` stay top-level folders in the repository but install
+inside our namespace (`dspark_sglang.kernels`, ...), so nothing generic lands at the top of
+site-packages.
+"""
+
+from setuptools import setup
+
+PACKAGES = [
+    "dspark_sglang",
+    "dspark_sglang.drafters",
+    "dspark_sglang.sglang",
+    "dspark_sglang.cpu_shim",
+    "dspark_sglang.kernels",
+    "dspark_sglang.calibration",
+    "dspark_sglang.benchmarks",
+]
+
+setup(
+    name="dspark-sglang",
+    version="0.1.0",
+    description="Confidence-scheduled speculative decoding (DSpark, DFlash, Eagle3 drafters) for SGLang",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    packages=PACKAGES,
+    package_dir={
+        "dspark_sglang.kernels": "kernels",
+        "dspark_sglang.calibration": "calibration",
+        "dspark_sglang.benchmarks": "benchmarks",
+    },
+    package_data={"dspark_sglang": ["zoo/*/*.json", "zoo/*/*.safetensors", "data/*.json"]},
+    install_requires=[
+        "sglang==0.5.23",
+        "torch==2.14.1",
+        "triton==3.8.0",
+        "transformers",
+        "safetensors",
+        "numpy",
+        "tqdm",
+        "rich",
+        "matplotlib",
+    ],
+    extras_require={"test": ["pytest", "hypothesis"]},
+    entry_points={
+        "sglang.srt.plugins": ["dspark = dspark_sglang.sglang.plugin:register"],
+        "console_scripts": [
+            "dspark-models = dspark_sglang.models:main",
+        ],
+    },
+)
