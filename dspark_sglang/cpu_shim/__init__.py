@@ -1,0 +1,1 @@
+"""CPU fallback for sgl_kernel ops (see common_ops.py)."""

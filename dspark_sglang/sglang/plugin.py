@@ -1,0 +1,126 @@
+"""SGLang plugin entry point: registers our worker and takes over `--speculative-algorithm DSPARK`.
+
+Declared in setup.py under the entry-point group `sglang.srt.plugins`; SGLang's `load_plugins()`
+calls `register()` in every process it starts (launcher, engine, spawned scheduler), before
+server arguments are resolved.
+
+Hook points, and why these:
+
+1. `SpeculativeAlgorithm.register("DSPARK_PLUGIN", spec_class=DSparkPluginSpec)`: SGLang's
+   public plugin API for a speculative algorithm. `DSPARK` itself is a reserved enum member and
+   cannot be registered, so our worker lives under its own name (users may also pass
+   `--speculative-algorithm DSPARK_PLUGIN` directly).
+2. `register_resolution_hook("handle_deprecated_dp_attention")`: SGLang's whitelisted hook for
+   resolution steps, on the *first* step of `run_resolution_pipeline`. It declares
+   `speculative_algorithm = DSPARK_PLUGIN` when the user asked for `DSPARK`, so no later step ever
+   sees the string "DSPARK": none of SGLang's ~40 built-in `is_dspark()` branches or "DSPARK"
+   string checks (CUDA-only device check, DSpark-only checkpoint parsing, ragged-verify graph
+   layouts) fire for our worker. Wearing the enum member instead needs AROUND hooks on
+   `_handle_dspark`, `SpeculativeAlgorithm.create_worker` and several shims, each found by a crash
+   (reference notes §14), and more would break under features not tried.
+3. `DSparkPluginSpec` claims no built-in family (every `is_*()` is False), which routes KV
+   reservation through `eagle_prepare_for_decode` (2 × the widest verify window per request) and
+   keeps CUDA-graph capture off our path. It supplies the three methods the scheduler calls that
+   `CustomSpecAlgo` lacks in 0.5.23 (`carries_draft_hidden_states`, `create_future_map`,
+   `need_topk`).
+
+`DSPARK_USE_BUILTIN=1` leaves `DSPARK` to SGLang's built-in worker (CUDA, DSpark checkpoints only).
+
+If the installed SGLang differs from what this was written against (`signatures.py`), nothing
+is registered, the reason is logged at ERROR, and a later request for `DSPARK` fails with that
+reason instead of falling through to the built-in (which on CPU would say only "DSpark ... only
+supports CUDA").
+"""
+
+from __future__ import annotations
+
+import logging
+
+from dspark_sglang.sglang.settings import builtin_requested
+
+logger = logging.getLogger("dspark_sglang")
+
+ALGORITHM_NAME = "DSPARK_PLUGIN"
+TAKEOVER_STEP = "handle_deprecated_dp_attention"
+
+# Why registration was refused in this process (None when registered or not yet tried).
+_refusal: list[str] | None = None
+
+
+def register() -> None:
+    """Entry point. Idempotent: a second call in the same process does nothing."""
+    global _refusal
+    from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+    try:
+        SpeculativeAlgorithm.from_string(ALGORITHM_NAME)
+        return  # already registered in this process
+    except ValueError:
+        pass
+
+    from dspark_sglang.sglang.signatures import check_sglang
+
+    problems = check_sglang()
+    if problems:
+        _refusal = problems
+        logger.error(
+            "dspark-sglang refused to register: %s. `--speculative-algorithm DSPARK` will fail "
+            "with this reason; set %s=1 to use SGLang's built-in DSPARK instead.",
+            "; ".join(problems),
+            "DSPARK_USE_BUILTIN",
+        )
+        _install_takeover(refusal=problems)
+        return
+
+    from dspark_sglang.sglang.spec_class import make_spec_class
+
+    SpeculativeAlgorithm.register(
+        ALGORITHM_NAME,
+        supports_overlap=False,
+        validate_server_args=_validate_server_args,
+        spec_class=make_spec_class(),
+    )(_worker_factory)
+    _install_takeover(refusal=None)
+    logger.info("dspark-sglang registered speculative algorithm %s", ALGORITHM_NAME)
+
+
+def _worker_factory(server_args):
+    from dspark_sglang.sglang.worker import DSparkPluginWorker
+
+    return DSparkPluginWorker
+
+
+def _validate_server_args(server_args) -> None:
+    """Fail at argument resolution, not in the scheduler, on unusable plugin settings."""
+    from dspark_sglang.sglang.spec_class import resolve_plugin_config
+
+    resolve_plugin_config(server_args)
+
+
+def _install_takeover(refusal: list[str] | None) -> None:
+    from sglang.srt.arg_groups import resolution_hooks
+    from sglang.srt.arg_groups.overrides import declare_resolution, resolving_view
+
+    if any(getattr(fn, "_dspark_takeover", False) for fn in resolution_hooks._HOOKS.get(TAKEOVER_STEP, ())):
+        return
+
+    def takeover(server_args, previous) -> None:
+        requested = resolving_view(server_args).speculative_algorithm
+        if requested is not None and requested.upper() == "DSPARK" and not builtin_requested():
+            if refusal is not None:
+                raise RuntimeError(
+                    "--speculative-algorithm DSPARK: the dspark-sglang plugin is installed but "
+                    f"refused to register ({'; '.join(refusal)}). Install sglang==0.5.23, or set "
+                    "DSPARK_USE_BUILTIN=1 to use SGLang's built-in DSPARK worker."
+                )
+            declare_resolution(server_args, "dspark_sglang.takeover", speculative_algorithm=ALGORITHM_NAME)
+            logger.info("--speculative-algorithm DSPARK is served by dspark-sglang (%s)", ALGORITHM_NAME)
+        previous(server_args)
+
+    takeover._dspark_takeover = True
+    resolution_hooks.register_resolution_hook(TAKEOVER_STEP)(takeover)
+
+
+def refusal_reasons() -> list[str] | None:
+    """Why this process refused to register (None if it registered or never tried)."""
+    return _refusal

@@ -1,0 +1,136 @@
+"""Plugin settings: one frozen record, built once from the environment, a JSON file and ServerArgs.
+
+SGLang drops CLI flags it does not know (`ServerArgs.from_cli_args` keeps record fields only), so
+plugin-specific knobs come from environment variables (they survive SGLang's `spawn` of the
+scheduler process) or from a JSON file named by `DSPARK_CONFIG`. Precedence, highest first:
+
+    DSPARK_* environment variables  >  DSPARK_CONFIG JSON file  >  SGLang's own DSpark flags  >  defaults
+
+SGLang's own flags that we honour: `--speculative-dspark-sps-table-path` (cost table),
+`--speculative-dspark-confidence-sts-path` (STS temperatures), `--speculative-dspark-block-size` (γ).
+
+| env var                | JSON key        | meaning                                                        |
+|------------------------|-----------------|----------------------------------------------------------------|
+| DSPARK_SCHEDULER       | scheduler       | lagged (default) · algorithm1 · fixed · verify-all · none      |
+| DSPARK_FIXED_LEN       | fixed_len       | drafts verified per round for `fixed`                          |
+| DSPARK_COST_TABLE      | cost_table      | steps/s table (SGLang SPS JSON, plain or additive)             |
+| DSPARK_STS             | sts             | STS temperatures (SGLang STS JSON)                             |
+| DSPARK_GAMMA           | gamma           | drafts per block; must not exceed the drafter's block          |
+| DSPARK_LAG             | lag             | rounds of lag for the budget of the `lagged` scheduler         |
+| DSPARK_SEED            | seed            | seed of the acceptance/draft random stream                     |
+| DSPARK_USE_BUILTIN     | —               | 1: leave `--speculative-algorithm DSPARK` to SGLang's built-in |
+
+This module is pure (no sglang import) so it is unit-testable without an engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+SCHEDULER_KINDS = ("lagged", "algorithm1", "fixed", "verify-all", "none")
+OPT_OUT_ENV = "DSPARK_USE_BUILTIN"
+CONFIG_ENV = "DSPARK_CONFIG"
+
+
+class PluginSettingsError(ValueError):
+    """A plugin setting is malformed; the message names its source and the field."""
+
+
+@dataclass(frozen=True)
+class PluginSettings:
+    scheduler: str = "lagged"
+    fixed_len: int | None = None
+    cost_table: str | None = None
+    sts: str | None = None
+    gamma: int | None = None
+    lag: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.scheduler not in SCHEDULER_KINDS:
+            raise PluginSettingsError(f"scheduler: {self.scheduler!r} is not one of {', '.join(SCHEDULER_KINDS)}")
+        if self.scheduler == "fixed" and self.fixed_len is None:
+            raise PluginSettingsError("fixed_len: required when scheduler is 'fixed' (DSPARK_FIXED_LEN)")
+        if self.fixed_len is not None and self.fixed_len < 0:
+            raise PluginSettingsError(f"fixed_len: must be >= 0, got {self.fixed_len}")
+        if self.gamma is not None and self.gamma < 1:
+            raise PluginSettingsError(f"gamma: must be >= 1, got {self.gamma}")
+        if self.lag < 0:
+            raise PluginSettingsError(f"lag: must be >= 0, got {self.lag}")
+        for name in ("cost_table", "sts"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise PluginSettingsError(f"{name}: file {path!r} does not exist")
+
+
+_ENV_KEYS = {
+    "scheduler": "DSPARK_SCHEDULER",
+    "fixed_len": "DSPARK_FIXED_LEN",
+    "cost_table": "DSPARK_COST_TABLE",
+    "sts": "DSPARK_STS",
+    "gamma": "DSPARK_GAMMA",
+    "lag": "DSPARK_LAG",
+    "seed": "DSPARK_SEED",
+}
+_INT_FIELDS = {"fixed_len", "gamma", "lag", "seed"}
+
+
+def _coerce(source: str, name: str, value: Any) -> Any:
+    if value is None:
+        return None
+    if name in _INT_FIELDS:
+        if isinstance(value, bool):
+            raise PluginSettingsError(f"{source}: {name}: expected an integer, got {value!r}")
+        try:
+            if isinstance(value, str):
+                return int(value.strip())
+            if isinstance(value, int):
+                return value
+        except ValueError:
+            pass
+        raise PluginSettingsError(f"{source}: {name}: expected an integer, got {value!r}")
+    if not isinstance(value, str):
+        raise PluginSettingsError(f"{source}: {name}: expected a string, got {type(value).__name__}")
+    return value.strip().lower() if name == "scheduler" else value
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise PluginSettingsError(f"{CONFIG_ENV}: file {path!r} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise PluginSettingsError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise PluginSettingsError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    known = {f.name for f in fields(PluginSettings)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise PluginSettingsError(f"{path}: unknown keys {unknown}; known keys are {sorted(known)}")
+    return {k: _coerce(path, k, v) for k, v in data.items()}
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None,
+    server_defaults: Mapping[str, Any] | None = None,
+) -> PluginSettings:
+    """Build the settings record. `server_defaults` carries values from SGLang's own DSpark flags
+    (keys as in PluginSettings); they rank below the env vars and the JSON file."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {k: v for k, v in (server_defaults or {}).items() if v is not None}
+    if environ.get(CONFIG_ENV):
+        values.update(_read_json(environ[CONFIG_ENV]))
+    for name, env in _ENV_KEYS.items():
+        if environ.get(env, "") != "":
+            values[name] = _coerce(env, name, environ[env])
+    return replace(PluginSettings(), **values) if values else PluginSettings()
+
+
+def builtin_requested(environ: Mapping[str, str] | None = None) -> bool:
+    """True when the user asked to leave `--speculative-algorithm DSPARK` to SGLang's built-in."""
+    environ = os.environ if environ is None else environ
+    return environ.get(OPT_OUT_ENV, "").strip().lower() in ("1", "true", "yes", "on")

@@ -1,0 +1,141 @@
+"""The SGLang internals this plugin overrides or calls, checked before anything is registered.
+
+SGLang's speculative internals move between minor releases (the V1 worker path disappeared, and
+`draft_tp_context` changed shape between 0.5.16 and 0.5.23). Rather than fail deep inside a
+scheduler process, `register()` checks this table first and refuses to register, loudly, if any
+entry is missing or has a different signature. `tests/unit/test_plugin.py` checks it too.
+
+Each entry names a dotted path and, for callables, the parameter names we pass or rely on (a
+subset check: SGLang may add parameters, it may not drop or rename ours). `kind` says why we
+depend on it: we *call* it, *override* it (subclass or hook), or read a *field* of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+SUPPORTED_SGLANG_VERSION = "0.5.23"
+
+
+@dataclass(frozen=True)
+class Internal:
+    path: str  # dotted path: module.attr[.attr...]
+    kind: str  # "call" | "override" | "field" | "member"
+    params: tuple[str, ...] = ()  # callables: parameter names we rely on; fields: attribute names
+    why: str = ""
+
+
+SGLANG_INTERNALS: list[Internal] = [
+    # --- registration (plugin.py) -------------------------------------------------------------
+    Internal("sglang.srt.speculative.spec_info.SpeculativeAlgorithm.register", "call",
+             ("name", "supports_overlap", "validate_server_args", "spec_class"),
+             "registers DSPARK_PLUGIN"),
+    Internal("sglang.srt.speculative.spec_info.SpeculativeAlgorithm.from_string", "call", ("name",),
+             "idempotency probe; proves the name resolves to us"),
+    Internal("sglang.srt.speculative.spec_registry.CustomSpecAlgo", "override",
+             ("handle_server_args", "create_worker", "resolve_max_speculative_num_draft_tokens",
+              "has_draft_kv"),
+             "our spec class subclasses it"),
+    Internal("sglang.srt.speculative.spec_info.SpeculativeAlgorithm.carries_draft_hidden_states", "override",
+             ("self",), "CustomSpecAlgo lacks it; we supply the enum's semantics"),
+    Internal("sglang.srt.speculative.spec_info.SpeculativeAlgorithm.create_future_map", "override",
+             ("self", "device", "req_to_token_pool", "needs_cpu_seq_lens", "needs_confidence_relay"),
+             "CustomSpecAlgo lacks it; we supply the enum's semantics"),
+    Internal("sglang.srt.speculative.spec_info.SpeculativeAlgorithm.need_topk", "override", ("self",),
+             "CustomSpecAlgo lacks it"),
+    Internal("sglang.srt.managers.overlap_utils.FutureMap", "call",
+             ("device", "spec_algo", "req_to_token_pool"), "built by create_future_map"),
+    Internal("sglang.srt.arg_groups.resolution_hooks.register_resolution_hook", "call", ("name",),
+             "rewrites DSPARK to DSPARK_PLUGIN at the first resolution step"),
+    Internal("sglang.srt.arg_groups.resolution_hooks._OVERRIDABLE_HOOKS", "member",
+             ("handle_deprecated_dp_attention",), "the first step of run_resolution_pipeline"),
+    Internal("sglang.srt.arg_groups.overrides.declare_resolution", "call", ("server_args", "source"),
+             "declares the rewritten algorithm name"),
+    Internal("sglang.srt.arg_groups.overrides.resolving_view", "call", ("server_args",),
+             "reads the algorithm being resolved"),
+    Internal("sglang.srt.runtime_context.get_spec", "call", (), "the worker reads resolved spec args"),
+    # --- worker (worker.py) ------------------------------------------------------------------
+    Internal("sglang.srt.speculative.base_spec_worker.BaseSpecWorker", "override", (),
+             "our worker subclasses it"),
+    Internal("sglang.srt.managers.tp_worker.TpModelWorker.forward_batch_generation", "call",
+             ("batch", "forward_batch", "is_verify", "capture_hidden_mode"), "target forwards"),
+    Internal("sglang.srt.managers.utils.GenerationBatchResult", "field",
+             ("logits_output", "next_token_ids", "accept_lens", "new_seq_lens", "next_draft_input",
+              "speculative_num_draft_tokens", "can_run_cuda_graph", "cap_lens"),
+             "what the scheduler reads back"),
+]
+
+
+class SignatureMismatch(RuntimeError):
+    pass
+
+
+def _resolve(path: str) -> Any:
+    parts = path.split(".")
+    for split in range(len(parts), 0, -1):
+        module_name = ".".join(parts[:split])
+        try:
+            obj = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                continue  # not a module: the rest of the path is attributes
+            raise
+        for attr in parts[split:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ImportError(f"cannot import any prefix of {path}")
+
+
+def _field_names(cls: type) -> set[str]:
+    names = set(dir(cls))
+    if dataclasses.is_dataclass(cls):
+        names |= {f.name for f in dataclasses.fields(cls)}
+    names |= set(getattr(cls, "__annotations__", {}))
+    names |= set(getattr(cls, "__struct_fields__", ()))
+    return names
+
+
+def check_internal(entry: Internal) -> str | None:
+    """Return a problem description, or None when `entry` matches the installed SGLang."""
+    try:
+        obj = _resolve(entry.path)
+    except (ImportError, AttributeError) as exc:
+        hint = ""
+        if "common_ops" in str(exc) or "libcuda" in str(exc):
+            hint = " (on a CPU-only machine, enable CPU mode first: eval \"$(dspark-cpu-env)\")"
+        return f"{entry.path}: cannot be imported: {type(exc).__name__}: {str(exc).splitlines()[0]}{hint}"
+    if entry.kind == "member":
+        missing = [p for p in entry.params if p not in obj]
+        return f"{entry.path}: lacks {missing}" if missing else None
+    if entry.kind == "field" or (entry.kind == "override" and inspect.isclass(obj)):
+        missing = [p for p in entry.params if p not in _field_names(obj)]
+        return f"{entry.path}: lacks attributes {missing}" if missing else None
+    try:
+        params = inspect.signature(obj).parameters
+    except (TypeError, ValueError) as exc:
+        return f"{entry.path}: no inspectable signature ({exc})"
+    missing = [p for p in entry.params if p not in params]
+    return f"{entry.path}: parameters {missing} are gone (has {list(params)})" if missing else None
+
+
+def check_sglang(installed_version: str | None = None) -> list[str]:
+    """All problems with the installed SGLang; empty when the plugin may register."""
+    if installed_version is None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            installed_version = version("sglang")
+        except PackageNotFoundError:
+            return ["sglang is not installed"]
+    problems = []
+    if installed_version != SUPPORTED_SGLANG_VERSION:
+        problems.append(
+            f"sglang {installed_version} is installed; this plugin was written against "
+            f"sglang=={SUPPORTED_SGLANG_VERSION}"
+        )
+    problems += [p for p in map(check_internal, SGLANG_INTERNALS) if p]
+    return problems
