@@ -81,7 +81,7 @@ def _resolve(path: str) -> Any:
         try:
             obj = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
-            if exc.name == module_name:
+            if exc.name and module_name.startswith(exc.name):
                 continue  # not a module: the rest of the path is attributes
             raise
         for attr in parts[split:]:

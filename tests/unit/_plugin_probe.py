@@ -1,0 +1,36 @@
+"""Run in a fresh interpreter by test_plugin.py: SGLang's plugin and hook registries are
+process-global, so each scenario gets its own process."""
+
+import json
+import sys
+
+mode = sys.argv[1]
+
+import dspark_sglang.sglang.plugin as plugin  # noqa: E402
+import dspark_sglang.sglang.signatures as signatures  # noqa: E402
+
+if mode == "mismatch":
+    signatures.check_sglang = lambda *a, **k: ["simulated: sglang 0.6.0 is installed"]
+
+from sglang.srt.plugins import load_plugins  # noqa: E402
+
+load_plugins()  # the real entry-point path (group sglang.srt.plugins)
+plugin.register()  # idempotent
+
+from sglang.srt.arg_groups.overrides import resolving_view  # noqa: E402
+from sglang.srt.server_args import ServerArgs  # noqa: E402
+from sglang.srt.speculative.spec_info import SpeculativeAlgorithm  # noqa: E402
+
+out = {"refusal": plugin.refusal_reasons()}
+try:
+    SpeculativeAlgorithm.from_string(plugin.ALGORITHM_NAME)
+    out["registered"] = True
+except ValueError:
+    out["registered"] = False
+args = ServerArgs(model_path="dummy", speculative_algorithm=sys.argv[2], device="cpu")
+try:
+    args.resolve_once()
+    out["resolved"] = resolving_view(args).speculative_algorithm
+except Exception as exc:  # reported to the test, which asserts on it
+    out["error"] = f"{type(exc).__name__}: {exc}"
+print("PROBE " + json.dumps(out))

@@ -1,0 +1,68 @@
+"""Plugin registration on the real, installed SGLang (each scenario in a fresh process)."""
+
+import json
+import os
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+
+PROBE = Path(__file__).with_name("_plugin_probe.py")
+
+
+def run_probe(mode: str, algorithm: str = "DSPARK", **env) -> dict:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("DSPARK_")}
+    environ.update(env)
+    proc = subprocess.run(
+        [sys.executable, str(PROBE), mode, algorithm], env=environ, capture_output=True, text=True, timeout=300
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("PROBE ")]
+    assert lines, f"probe failed:\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    result = json.loads(lines[-1][len("PROBE "):])
+    result["stderr"] = proc.stderr
+    return result
+
+
+def test_entry_point_is_declared():
+    names = {ep.name: ep.value for ep in entry_points(group="sglang.srt.plugins")}
+    assert names.get("dspark") == "dspark_sglang.sglang.plugin:register"
+
+
+def test_signature_table_matches_installed_sglang():
+    from dspark_sglang.sglang.signatures import check_sglang
+
+    assert check_sglang() == []
+
+
+def test_signature_check_reports_a_changed_signature(monkeypatch):
+    from dspark_sglang.sglang import signatures
+
+    bogus = signatures.Internal("sglang.srt.speculative.spec_info.SpeculativeAlgorithm.register", "call",
+                                ("name", "a_parameter_sglang_never_had"))
+    monkeypatch.setattr(signatures, "SGLANG_INTERNALS", [bogus])
+    problems = signatures.check_sglang(installed_version="0.5.22")
+    assert any("0.5.22" in p and "0.5.23" in p for p in problems)
+    assert any("a_parameter_sglang_never_had" in p for p in problems)
+
+
+def test_dspark_flag_is_taken_over():
+    out = run_probe("normal")
+    assert out["registered"] and out["refusal"] is None
+    assert out.get("resolved") == "DSPARK_PLUGIN", out
+
+
+def test_opt_out_leaves_dspark_to_the_builtin():
+    out = run_probe("normal", DSPARK_USE_BUILTIN="1")
+    assert out.get("resolved") == "DSPARK", out
+    # Our worker stays reachable under its own name.
+    assert run_probe("normal", "DSPARK_PLUGIN", DSPARK_USE_BUILTIN="1").get("resolved") == "DSPARK_PLUGIN"
+
+
+def test_mismatch_refuses_loudly_and_dspark_fails_with_the_reason():
+    out = run_probe("mismatch")
+    assert not out["registered"]
+    assert "refused to register" in out["stderr"] and "sglang 0.6.0" in out["stderr"]
+    assert "RuntimeError" in out.get("error", "") and "sglang 0.6.0" in out["error"], out
+    assert "DSPARK_USE_BUILTIN" in out["error"]

@@ -1,0 +1,71 @@
+"""Plugin settings: precedence, coercion and clear errors (pure, no engine)."""
+
+import json
+
+import pytest
+
+from dspark_sglang.sglang.settings import (
+    PluginSettings,
+    PluginSettingsError,
+    builtin_requested,
+    load_settings,
+)
+
+
+def test_defaults():
+    assert load_settings(environ={}) == PluginSettings()
+    assert PluginSettings().scheduler == "lagged" and PluginSettings().lag == 2
+
+
+def test_precedence_env_over_json_over_server_args(tmp_path):
+    table = tmp_path / "sps.json"
+    table.write_text("{}")
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"scheduler": "fixed", "fixed_len": 3, "lag": 1}))
+    env = {"DSPARK_CONFIG": str(cfg), "DSPARK_FIXED_LEN": "5"}
+    s = load_settings(environ=env, server_defaults={"cost_table": str(table), "lag": 4, "gamma": None})
+    # lag: JSON (1) beats the server default (4); fixed_len: env (5) beats JSON (3)
+    assert (s.scheduler, s.fixed_len, s.lag, s.cost_table) == ("fixed", 5, 1, str(table))
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"DSPARK_SCHEDULER": "greedy"}, "scheduler"),
+        ({"DSPARK_SCHEDULER": "fixed"}, "fixed_len"),
+        ({"DSPARK_FIXED_LEN": "three"}, "DSPARK_FIXED_LEN"),
+        ({"DSPARK_GAMMA": "0"}, "gamma"),
+        ({"DSPARK_LAG": "-1"}, "lag"),
+        ({"DSPARK_COST_TABLE": "/nonexistent/sps.json"}, "cost_table"),
+        ({"DSPARK_STS": "/nonexistent/sts.json"}, "sts"),
+        ({"DSPARK_CONFIG": "/nonexistent/cfg.json"}, "DSPARK_CONFIG"),
+    ],
+)
+def test_bad_env_is_refused_with_the_field_named(env, message):
+    with pytest.raises(PluginSettingsError, match=message):
+        load_settings(environ=env)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"schedulr": "lagged"}', "unknown keys"),
+        ('{"lag": "two"}', "lag"),
+        ('{"lag": true}', "lag"),
+        ('{"scheduler": 3}', "scheduler"),
+    ],
+)
+def test_bad_json_is_refused_with_file_and_field(tmp_path, content, message):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(content)
+    with pytest.raises(PluginSettingsError, match=message) as err:
+        load_settings(environ={"DSPARK_CONFIG": str(cfg)})
+    assert str(cfg) in str(err.value) or "lag" in str(err.value) or "scheduler" in str(err.value)
+
+
+@pytest.mark.parametrize("value, expected", [("1", True), ("true", True), ("0", False), ("", False)])
+def test_opt_out(value, expected):
+    assert builtin_requested({"DSPARK_USE_BUILTIN": value}) is expected
+    assert builtin_requested({}) is False
