@@ -1,60 +1,158 @@
 """Sampling-parameter processing with SGLang 0.5.23 semantics, shared by target and draft.
 
-Lossless acceptance needs p (target) and q (draft) processed identically: temperature, then
-top-k / top-p / min-p masking of the tempered softmax, renormalised. Greedy (temperature <= 1e-5)
-is a one-hot argmax (first index on ties), which makes the ratio test an exact-match test.
+Lossless acceptance needs p (target) and q (draft) processed identically. This module mirrors what
+SGLang's own sampler does to one row of logits (`sglang/srt/layers/sampler.py`, the `pytorch`
+backend `top_k_top_p_min_p_sampling_from_probs_torch`, and `SamplingParams.normalize`):
+
+1. Non-finite logits are sanitised as `sanitize_nan_logits` does: NaN -> -1e30, +inf -> +1e30,
+   -inf -> -1e30 (SGLang does this only under SGLANG_SANITIZE_NAN_LOGITS; we always do, so a bad
+   row can never produce NaN probabilities).
+2. Greedy: SGLang rewrites `0 <= temperature < 1e-6` to `temperature=1, top_k=1`, and an
+   all-greedy batch takes `argmax(logits)`. So a row is greedy when `temperature < 1e-6` or
+   `top_k == 1`; its distribution is a one-hot at the argmax of the logits (first index on ties).
+3. Otherwise `softmax(logits / temperature)`, then, on the probabilities sorted descending:
+   - top-k: zero ranks >= top_k (`top_k <= 0` or `top_k >= V` disables; SGLang's "all" is 1 << 30);
+   - top-p: zero a token when the mass strictly before it (exclusive cumsum) exceeds top_p;
+   - min-p: zero a token whose probability is below `min_p * max_prob`.
+   The three masks are all computed from the unfiltered softmax, as in SGLang. The survivors are
+   renormalised (SGLang's `torch.multinomial` does this implicitly).
+
+Ties in the sort keep the lower token id first (stable sort); SGLang's sort is not stable, so the
+two may keep different members of a tie that straddles a top-k cut. Nothing else differs.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-GREEDY_EPS = 1e-5
+# SGLang's _SAMPLING_EPS: `0 <= temperature < 1e-6` means greedy (sampling_params.py).
+GREEDY_EPS = 1e-6
+# SGLang's sanitize_nan_logits value: finite, so logits / temperature cannot overflow to inf.
+_LOGIT_SENTINEL = 1e30
 
 
-def is_greedy(temperatures: torch.Tensor) -> torch.Tensor:
-    """[R] float -> [R] bool."""
-    return temperatures <= GREEDY_EPS
+@dataclass
+class SamplingBatch:
+    """Per-request sampling parameters, SGLang semantics (see the module docstring)."""
+
+    temperatures: torch.Tensor  # [R] float32; < 1e-6 means greedy
+    top_ks: torch.Tensor  # [R] int; >= vocab or <= 0 means off; 1 means greedy
+    top_ps: torch.Tensor  # [R] float32; 1.0 means off
+    min_ps: torch.Tensor  # [R] float32; 0.0 means off
+
+    @classmethod
+    def greedy(cls, num_reqs: int, device: torch.device | str = "cpu") -> "SamplingBatch":
+        return cls(
+            temperatures=torch.zeros(num_reqs, device=device),
+            top_ks=torch.full((num_reqs,), -1, dtype=torch.int64, device=device),
+            top_ps=torch.ones(num_reqs, device=device),
+            min_ps=torch.zeros(num_reqs, device=device),
+        )
+
+    def is_greedy(self) -> torch.Tensor:
+        """[R] bool, see `is_greedy`."""
+        return is_greedy(self.temperatures, self.top_ks)
+
+
+def is_greedy(
+    temperatures: torch.Tensor,  # [N] float
+    top_ks: torch.Tensor | None = None,  # [N] int, optional
+) -> torch.Tensor:
+    """Which rows SGLang samples greedily.
+
+    Shape: ``temperatures`` [N], ``top_ks`` [N] or None; returns [N] bool.
+    A row is greedy when ``temperature < 1e-6`` (SGLang's threshold, which also catches the
+    invalid negative temperatures) or ``top_k == 1`` (what SGLang rewrites greedy requests to, so
+    parameters read back from a ``SamplingBatchInfo`` are recognised).
+    """
+    greedy = temperatures < GREEDY_EPS
+    if top_ks is not None:
+        greedy = greedy | (top_ks == 1)
+    return greedy
+
+
+def sanitize_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Float32 copy with SGLang's NaN/inf replacement (NaN, -inf -> -1e30; +inf -> +1e30)."""
+    return torch.nan_to_num(
+        logits.float(), nan=-_LOGIT_SENTINEL, posinf=_LOGIT_SENTINEL, neginf=-_LOGIT_SENTINEL
+    )
+
+
+def _check_rows(name: str, tensor: torch.Tensor, num_rows: int) -> None:
+    if tensor.shape != (num_rows,):
+        raise ValueError(f"{name} must have shape [{num_rows}], got {tuple(tensor.shape)}")
 
 
 def process_logits(
     logits: torch.Tensor,  # [N, V]
     temperatures: torch.Tensor,  # [N]
-    top_ks: torch.Tensor,  # [N] int64, <= 0 or >= V disables
+    top_ks: torch.Tensor,  # [N] int, <= 0 or >= V disables, 1 is greedy
     top_ps: torch.Tensor,  # [N]
     min_ps: torch.Tensor,  # [N]
 ) -> torch.Tensor:
-    """Return the normalised distribution [N, V] float32 a sampler draws from.
+    """The normalised distribution SGLang's sampler would draw each row's next token from.
 
-    Rows with greedy temperature become one-hot at the argmax. Non-finite logits are treated as
-    -inf (never sampled); a row with no finite logit falls back to a one-hot at index 0 so callers
-    never see NaN.
+    Shape: ``logits`` [N, V]; ``temperatures``, ``top_ks``, ``top_ps``, ``min_ps`` [N].
+
+    Returns
+    -------
+    probs : [N, V] float32
+        Rows sum to 1 and contain no NaN. Greedy rows (see `is_greedy`) are one-hot at the argmax.
+        Should a row still lose all its mass (only with invalid parameters such as a NaN
+        temperature or ``top_p <= 0``), it falls back to the one-hot argmax.
     """
-    logits = logits.float()
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be [N, V], got shape {tuple(logits.shape)}")
     num_rows, vocab = logits.shape
-    logits = torch.where(torch.isfinite(logits), logits, torch.full_like(logits, float("-inf")))
-    greedy = is_greedy(temperatures)
-    safe_t = torch.where(greedy, torch.ones_like(temperatures), temperatures).float()
-    probs = torch.softmax(logits / safe_t[:, None], dim=-1)
-    probs = torch.nan_to_num(probs, nan=0.0)
+    for name, tensor in (("temperatures", temperatures), ("top_ks", top_ks),
+                         ("top_ps", top_ps), ("min_ps", min_ps)):
+        _check_rows(name, tensor, num_rows)
+    logits = sanitize_logits(logits)
+    greedy = is_greedy(temperatures, top_ks)  # [N]
+    one_hot = torch.nn.functional.one_hot(logits.argmax(dim=-1), vocab).float()  # [N, V]
 
-    sorted_probs, sorted_idx = probs.sort(dim=-1, descending=True, stable=True)
-    ranks = torch.arange(vocab, device=logits.device)[None, :]
-    k = torch.where((top_ks <= 0) | (top_ks >= vocab), torch.full_like(top_ks, vocab), top_ks)
-    drop = ranks >= k[:, None]
-    # SGLang: a token is dropped by top-p when the mass strictly before it already exceeds top_p.
-    exclusive_cumsum = sorted_probs.cumsum(dim=-1) - sorted_probs
-    drop |= exclusive_cumsum > top_ps[:, None]
-    drop |= sorted_probs < (sorted_probs[:, :1] * min_ps[:, None])
-    sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-    filtered = torch.zeros_like(probs).scatter_(-1, sorted_idx, sorted_probs)
+    safe_t = torch.where(greedy, torch.ones_like(temperatures), temperatures).float()  # [N]
+    probs = torch.softmax(logits / safe_t[:, None], dim=-1)  # [N, V]
 
-    argmax = logits.argmax(dim=-1)
-    one_hot = torch.nn.functional.one_hot(argmax, vocab).float()
-    filtered = torch.where(greedy[:, None], one_hot, filtered)
-    total = filtered.sum(-1, keepdim=True)
-    dead = total.squeeze(-1) <= 0
-    if dead.any():
-        filtered[dead] = torch.nn.functional.one_hot(torch.zeros_like(argmax[dead]), vocab).float()
-        total = filtered.sum(-1, keepdim=True)
-    return filtered / total
+    top_ks = torch.where((top_ks <= 0) | (top_ks >= vocab), torch.full_like(top_ks, vocab), top_ks)
+    # Host check: skip the O(V log V) sort when no row filters (SGLang's need_*_sampling flags).
+    if bool(((top_ks < vocab) | (top_ps < 1.0) | (min_ps > 0.0)).any()):
+        sorted_probs, sorted_idx = probs.sort(dim=-1, descending=True, stable=True)  # [N, V]
+        ranks = torch.arange(vocab, device=logits.device)[None, :]  # [1, V]
+        drop = ranks >= top_ks[:, None]
+        drop |= (sorted_probs.cumsum(dim=-1) - sorted_probs) > top_ps[:, None].float()
+        drop |= sorted_probs < sorted_probs[:, :1] * min_ps[:, None].float()
+        probs = torch.zeros_like(probs).scatter_(-1, sorted_idx, sorted_probs.masked_fill(drop, 0.0))
+
+    total = probs.sum(dim=-1, keepdim=True)  # [N, 1]
+    usable = (total > 0) & torch.isfinite(total) & ~greedy[:, None]
+    return torch.where(usable, probs / torch.where(usable, total, 1.0), one_hot)
+
+
+def sample_from_probs(
+    probs: torch.Tensor,  # [N, V] non-negative weights (need not be normalised)
+    uniforms: torch.Tensor,  # [N] U(0, 1)
+) -> torch.Tensor:
+    """Inverse-CDF draw: token ``i`` such that ``cdf[i-1] <= u * total < cdf[i]``.
+
+    Shape: ``probs`` [N, V], ``uniforms`` [N]; returns [N] int64.
+
+    Robust to rounding: the CDF is accumulated in float64; ``u`` is clamped to [0, 1]; the result
+    never has zero weight (a strictly increasing CDF step implies a positive weight) and never
+    exceeds the last positive index (u * total may round up to total). NaN, inf and negative
+    weights count as zero. A row with no positive weight returns 0.
+    """
+    if probs.ndim != 2:
+        raise ValueError(f"probs must be [N, V], got shape {tuple(probs.shape)}")
+    _check_rows("uniforms", uniforms, probs.shape[0])
+    weights = torch.nan_to_num(probs.double(), nan=0.0, posinf=0.0, neginf=0.0).clamp_min_(0.0)
+    cdf = weights.cumsum(dim=-1)  # [N, V]
+    target = uniforms.double().clamp(0.0, 1.0)[:, None] * cdf[:, -1:]  # [N, 1]
+    tokens = torch.searchsorted(cdf, target, right=True).squeeze(-1)  # [N], first cdf > target
+    positive = weights > 0  # [N, V]
+    vocab = probs.shape[1]
+    last_positive = vocab - 1 - positive.flip(-1).int().argmax(dim=-1)  # [N]
+    last_positive = torch.where(positive.any(dim=-1), last_positive, 0)
+    return torch.minimum(tokens, last_positive)

@@ -24,24 +24,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-
-@dataclass
-class SamplingBatch:
-    """Per-request sampling parameters, SGLang semantics (see dspark_sglang.sampling)."""
-
-    temperatures: torch.Tensor  # [R] float32; <= 1e-5 means greedy
-    top_ks: torch.Tensor  # [R] int64; >= vocab or <= 0 means off
-    top_ps: torch.Tensor  # [R] float32; 1.0 means off
-    min_ps: torch.Tensor  # [R] float32; 0.0 means off
-
-    @classmethod
-    def greedy(cls, num_reqs: int, device: torch.device | str = "cpu") -> "SamplingBatch":
-        return cls(
-            temperatures=torch.zeros(num_reqs, device=device),
-            top_ks=torch.full((num_reqs,), -1, dtype=torch.int64, device=device),
-            top_ps=torch.ones(num_reqs, device=device),
-            min_ps=torch.zeros(num_reqs, device=device),
-        )
+from dspark_sglang.sampling import SamplingBatch  # noqa: F401  (re-exported; lives in the core)
 
 
 @dataclass

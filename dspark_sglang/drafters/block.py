@@ -1,0 +1,297 @@
+"""The block-parallel backbone shared by DSpark and DFlash (DeepSpec and z-lab checkpoints).
+
+One block forward, for R requests at once (README §1 "Backbone", drafters-and-paper.md §4):
+
+    context features c_p (p < anchor) --fc--> --hidden_norm--> C_p      (never layer-normed again)
+    block ids [anchor, MASK x (B-1)] at positions a..a+B-1 --embed--> X
+    each layer:  h = input_layernorm(X)
+                 Q = RoPE(q_norm(h Wq))                 at block positions
+                 K = RoPE(k_norm([C ; h] Wk))            at [context positions ; block positions]
+                 V = [C ; h] Wv                          (context and block share k/v projections)
+                 X += attn(Q, K, V) Wo    (no mask: bidirectional in the block, all of the context)
+                 X += MLP(post_attention_layernorm(X))
+    h = norm(X)                                        -> [R, B, H]
+
+Context K/V depend only on (c_p, p), so each layer's projected, normed and rotated context K and V
+are cached per request (`ContextCache`) and extended as positions are committed; a block's own K/V
+are transient. Ragged contexts are right-padded and masked, which keeps one forward per round.
+
+Module attribute names equal the checkpoint tensor names (`fc`, `hidden_norm`, `layers.{i}.self_attn.
+q_proj`, ..., `norm`), so the backbone loads with `checkpoint.load_weights({"": backbone}, ...)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dspark_sglang.drafters.config import BlockDrafterConfig, DecoderDims
+from dspark_sglang.drafters.layers import Attention, RMSNorm, SwiGLU, apply_rope, rope_cos_sin
+
+
+def _rotate(
+    x: torch.Tensor,  # [..., T, heads, head_dim]
+    positions: torch.Tensor,  # [..., T] int64
+    theta: float,
+) -> torch.Tensor:
+    """RoPE for any leading batch shape (flattens onto layers.apply_rope's [T, heads, d])."""
+    flat = x.reshape(-1, *x.shape[-2:])
+    cos, sin = rope_cos_sin(positions.reshape(-1), x.shape[-1], theta, dtype=x.dtype)
+    return apply_rope(flat, cos, sin).view(x.shape)
+
+
+class BlockDecoderLayer(nn.Module):
+    """A Qwen3 pre-norm decoder layer whose attention also reads injected context K/V."""
+
+    def __init__(self, dims: DecoderDims):
+        super().__init__()
+        h = dims.hidden_size
+        self.self_attn = Attention(h, h, dims.num_heads, dims.num_kv_heads, dims.head_dim, qk_norm=True, eps=dims.rms_norm_eps)
+        self.mlp = SwiGLU(h, dims.intermediate_size)
+        self.input_layernorm = RMSNorm(h, dims.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(h, dims.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [R, B, H] block residual stream
+        positions: torch.Tensor,  # [R, B] int64 block positions
+        ctx_k: torch.Tensor,  # [R, N, kv_heads, head_dim] context keys (normed, rotated)
+        ctx_v: torch.Tensor,  # [R, N, kv_heads, head_dim]
+        ctx_mask: torch.Tensor | None,  # [R, N] bool, True = a real context row; None = all real
+        theta: float,
+    ) -> torch.Tensor:
+        attn = self.self_attn
+        num_reqs, block, _ = x.shape
+        h = self.input_layernorm(x).reshape(num_reqs * block, -1)
+        q = attn.project_q(h).view(num_reqs, block, attn.num_heads, attn.head_dim)
+        k, v = attn.project_kv(h)
+        k = k.view(num_reqs, block, attn.num_kv_heads, attn.head_dim)
+        v = v.view(num_reqs, block, attn.num_kv_heads, attn.head_dim)
+        q, k = _rotate(q, positions, theta), _rotate(k, positions, theta)
+        keys = torch.cat([ctx_k, k], dim=1).transpose(1, 2)  # [R, kv_heads, N + B, d]
+        values = torch.cat([ctx_v, v], dim=1).transpose(1, 2)
+        mask = None
+        if ctx_mask is not None:
+            # Padding rows of shorter contexts are hidden; the block's own rows are always visible.
+            visible = torch.ones(num_reqs, block, dtype=torch.bool, device=x.device)
+            mask = torch.cat([ctx_mask, visible], dim=1)[:, None, None, :]  # [R, 1, 1, N + B]
+        group = attn.num_heads // attn.num_kv_heads
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),  # [R, heads, B, d]
+            keys.repeat_interleave(group, dim=1),
+            values.repeat_interleave(group, dim=1),
+            attn_mask=mask,
+            scale=attn.head_dim**-0.5,
+        )  # [R, heads, B, d]
+        x = x + attn.o_proj(out.transpose(1, 2).reshape(num_reqs, block, -1))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class BlockBackbone(nn.Module):
+    """fc + hidden_norm (context fusion), the decoder layers and the final norm."""
+
+    def __init__(self, dims: DecoderDims, num_context_layers: int):
+        super().__init__()
+        self.dims = dims
+        h = dims.hidden_size
+        self.fc = nn.Linear(num_context_layers * h, h, bias=False)
+        self.hidden_norm = RMSNorm(h, dims.rms_norm_eps)
+        self.layers = nn.ModuleList(BlockDecoderLayer(dims) for _ in range(dims.num_layers))
+        self.norm = RMSNorm(h, dims.rms_norm_eps)
+
+    def context_kv(
+        self,
+        features: torch.Tensor,  # [n, len(target_layer_ids) * H] committed target features
+        positions: torch.Tensor,  # [n] int64 their positions
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-layer context keys and values, each [num_layers, n, kv_heads, head_dim].
+
+        Differentiable (training may call it directly); rows are independent, so the rows of many
+        requests can be stacked into one call.
+        """
+        fused = self.hidden_norm(self.fc(features.to(self.fc.weight.dtype)))  # [n, H]
+        keys, values = [], []
+        for layer in self.layers:
+            k, v = layer.self_attn.project_kv(fused)  # context skips input_layernorm by design
+            keys.append(_rotate(k, positions, self.dims.rope_theta))
+            values.append(v)
+        return torch.stack(keys), torch.stack(values)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [R, B, H] block embeddings
+        positions: torch.Tensor,  # [R, B] int64
+        ctx_k: torch.Tensor,  # [num_layers, R, N, kv_heads, head_dim]
+        ctx_v: torch.Tensor,  # [num_layers, R, N, kv_heads, head_dim]
+        ctx_mask: torch.Tensor | None = None,  # [R, N] bool
+    ) -> torch.Tensor:
+        """Final-normed block hidden states h, [R, B, H]."""
+        for i, layer in enumerate(self.layers):
+            x = layer(x, positions, ctx_k[i], ctx_v[i], ctx_mask, self.dims.rope_theta)
+        return self.norm(x)
+
+
+@dataclass
+class _SlotCache:
+    keys: torch.Tensor  # [num_layers, capacity, kv_heads, head_dim]
+    values: torch.Tensor  # [num_layers, capacity, kv_heads, head_dim]
+    length: int = 0
+
+
+class ContextCache:
+    """Per-request context K/V for every layer, in growable buffers (amortised O(1) append)."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device):
+        self.shape = (num_layers, num_kv_heads, head_dim)
+        self.dtype, self.device = dtype, torch.device(device)
+        self._slots: dict[int, _SlotCache] = {}
+
+    def length(self, slot: int) -> int:
+        entry = self._slots.get(slot)
+        return 0 if entry is None else entry.length
+
+    def append(
+        self,
+        slot: int,
+        keys: torch.Tensor,  # [num_layers, n, kv_heads, head_dim]
+        values: torch.Tensor,  # [num_layers, n, kv_heads, head_dim]
+    ) -> None:
+        layers, heads, dim = self.shape
+        n = keys.shape[1]
+        entry = self._slots.get(slot)
+        need = (0 if entry is None else entry.length) + n
+        if entry is None or need > entry.keys.shape[1]:
+            capacity = max(need, 2 * (0 if entry is None else entry.keys.shape[1]), 64)
+            grown = _SlotCache(
+                torch.empty(layers, capacity, heads, dim, dtype=self.dtype, device=self.device),
+                torch.empty(layers, capacity, heads, dim, dtype=self.dtype, device=self.device),
+            )
+            if entry is not None:
+                grown.keys[:, : entry.length] = entry.keys[:, : entry.length]
+                grown.values[:, : entry.length] = entry.values[:, : entry.length]
+                grown.length = entry.length
+            entry = self._slots[slot] = grown
+        entry.keys[:, entry.length : need] = keys
+        entry.values[:, entry.length : need] = values
+        entry.length = need
+
+    def truncate(self, slot: int, length: int) -> None:
+        if length < 0:
+            raise ValueError(f"cannot truncate slot {slot} to a negative length {length}")
+        entry = self._slots.get(slot)
+        if entry is not None:
+            entry.length = min(entry.length, length)
+
+    def release(self, slot: int) -> None:
+        self._slots.pop(slot, None)
+
+    def gather(self, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Right-padded K, V [num_layers, R, N_max, kv_heads, head_dim] and mask [R, N_max] bool.
+
+        The mask is None when every context has the same length (no padding to hide).
+        """
+        layers, heads, dim = self.shape
+        lengths = [self.length(s) for s in slots]
+        n_max = max(lengths, default=0)
+        if len(slots) == 1 and n_max > 0:  # the common single-request case: views, no copy
+            entry = self._slots[slots[0]]
+            return entry.keys[:, None, :n_max], entry.values[:, None, :n_max], None
+        keys = torch.zeros(layers, len(slots), n_max, heads, dim, dtype=self.dtype, device=self.device)
+        values = torch.zeros_like(keys)
+        for r, (slot, n) in enumerate(zip(slots, lengths)):
+            if n:
+                keys[:, r, :n] = self._slots[slot].keys[:, :n]
+                values[:, r, :n] = self._slots[slot].values[:, :n]
+        if len(set(lengths)) <= 1:
+            return keys, values, None
+        mask = torch.arange(n_max, device=self.device)[None, :] < torch.tensor(lengths, device=self.device)[:, None]
+        return keys, values, mask
+
+
+class BlockDrafterBase:
+    """Context-cache plumbing and the block forward shared by DeepSpec and z-lab drafters.
+
+    Subclasses set `info`, `config`, `backbone` and implement `embed(ids)`; they add the output
+    side (which slots draft, which heads run).
+    """
+
+    config: BlockDrafterConfig
+    backbone: BlockBackbone
+
+    def _init_cache(self, dtype: torch.dtype, device) -> None:
+        dims = self.config.dims
+        self.dtype, self.device = dtype, torch.device(device)
+        self.cache = ContextCache(dims.num_layers, dims.num_kv_heads, dims.head_dim, dtype, device)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:  # [R, B] int64 -> [R, B, H]
+        raise NotImplementedError
+
+    def context_length(self, slot: int) -> int:
+        return self.cache.length(slot)
+
+    def truncate_context(self, slot: int, length: int) -> None:
+        self.cache.truncate(slot, length)
+
+    def release(self, slot: int) -> None:
+        self.cache.release(slot)
+
+    def _check_append(self, slots, features, positions, tokens) -> None:
+        if not len(slots) == len(features) == len(positions) == len(tokens):
+            raise ValueError("append_context: slots, features, positions and tokens differ in length")
+        width = self.config.context_width
+        pending: dict[int, int] = {}
+        for slot, feats, pos in zip(slots, features, positions):
+            if feats.ndim != 2 or feats.shape[1] != width:
+                raise ValueError(f"slot {slot}: features must be [n, {width}], got {tuple(feats.shape)}")
+            if pos.shape != (feats.shape[0],):
+                raise ValueError(f"slot {slot}: positions {tuple(pos.shape)} do not match {feats.shape[0]} feature rows")
+            start = pending.get(slot, self.cache.length(slot))
+            # Host-side check only: on an accelerator it would cost a sync per call.
+            if pos.device.type == "cpu" and pos.numel() and not torch.equal(
+                pos, torch.arange(start, start + pos.numel(), dtype=pos.dtype)
+            ):
+                raise ValueError(
+                    f"slot {slot}: context positions must continue the cache contiguously from {start}, "
+                    f"got {pos[:4].tolist()}..."
+                )
+            pending[slot] = start + pos.numel()
+
+    @torch.no_grad()
+    def append_context(
+        self,
+        slots: list[int],
+        features: list[torch.Tensor],  # per request [n_i, len(target_layer_ids) * H]
+        positions: list[torch.Tensor],  # per request [n_i] int64, continuing the cache
+        tokens: list[torch.Tensor],  # per request [n_i] int64 (unused: block drafters read features only)
+    ) -> None:
+        """Project the new rows of all requests in one pass and append them per slot."""
+        self._check_append(slots, features, positions, tokens)
+        counts = [f.shape[0] for f in features]
+        if not sum(counts):
+            return
+        keys, values = self.backbone.context_kv(
+            torch.cat(features).to(self.device, self.dtype), torch.cat(positions).to(self.device)
+        )  # [L, sum n_i, kv_heads, d]
+        for slot, k, v in zip(slots, keys.split(counts, dim=1), values.split(counts, dim=1)):
+            if k.shape[1]:
+                self.cache.append(slot, k, v)
+
+    def block_hidden(
+        self,
+        slots: list[int],
+        anchor_tokens: torch.Tensor,  # [R] int64
+        anchor_positions: torch.Tensor,  # [R] int64
+    ) -> torch.Tensor:
+        """h for the blocks [anchor, MASK x (B-1)] at positions anchor .. anchor+B-1: [R, B, H]."""
+        num_reqs, block = len(slots), self.config.block_size
+        if anchor_tokens.shape != (num_reqs,) or anchor_positions.shape != (num_reqs,):
+            raise ValueError(f"anchor_tokens and anchor_positions must be [{num_reqs}]")
+        ids = torch.full((num_reqs, block), self.config.mask_token_id, dtype=torch.int64, device=self.device)
+        ids[:, 0] = anchor_tokens.to(self.device)
+        offsets = torch.arange(block, device=self.device)
+        positions = anchor_positions.to(self.device)[:, None] + offsets[None, :]  # [R, B]
+        ctx_k, ctx_v, ctx_mask = self.cache.gather(slots)
+        return self.backbone(self.embed(ids), positions, ctx_k, ctx_v, ctx_mask)

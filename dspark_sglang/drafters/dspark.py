@@ -1,0 +1,158 @@
+"""DeepSpec DSpark and DeepSpec DFlash drafters (`Qwen3DSparkModel` checkpoints).
+
+Slot convention (DeepSpec): the block is [anchor, MASK x (gamma-1)] at positions a .. a+gamma-1 and
+**slot k (0-based) predicts the token at position a+k+1**: the anchor slot drafts too, so a block of
+`block_size` rows gives gamma = block_size drafts. (z-lab differs: see dflash_zlab.py.)
+
+- DSpark (`markov_rank > 0` and/or a confidence head): drafts are sampled left to right through the
+  Markov head, and a confidence logit per slot comes from [h_k ; W1[x_{k-1}]] (heads.py).
+- DFlash (`markov_rank == 0`, no confidence head): q_k = softmax of the base logits, every slot
+  sampled independently; no confidence logits.
+
+What it needs from the target: context features = outputs of target decoder layers
+`target_layer_ids` (layer id l = output of decoder layer l, HF `hidden_states[l + 1]`; -1 = the
+embedding output), concatenated in that order, for every committed position. The checkpoint
+carries its own copies of the target's `embed_tokens` and `lm_head`; they are used as they are and
+must have the target's [V, H] shape (config validation checks V and H against the target).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dspark_sglang.drafters.block import BlockBackbone, BlockDrafterBase
+from dspark_sglang.drafters.checkpoint import load_weights
+from dspark_sglang.drafters.config import BlockDrafterConfig
+from dspark_sglang.drafters.heads import (
+    ConfidenceHead,
+    MarkovHead,
+    sample_independent,
+    sample_sequential,
+    teacher_forced_scores,
+)
+from dspark_sglang.drafters.interface import DraftBlock, DrafterInfo
+from dspark_sglang.sampling import SamplingBatch
+
+
+def empty_block(gamma: int, vocab: int, with_confidence: bool, device) -> DraftBlock:
+    """The DraftBlock for zero requests (a worker round where no request drafts)."""
+    return DraftBlock(
+        tokens=torch.zeros(0, gamma, dtype=torch.int64, device=device),
+        probs=torch.zeros(0, gamma, vocab, device=device),
+        token_probs=torch.zeros(0, gamma, device=device),
+        confidence_logits=torch.zeros(0, gamma, device=device) if with_confidence else None,
+    )
+
+
+class DSparkDrafter(BlockDrafterBase, nn.Module):
+    """Implements `interface.Drafter` for the `deepspec_dspark` and `deepspec_dflash` formats.
+
+    Build with `from_checkpoint` (strict weights), or directly for a randomly initialised model in
+    tests and training (`meta=True` builds shapes only, to be filled by `load_weights`).
+    """
+
+    def __init__(self, config: BlockDrafterConfig, dtype: torch.dtype = torch.float32, device="cpu", meta: bool = False):
+        nn.Module.__init__(self)
+        if config.format not in ("deepspec_dspark", "deepspec_dflash"):
+            raise ValueError(f"DSparkDrafter serves DeepSpec checkpoints, not {config.format!r}")
+        self.config = config
+        dims = config.dims
+        with torch.device("meta" if meta else device):
+            self.backbone = BlockBackbone(dims, len(config.target_layer_ids))
+            self.embed_tokens = nn.Embedding(dims.vocab_size, dims.hidden_size)
+            self.lm_head = nn.Linear(dims.hidden_size, dims.vocab_size, bias=False)
+            self.markov_head = (
+                MarkovHead(config.markov_head_type, dims.vocab_size, dims.hidden_size, config.markov_rank)
+                if config.markov_rank > 0 else None
+            )
+            self.confidence_head = (
+                ConfidenceHead(dims.hidden_size, config.markov_rank if config.confidence_with_markov else 0)
+                if config.confidence_head else None
+            )
+        if not meta:
+            self.to(dtype)
+        self._init_cache(dtype, device)
+        self.info = DrafterInfo(
+            family=config.family,
+            format="deepspec",
+            gamma=config.gamma,
+            target_layer_ids=config.target_layer_ids,
+            target_hidden_size=dims.hidden_size,
+            vocab_size=dims.vocab_size,
+            has_confidence_head=self.confidence_head is not None,
+            has_markov_head=self.markov_head is not None,
+        )
+
+    def weight_parts(self) -> dict[str, nn.Module]:
+        """Checkpoint name prefix -> module (the checkpoint's names are top level)."""
+        parts: dict[str, nn.Module] = {"": self.backbone, "embed_tokens.": self.embed_tokens, "lm_head.": self.lm_head}
+        if self.markov_head is not None:
+            parts["markov_head."] = self.markov_head
+        if self.confidence_head is not None:
+            parts["confidence_head."] = self.confidence_head
+        return parts
+
+    @classmethod
+    def from_checkpoint(
+        cls, config: BlockDrafterConfig, tensors: dict[str, torch.Tensor], path: str,
+        dtype: torch.dtype = torch.float32, device="cpu",
+    ) -> "DSparkDrafter":
+        drafter = cls(config, dtype, device, meta=True)
+        load_weights(drafter.weight_parts(), tensors, path, dtype, device)
+        return drafter.eval()
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:  # [R, B] int64 -> [R, B, H]
+        return self.embed_tokens(ids)
+
+    @torch.no_grad()
+    def propose_with_logits(
+        self,
+        slots: list[int],
+        anchor_tokens: torch.Tensor,  # [R] int64
+        anchor_positions: torch.Tensor,  # [R] int64
+        sampling: SamplingBatch,
+        generator: torch.Generator | None = None,
+    ) -> tuple[DraftBlock, torch.Tensor]:
+        """`propose`, plus the logits each q_k was processed from (U + B) [R, gamma, V]."""
+        if not slots:
+            block = empty_block(self.info.gamma, self.info.vocab_size, self.confidence_head is not None, self.device)
+            return block, block.probs
+        hidden = self.block_hidden(slots, anchor_tokens, anchor_positions)  # [R, gamma, H]
+        base_logits = self.lm_head(hidden)  # [R, gamma, V]; slot k predicts anchor + k + 1
+        if self.markov_head is None and self.confidence_head is None:  # DFlash: independent slots
+            return sample_independent(base_logits, sampling, generator), base_logits
+        return sample_sequential(
+            base_logits, hidden, anchor_tokens, self.markov_head, self.confidence_head, sampling, generator
+        )
+
+    def propose(
+        self,
+        slots: list[int],
+        anchor_tokens: torch.Tensor,  # [R] int64
+        anchor_positions: torch.Tensor,  # [R] int64
+        sampling: SamplingBatch,
+        generator: torch.Generator | None = None,
+    ) -> DraftBlock:
+        """Draft gamma tokens per request, with q_k, q_k(x_k) and confidence logits (DSpark)."""
+        return self.propose_with_logits(slots, anchor_tokens, anchor_positions, sampling, generator)[0]
+
+    def score_block(
+        self,
+        slots: list[int],
+        anchor_tokens: torch.Tensor,  # [R] int64
+        anchor_positions: torch.Tensor,  # [R] int64
+        prev_tokens: torch.Tensor,  # [R, gamma] int64: [anchor, gt_1 .. gt_{gamma-1}]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Teacher-forced scoring (training, evaluation): logits U + B [R, gamma, V] and confidence
+        logits [R, gamma] (None without a confidence head), slot k conditioned on prev_tokens[:, k].
+
+        Runs under the caller's grad mode; gradients reach the block path and heads (the cached
+        context K/V were computed without grad: use `backbone.context_kv` directly to train fc).
+        """
+        if prev_tokens.shape != (len(slots), self.info.gamma):
+            raise ValueError(f"prev_tokens must be [{len(slots)}, {self.info.gamma}], got {tuple(prev_tokens.shape)}")
+        hidden = self.block_hidden(slots, anchor_tokens, anchor_positions)
+        return teacher_forced_scores(
+            self.lm_head(hidden), hidden, prev_tokens.to(self.device), self.markov_head, self.confidence_head
+        )

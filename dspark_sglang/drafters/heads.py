@@ -1,0 +1,185 @@
+"""DSpark's sequential stage: Markov heads, the confidence head, and block sampling.
+
+Markov heads add a bias B_k to slot k's base logits U_k, conditioned on the previous token p_k
+(p_0 = the anchor, p_k = x_k after that), so the draft distribution is the exact softmax
+q_k ∝ exp(U_k + B_k) and standard rejection sampling stays lossless (paper §6):
+
+- vanilla: B_k = W2 · W1[p_k]
+- gated:   g = σ(gate_proj([h_k ; W1[p_k]])),  B_k = W2 · (g ⊙ W1[p_k])
+- rnn:     [γ ; c ; o] = joint_proj([s_{k-1} ; W1[p_k] ; h_k]),  s_{-1} = 0,
+           s_k = σ(γ) ⊙ s_{k-1} + (1 - σ(γ)) ⊙ tanh(c),  B_k = W2 · tanh(o)
+
+The confidence head returns a logit c_k = proj([h_k ; W1[p_k]]) (or proj(h_k) without Markov
+features); every head type uses the plain W1 row there (no gate, no RNN state). c_k reads p_k =
+x_{k-1}, so it is known before x_k is drawn: the scheduler may use it without peeking at x_k.
+
+Attribute names equal the checkpoint's (`markov_w1`, `markov_w2`, `gate_proj`, `joint_proj`,
+`proj`), loaded under the prefixes `markov_head.` and `confidence_head.`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dspark_sglang.drafters.interface import DraftBlock
+from dspark_sglang.sampling import SamplingBatch, process_logits, sample_from_probs
+
+
+class MarkovHead(nn.Module):
+    def __init__(self, kind: str, vocab_size: int, hidden_size: int, rank: int):
+        super().__init__()
+        if kind not in ("vanilla", "gated", "rnn"):
+            raise ValueError(f"unknown markov_head_type {kind!r}")
+        self.kind, self.rank = kind, rank
+        self.markov_w1 = nn.Embedding(vocab_size, rank)
+        self.markov_w2 = nn.Linear(rank, vocab_size, bias=False)
+        if kind == "gated":
+            self.gate_proj = nn.Linear(hidden_size + rank, rank)
+        elif kind == "rnn":
+            self.joint_proj = nn.Linear(2 * rank + hidden_size, 3 * rank)
+
+    def initial_state(self, num_reqs: int, like: torch.Tensor) -> torch.Tensor | None:
+        """s_{-1} = 0 for the RNN head ([R, rank]); None for the stateless heads."""
+        return like.new_zeros(num_reqs, self.rank) if self.kind == "rnn" else None
+
+    def step(
+        self,
+        hidden: torch.Tensor,  # [R, H] h_k
+        prev_rows: torch.Tensor,  # [R, rank] W1[p_k]
+        state: torch.Tensor | None,  # [R, rank] s_{k-1} (rnn only)
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Bias B_k [R, V] for one slot, and the next RNN state."""
+        if self.kind == "vanilla":
+            return self.markov_w2(prev_rows), None
+        if self.kind == "gated":
+            gate = torch.sigmoid(self.gate_proj(torch.cat([hidden, prev_rows], dim=-1)))
+            return self.markov_w2(gate * prev_rows), None
+        gate_in, cell_in, out_in = self.joint_proj(torch.cat([state, prev_rows, hidden], dim=-1)).chunk(3, dim=-1)
+        gate = torch.sigmoid(gate_in)
+        state = gate * state + (1 - gate) * torch.tanh(cell_in)
+        return self.markov_w2(torch.tanh(out_in)), state
+
+    def teacher_forced(
+        self,
+        hidden: torch.Tensor,  # [R, G, H]
+        prev_tokens: torch.Tensor,  # [R, G] int64, [anchor, gt_1 .. gt_{G-1}]
+    ) -> torch.Tensor:
+        """Biases [R, G, V] for given previous tokens (the training path)."""
+        rows = self.markov_w1(prev_tokens)  # [R, G, rank]
+        if self.kind != "rnn":  # stateless: all slots at once
+            return self.step(hidden, rows, None)[0]
+        state = self.initial_state(hidden.shape[0], hidden)
+        biases = []
+        for k in range(hidden.shape[1]):  # the recurrence is inherently sequential over slots
+            bias, state = self.step(hidden[:, k], rows[:, k], state)
+            biases.append(bias)
+        return torch.stack(biases, dim=1)
+
+
+class ConfidenceHead(nn.Module):
+    def __init__(self, hidden_size: int, markov_rank: int):
+        super().__init__()
+        self.with_markov = markov_rank > 0  # features [h ; W1[prev]] rather than [h]
+        self.proj = nn.Linear(hidden_size + markov_rank, 1)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,  # [..., H]
+        prev_rows: torch.Tensor | None,  # [..., rank] W1[p_k]; ignored without Markov features
+    ) -> torch.Tensor:
+        """Confidence logits [...] (apply a sigmoid for P(accept x_k | prefix accepted))."""
+        feats = torch.cat([hidden, prev_rows], dim=-1) if self.with_markov else hidden
+        return self.proj(feats).squeeze(-1)
+
+
+def _uniforms(shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.rand(shape, generator=generator, device=like.device, dtype=torch.float32)
+
+
+def _repeat(values: torch.Tensor, times: int) -> torch.Tensor:
+    return values.repeat_interleave(times) if times > 1 else values
+
+
+def sample_independent(
+    logits: torch.Tensor,  # [R, G, V] draft logits, one independent distribution per slot
+    sampling: SamplingBatch,  # R requests
+    generator: torch.Generator | None,
+) -> DraftBlock:
+    """DFlash: every slot sampled on its own from process_logits(U_k) (no sequential head)."""
+    num_reqs, gamma, vocab = logits.shape
+    probs = process_logits(
+        logits.reshape(num_reqs * gamma, vocab),
+        _repeat(sampling.temperatures, gamma), _repeat(sampling.top_ks, gamma),
+        _repeat(sampling.top_ps, gamma), _repeat(sampling.min_ps, gamma),
+    )  # [R * G, V]
+    tokens = sample_from_probs(probs, _uniforms((num_reqs * gamma,), logits, generator))
+    token_probs = probs.gather(-1, tokens[:, None]).squeeze(-1)
+    return DraftBlock(
+        tokens=tokens.view(num_reqs, gamma),
+        probs=probs.view(num_reqs, gamma, vocab),
+        token_probs=token_probs.view(num_reqs, gamma),
+        confidence_logits=None,
+    )
+
+
+def sample_sequential(
+    base_logits: torch.Tensor,  # [R, G, V] U_k
+    hidden: torch.Tensor,  # [R, G, H] h_k
+    anchors: torch.Tensor,  # [R] int64, p_0
+    markov: MarkovHead | None,
+    confidence: ConfidenceHead | None,
+    sampling: SamplingBatch,  # R requests
+    generator: torch.Generator | None,
+) -> tuple[DraftBlock, torch.Tensor]:
+    """Left-to-right DSpark sampling, vectorised over requests.
+
+    For k = 0..G-1: confidence c_k from (h_k, p_k); bias B_k from p_k; q_k = process_logits(U_k + B_k)
+    with each request's parameters; x_{k+1} ~ q_k by inverse CDF (one uniform per request and slot,
+    drawn from `generator`); p_{k+1} = x_{k+1}. Greedy rows take the argmax.
+
+    Returns the DraftBlock and the corrected logits U + B [R, G, V] (before temperature).
+    """
+    num_reqs, gamma, vocab = base_logits.shape
+    uniforms = _uniforms((num_reqs, gamma), base_logits, generator)  # drawn up front: [R, G]
+    state = markov.initial_state(num_reqs, hidden) if markov is not None else None
+    prev = anchors.to(base_logits.device)
+    tokens, probs, logits, conf = [], [], [], []
+    for k in range(gamma):
+        rows = markov.markov_w1(prev) if markov is not None else None  # [R, rank]
+        if confidence is not None:
+            conf.append(confidence(hidden[:, k], rows))
+        step_logits = base_logits[:, k]
+        if markov is not None:
+            bias, state = markov.step(hidden[:, k], rows, state)
+            step_logits = step_logits + bias
+        q = process_logits(step_logits, sampling.temperatures, sampling.top_ks, sampling.top_ps, sampling.min_ps)
+        prev = sample_from_probs(q, uniforms[:, k])
+        tokens.append(prev)
+        probs.append(q)
+        logits.append(step_logits)
+    tokens_t = torch.stack(tokens, dim=1)  # [R, G]
+    probs_t = torch.stack(probs, dim=1)  # [R, G, V]
+    block = DraftBlock(
+        tokens=tokens_t,
+        probs=probs_t,
+        token_probs=probs_t.gather(-1, tokens_t[..., None]).squeeze(-1),
+        confidence_logits=torch.stack(conf, dim=1).float() if conf else None,
+    )
+    return block, torch.stack(logits, dim=1)
+
+
+def teacher_forced_scores(
+    base_logits: torch.Tensor,  # [R, G, V]
+    hidden: torch.Tensor,  # [R, G, H]
+    prev_tokens: torch.Tensor,  # [R, G] int64, [anchor, gt_1 .. gt_{G-1}]
+    markov: MarkovHead | None,
+    confidence: ConfidenceHead | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Corrected logits U + B [R, G, V] and confidence logits [R, G] (or None) for given prefixes."""
+    rows = markov.markov_w1(prev_tokens) if markov is not None else None
+    logits = base_logits if markov is None else base_logits + markov.teacher_forced(hidden, prev_tokens)
+    conf = None
+    if confidence is not None:
+        conf = confidence(hidden, rows)
+    return logits, conf

@@ -1,0 +1,143 @@
+"""`load_drafter`: any supported checkpoint directory -> a ready `Drafter`; `describe_drafter`.
+
+| format key | class | from the target |
+|---|---|---|
+| deepspec_dspark, deepspec_dflash | `dspark.DSparkDrafter` | features only (the checkpoint carries embed/lm_head copies) |
+| zlab_dflash | `dflash_zlab.ZlabDFlashDrafter` | features, `embed_tokens`, `lm_head` |
+| deepspec_eagle3, specforge_eagle3 | `eagle3.build_eagle3` (imported lazily) | see eagle3.py |
+
+Order of checks: config.json and the safetensors headers (cheap) -> format -> config fields ->
+target compatibility -> tensor data -> strict weight assignment. Every failure is a
+`DrafterLoadError` subclass naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from dspark_sglang.drafters.checkpoint import read_config, read_tensor_shapes, read_tensors
+from dspark_sglang.drafters.config import (
+    FORMAT_FAMILY,
+    BlockDrafterConfig,
+    Eagle3Config,
+    detect_format,
+    parse_block_config,
+    parse_eagle3_config,
+    validate_against_target,
+)
+from dspark_sglang.drafters.interface import Drafter, TargetSpec
+
+
+def _build_deepspec_block(cfg, tensors, target, path, dtype, device):
+    from dspark_sglang.drafters.dspark import DSparkDrafter
+
+    return DSparkDrafter.from_checkpoint(cfg, tensors, path, dtype, device)
+
+
+def _build_zlab(cfg, tensors, target, path, dtype, device):
+    from dspark_sglang.drafters.dflash_zlab import ZlabDFlashDrafter
+
+    return ZlabDFlashDrafter.from_checkpoint(cfg, tensors, target, path, dtype, device)
+
+
+# format key -> factory(parsed config, tensors, target, path, dtype, device) for the block drafters.
+BLOCK_FACTORIES = {
+    "deepspec_dspark": _build_deepspec_block,
+    "deepspec_dflash": _build_deepspec_block,
+    "zlab_dflash": _build_zlab,
+}
+
+
+def _parse(config: dict, fmt: str, path: str, target_num_layers: int | None) -> BlockDrafterConfig | Eagle3Config:
+    if FORMAT_FAMILY[fmt][0] == "eagle3":
+        return parse_eagle3_config(config, fmt, path, target_num_layers)
+    return parse_block_config(config, fmt, path)
+
+
+def load_drafter(
+    path: str | os.PathLike,
+    target: TargetSpec,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> Drafter:
+    """Load the drafter checkpoint at `path` for `target`. Never executes checkpoint code."""
+    path = str(path)
+    config = read_config(path)
+    shapes = read_tensor_shapes(path)  # headers only: a garbage file fails before anything heavy
+    fmt = detect_format(config, shapes.keys(), path)
+    cfg = _parse(config, fmt, path, target.num_hidden_layers)
+    validate_against_target(cfg, target, path)
+    tensors = read_tensors(path)
+    if isinstance(cfg, Eagle3Config):
+        # NOTE: written by the Eagle3 owner; imported lazily so block drafters never depend on it.
+        from dspark_sglang.drafters.eagle3 import build_eagle3
+
+        return build_eagle3(config, tensors, FORMAT_FAMILY[fmt][1], target, path, dtype, device)
+    return BLOCK_FACTORIES[fmt](cfg, tensors, target, path, dtype, device)
+
+
+@dataclass(frozen=True)
+class DrafterDescription:
+    """Static facts about a checkpoint, read from config.json and the safetensors headers only."""
+
+    path: str
+    format: str  # FORMAT_FAMILY key, e.g. "deepspec_dspark"
+    family: str  # "dspark" | "dflash" | "eagle3"
+    source: str  # "deepspec" | "zlab" | "specforge"
+    architecture: str
+    gamma: int  # drafts per block (Eagle3: autoregressive steps)
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    draft_vocab_size: int
+    target_layer_ids: tuple[int, ...]  # () when the config leaves them to the target
+    num_target_layers: int | None
+    block_size: int | None  # block drafters only
+    mask_token_id: int | None  # block drafters only
+    markov_head_type: str | None
+    has_confidence_head: bool
+    borrows_from_target: tuple[str, ...]  # target weights needed at run time
+    num_parameters: int  # in the checkpoint (borrowed target weights not counted)
+
+    def as_row(self) -> dict:
+        """One row for a README table or a CLI listing."""
+        heads = "+".join(filter(None, [self.markov_head_type and f"markov:{self.markov_head_type}",
+                                       "confidence" if self.has_confidence_head else None])) or "-"
+        return {
+            "format": self.format, "gamma": self.gamma, "layers": self.num_layers, "hidden": self.hidden_size,
+            "vocab": self.vocab_size if self.draft_vocab_size == self.vocab_size else f"{self.draft_vocab_size}/{self.vocab_size}",
+            "target layers": list(self.target_layer_ids), "heads": heads,
+            "borrows": ",".join(self.borrows_from_target) or "-", "params": self.num_parameters,
+        }
+
+
+def describe_drafter(path: str | os.PathLike) -> DrafterDescription:
+    """Describe the checkpoint at `path` without loading tensor data or needing the target."""
+    path = str(path)
+    config = read_config(path)
+    shapes = read_tensor_shapes(path)
+    fmt = detect_format(config, shapes.keys(), path)
+    family, source = FORMAT_FAMILY[fmt]
+    cfg = _parse(config, fmt, path, None)
+    dims = cfg.dims
+    borrows = [name for name in ("embed_tokens", "lm_head") if f"{name}.weight" not in shapes]
+    if isinstance(cfg, BlockDrafterConfig):
+        block, mask, head, conf, draft_vocab = (
+            cfg.block_size, cfg.mask_token_id, cfg.markov_head_type, cfg.confidence_head, dims.vocab_size
+        )
+    else:
+        block, mask, head, conf, draft_vocab = None, None, None, False, cfg.draft_vocab_size
+        borrows = [b for b in borrows if b == "embed_tokens"]  # Eagle3 always ships its own lm_head
+    return DrafterDescription(
+        path=path, format=fmt, family=family, source=source,
+        architecture=(config.get("architectures") or ["?"])[0], gamma=cfg.gamma, num_layers=dims.num_layers,
+        hidden_size=dims.hidden_size, vocab_size=dims.vocab_size, draft_vocab_size=draft_vocab,
+        target_layer_ids=tuple(cfg.target_layer_ids), num_target_layers=cfg.num_target_layers,
+        block_size=block, mask_token_id=mask, markov_head_type=head, has_confidence_head=conf,
+        borrows_from_target=tuple(borrows),
+        num_parameters=sum(math.prod(shape) for shape in shapes.values()),
+    )

@@ -1,0 +1,560 @@
+"""Verify-length schedulers: how many of each request's drafts the target verifies this round.
+
+Vocabulary (drafters-and-paper.md §4-§7):
+- ``confidences[r, k-1] = c_{r,k}``: calibrated P(draft x_{r,k} accepted | x_{r,<k} accepted).
+  c_k reads x_{k-1} (never x_k), so it is known before x_k is sampled.
+- survival ``a_{r,k} = Π_{i≤k} c_{r,i}``: P(the first k drafts are all accepted).
+- ``verify_len[r]`` in [0, γ] counts draft tokens verified, EXCLUDING the anchor row, which is always
+  present: request r costs ``1 + verify_len[r]`` batch tokens.
+- objective Θ = τ · SPS(B): expected committed tokens τ = Σ_r (1 + Σ_{j≤ℓ_r} a_{r,j}) per step times
+  steps per second at B = Σ_r (1 + ℓ_r) batch tokens (``dspark_sglang.cost_table``).
+
+Losslessness (§5): the output distribution equals the target's iff the drafts are always sampled
+in full and the decision "verify at least k drafts of request r" never depends on x_{r,k}. Since
+c_{r,k+1}, c_{r,k+2}, ... read x_{r,k} (directly or through later drafts), the admission of draft k
+may use c_{r,1..k} and anything about other requests, but never c_{r,k+1..γ}. Every scheduler here
+except ``RetrospectiveAlgorithm1`` (a deliberately biased negative control) has that property; each
+docstring says why, and tests/unit/test_schedulers.py checks it exhaustively on random inputs.
+
+The shared ordering. Candidates (r, k) are ranked by (survival desc, position asc, request asc).
+Survival is non-increasing along k (c ≤ 1, and float rounding of a·c with c ≤ 1 never exceeds a),
+and ties go to the earlier position, so (r, k+1) always ranks after (r, k): any top-of-the-order
+set is a union of per-request prefixes, and the number of candidates ranked before (r, k) is a
+function of c_{r,1..k} and the other requests only. Implementation: flatten position-major
+(index = k·R + r), so "index asc" is "(position, request) asc", and make the int64 key
+``float32_bits(survival) << 32 | (N − 1 − index)``: unique, monotone in survival (non-negative
+floats order like their bit patterns), larger for the earlier index on ties.
+
+Degenerate confidences: NaN counts as 0 (the draft and everything after it is never admitted by
+confidence), +inf as 1, values are clamped to [0, 1]. Candidates with survival below
+``survival_eps`` (default 1e-6, SGLang's) are never admitted by confidence.
+
+Speed: a CPU torch op costs ~5 µs here, so the hot paths are written to a small op count (one
+sort, one k-th value, cached per-shape constants and ``out=`` buffers) and take one host sync
+each (the admitted count or the budget, an int). benchmarks/scheduler_bench.py measures them.
+"""
+
+from __future__ import annotations
+
+import inspect
+from abc import ABC, abstractmethod
+from typing import Optional
+
+import torch
+
+from dspark_sglang.cost_table import CostTable
+
+__all__ = [
+    "SchedulerInputError",
+    "SchedulerConfigError",
+    "prefix_survival",
+    "VerifyScheduler",
+    "Algorithm1Scheduler",
+    "RetrospectiveAlgorithm1",
+    "LaggedBudgetScheduler",
+    "FixedLengthScheduler",
+    "VerifyAllScheduler",
+    "NoSpeculationScheduler",
+    "lagged_budget",
+    "admit_top",
+    "make_scheduler",
+    "SCHEDULER_KINDS",
+]
+
+DEFAULT_SURVIVAL_EPS = 1e-6
+# Survival written at forced (min_verify_len) positions so they rank above every real survival.
+_FORCED = 2.0
+_NEG_INF = float("-inf")
+
+
+class SchedulerInputError(ValueError):
+    """A scheduler was called with mis-shaped or mistyped tensors."""
+
+
+class SchedulerConfigError(ValueError):
+    """A scheduler was configured with an unknown kind, a missing cost table or a bad option."""
+
+
+def prefix_survival(
+    confidences: torch.Tensor,  # [num_reqs, gamma] calibrated confidences c_{r,k}
+) -> torch.Tensor:  # [num_reqs, gamma] float32 survival a_{r,k} = Π_{i≤k} c_{r,i}
+    """Cumulative product of confidences, after NaN -> 0, +inf -> 1 and clamping to [0, 1]."""
+    c = confidences.to(torch.float32).clamp(0.0, 1.0).nan_to_num_(nan=0.0)
+    return torch.cumprod(c, dim=1)
+
+
+def _masked_survival(
+    confidences: torch.Tensor,  # [num_reqs, L] float
+    survival_eps: float,
+) -> torch.Tensor:  # [num_reqs, L] float32; -inf where not a candidate
+    """``prefix_survival`` with non-candidates (survival < eps, or NaN) set to -inf, in 4 ops.
+
+    -inf makes the sums below -inf (so Θ never improves past them and the argmax never lands on
+    them) and gives them negative rank keys (so a non-negative threshold never admits them).
+    A NaN confidence propagates NaN along the cumprod, which ``>= eps`` maps to -inf: the same
+    admissions as treating it as 0.
+    """
+    survival = torch.cumprod(confidences.to(torch.float32).clamp(0.0, 1.0), dim=1)
+    return torch.where(survival >= survival_eps, survival, _NEG_INF)
+
+
+def _check_inputs(slots: torch.Tensor, confidences: torch.Tensor) -> tuple[int, int]:
+    if not isinstance(confidences, torch.Tensor) or confidences.dim() != 2:
+        raise SchedulerInputError(
+            f"confidences: expected a [num_reqs, gamma] tensor, got {_describe(confidences)}"
+        )
+    if not confidences.is_floating_point():
+        raise SchedulerInputError(f"confidences: expected a float tensor, got {confidences.dtype}")
+    if not isinstance(slots, torch.Tensor) or slots.dim() != 1:
+        raise SchedulerInputError(f"slots: expected a [num_reqs] tensor, got {_describe(slots)}")
+    if slots.dtype.is_floating_point or slots.dtype == torch.bool:
+        raise SchedulerInputError(f"slots: expected an integer tensor, got {slots.dtype}")
+    num_reqs, gamma = confidences.shape
+    if slots.shape[0] != num_reqs:
+        raise SchedulerInputError(
+            f"slots: {slots.shape[0]} entries for {num_reqs} rows of confidences"
+        )
+    if gamma < 1:
+        raise SchedulerInputError("confidences: gamma (dim 1) must be >= 1")
+    return num_reqs, gamma
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"shape {tuple(x.shape)} {x.dtype}"
+    return type(x).__name__
+
+
+class _Workspace:
+    """Constants and scratch buffers for one (num_reqs, L, forced, device).
+
+    Consecutive rounds usually repeat the shape, so the SPS lookups, the rank-key offsets, the
+    output buffers and even the slice views are built once: a dict hit costs ~1 µs, each avoided
+    torch op or view ~1-5 µs.
+
+    - ``rates`` [n+1] float64: SPS(first + i), first = R·(1 + forced), n = R·(L − forced).
+    - ``scaled`` [n+1]: R · rates (Θ with zero forced survival mass, Algorithm 1's base).
+    - ``theta`` [n+1] (theta[0] preset to scaled[0]), ``improving`` [n+1] bool with a False
+      sentinel at the end, so ``argmin`` finds the end of the leading True run.
+    - ``offsets`` [R, L] int64: N − 1 − (k·R + r), the tie-break half of the rank key.
+    """
+
+    def __init__(self, table: CostTable, num_reqs: int, num_pos: int, forced: int, device):
+        n = num_reqs * (num_pos - forced)
+        first = num_reqs * (1 + forced)
+        tokens = torch.arange(first, first + n + 1, dtype=torch.int64)
+        rates = torch.as_tensor(table.steps_per_second(num_reqs, tokens), dtype=torch.float64)
+        if rates.shape != tokens.shape or not bool(((rates > 0) & torch.isfinite(rates)).all()):
+            raise SchedulerConfigError(
+                f"cost table returned a non-positive, non-finite or mis-shaped rate for "
+                f"num_reqs={num_reqs}, batch tokens {first}..{first + n}"
+            )
+        self.rates = rates.to(device)
+        self.scaled = self.rates * num_reqs
+        self.theta = self.scaled.clone()
+        self.improving = torch.zeros(n + 1, dtype=torch.bool, device=device)
+        total = num_reqs * num_pos
+        order = torch.arange(total - 1, -1, -1, dtype=torch.int64, device=device)
+        self.offsets = order.view(num_pos, num_reqs).t().contiguous()
+        # Views used on the hot path.
+        self.rates_hi, self.scaled_hi = self.rates[1:], self.scaled[1:]
+        self.theta_hi, self.theta_lo = self.theta[1:], self.theta[:-1]
+        self.improving_head = self.improving[:-1]
+        self.improving_u8 = self.improving.view(torch.uint8)
+
+    def theta_from(self, cumulative: torch.Tensor) -> torch.Tensor:
+        """Θ_0..Θ_n for zero forced mass: Θ_i = R·SPS_i + cumulative_{i−1}·SPS_i (buffer reused)."""
+        # cumulative: [n] float64 Σ_{j≤i} s_j, -inf from the first non-candidate on
+        torch.addcmul(self.scaled_hi, cumulative, self.rates_hi, out=self.theta_hi)
+        return self.theta
+
+
+class _WorkspaceCache:
+    def __init__(self, table: CostTable, max_entries: int = 64):
+        self.table, self.max_entries = table, max_entries
+        self._memo: dict[tuple, _Workspace] = {}
+
+    def get(self, num_reqs: int, num_pos: int, forced: int, device) -> _Workspace:
+        key = (num_reqs, num_pos, forced, device)
+        hit = self._memo.get(key)
+        if hit is None:
+            if len(self._memo) >= self.max_entries:
+                self._memo.clear()
+            hit = self._memo[key] = _Workspace(self.table, num_reqs, num_pos, forced, device)
+        return hit
+
+
+def admit_top(
+    survival: torch.Tensor,  # [num_reqs, L] float32 candidate survivals; < 0 (-inf) = not a candidate
+    count: int,
+    offsets: torch.Tensor,  # [num_reqs, L] int64 tie-break offsets (see _Workspace)
+) -> torch.Tensor:  # [num_reqs] int64
+    """Per-request number of candidates among the ``count`` highest-ranked ones (rank: survival
+    desc, position asc, request asc); negative survivals are never admitted.
+
+    These are the verify lengths whenever the survivals are non-increasing along each row (see
+    the module doc).
+    """
+    num_reqs, num_pos = survival.shape
+    total = num_reqs * num_pos
+    if count <= 0 or total == 0:
+        return torch.zeros(num_reqs, dtype=torch.int64, device=survival.device)
+    key = torch.add(offsets, survival.view(torch.int32), alpha=1 << 32)  # [R, L] unique
+    if count < total:
+        threshold = torch.kthvalue(key.view(-1), total - count + 1).values.clamp_(min=0)
+    else:
+        threshold = 0
+    return (key >= threshold).sum(dim=1)
+
+
+class VerifyScheduler(ABC):
+    """One interface for every scheduler.
+
+    ``schedule(slots, confidences)`` returns ``verify_lens`` [num_reqs] int64 in [0, gamma], on the
+    device of ``confidences``. ``slots`` [num_reqs] are stable per-request ids (SGLang's
+    req_pool_idx); stateless schedulers ignore them. ``release(slots)`` tells a stateful scheduler
+    that those slots now hold new requests.
+    """
+
+    #: False only for the negative control.
+    lossless: bool = True
+
+    @abstractmethod
+    def schedule(
+        self,
+        slots: torch.Tensor,  # [num_reqs] int64
+        confidences: torch.Tensor,  # [num_reqs, gamma] float, calibrated c_{r,k}
+    ) -> torch.Tensor:  # [num_reqs] int64 verify lengths, anchor row excluded
+        ...
+
+    def release(self, slots: torch.Tensor) -> None:  # [n] int64
+        """Forget per-slot state (no-op for stateless schedulers)."""
+
+
+def _check_eps(survival_eps: float) -> float:
+    if not (0.0 < float(survival_eps) <= 1.0):
+        raise SchedulerConfigError(f"survival_eps must be in (0, 1], got {survival_eps}")
+    return float(survival_eps)
+
+
+def _check_max_len(max_verify_len: Optional[int]) -> Optional[int]:
+    if max_verify_len is not None and (not isinstance(max_verify_len, int) or max_verify_len < 0):
+        raise SchedulerConfigError(f"max_verify_len must be an int >= 0, got {max_verify_len!r}")
+    return max_verify_len
+
+
+def _zeros(num_reqs: int, device) -> torch.Tensor:
+    return torch.zeros(num_reqs, dtype=torch.int64, device=device)
+
+
+class Algorithm1Scheduler(VerifyScheduler):
+    """The paper's Algorithm 1 (hardware-aware prefix scheduler) with its early-stop ``break``.
+
+    Walks the candidates in the shared order, admitting each while Θ strictly improves, and stops
+    at the first candidate that does not improve Θ (or whose survival is below ``survival_eps``).
+    Vectorised: sort the survivals s_1 ≥ s_2 ≥ ..., form Θ_i = (R + Σ_{j≤i} s_j) · SPS(R + i) for
+    i = 0..N, and the admitted count K is the length of the leading run of Θ_i > Θ_{i−1}; then the
+    top K of the shared order are admitted.
+
+    Why lossless: (r, k) is admitted iff every step up to and including its rank improved. Its rank
+    and the Θ values along the way depend only on candidates ranked at or before it: (r, 1..k) and
+    other requests' candidates, never (r, k+1..γ), which rank after it. So the admission of x_{r,k}
+    is a function of c_{r,1..k} and the other requests only. The ``break`` is essential: without it
+    the search reads Θ beyond (r, k) (see ``RetrospectiveAlgorithm1``).
+
+    Parameters
+    ----------
+    cost_table : CostTable
+        SPS(B) curve.
+    survival_eps : float
+        Candidates with survival below this are never admitted (the paper's a > 0).
+    max_verify_len : int, optional
+        Cap on verify_len (default: gamma).
+    """
+
+    def __init__(self, cost_table: CostTable, *, survival_eps: float = DEFAULT_SURVIVAL_EPS,
+                 max_verify_len: Optional[int] = None):
+        if cost_table is None:
+            raise SchedulerConfigError(f"{type(self).__name__} needs a cost table")
+        self.cost_table = cost_table
+        self.survival_eps = _check_eps(survival_eps)
+        self.max_verify_len = _check_max_len(max_verify_len)
+        self._workspaces = _WorkspaceCache(cost_table)
+
+    def _num_admitted(self, ws: _Workspace, cumulative: torch.Tensor) -> int:
+        # cumulative: [N] float64 Σ_{j≤i} s_j (-inf from the first non-candidate on)
+        ws.theta_from(cumulative)
+        torch.gt(ws.theta_hi, ws.theta_lo, out=ws.improving_head)
+        return int(ws.improving_u8.argmin())  # first False: the sentinel if all improved
+
+    def schedule(self, slots: torch.Tensor, confidences: torch.Tensor) -> torch.Tensor:
+        num_reqs, gamma = _check_inputs(slots, confidences)
+        limit = gamma if self.max_verify_len is None else min(gamma, self.max_verify_len)
+        device = confidences.device
+        if num_reqs == 0 or limit == 0:
+            return _zeros(num_reqs, device)
+        survival = _masked_survival(confidences.detach()[:, :limit], self.survival_eps)  # [R, L]
+        ws = self._workspaces.get(num_reqs, limit, 0, device)
+        values = torch.sort(survival.view(-1), descending=True).values  # [N]
+        count = self._num_admitted(ws, torch.cumsum(values, dim=0, dtype=torch.float64))
+        return admit_top(survival, count, ws.offsets)
+
+
+class RetrospectiveAlgorithm1(Algorithm1Scheduler):
+    """NEGATIVE CONTROL — NOT LOSSLESS. Algorithm 1 without the ``break``: the global argmax of Θ
+    over the current survivals.
+
+    Kept only so tests can reproduce the paper's Appendix A bias (output (0.85, 0.15) instead of
+    the target's (0.7, 0.3)). Why it is biased: to admit x_{r,k} it compares Θ at ranks beyond
+    (r, k), which include a_{r,k+1} = a_{r,k}·c_{r,k+1}, and c_{r,k+1} reads x_{r,k}; so whether
+    x_{r,k} is verified depends on x_{r,k} itself. Never serve with it: ``make_scheduler`` does not
+    offer it.
+    """
+
+    lossless = False
+
+    def _num_admitted(self, ws: _Workspace, cumulative: torch.Tensor) -> int:
+        return int(torch.argmax(ws.theta_from(cumulative)))
+
+
+def lagged_budget(
+    lagged_survival: torch.Tensor,  # [num_reqs, L] float32; -inf = not a candidate
+    rates: torch.Tensor,  # [num_reqs*(L-m) + 1] float64: SPS(num_reqs*(1+m) + i)
+    *,
+    min_verify_len: int = 0,
+) -> int:
+    """Budget K: draft tokens beyond the ``min_verify_len`` = m forced per request maximising
+    Θ_i = (R + Σ forced a + Σ_{j≤i} s_j) · SPS(R·(1+m) + i), where s are the non-forced lagged
+    survivals sorted descending. Global argmax over i = 0..N (no break; first maximum on ties);
+    -inf survivals are never counted."""
+    num_reqs = lagged_survival.shape[0]
+    free = lagged_survival[:, min_verify_len:].reshape(-1)
+    values = torch.sort(free, descending=True).values  # [N]
+    base = lagged_survival[:, :min_verify_len].clamp(min=0.0).sum(dtype=torch.float64) + num_reqs
+    tau = torch.cumsum(values, dim=0, dtype=torch.float64).add_(base)  # [N]
+    theta = torch.cat([(rates[:1] * base), tau.mul_(rates[1:])])  # [N+1]
+    return int(torch.argmax(theta))
+
+
+def _lagged_budget_fast(ws: _Workspace, lagged_survival: torch.Tensor) -> int:
+    """``lagged_budget`` with no forced prefix, on the workspace buffers (same result)."""
+    # lagged_survival: [num_reqs, L] float32
+    values = torch.sort(lagged_survival.reshape(-1), descending=True).values  # [N]
+    cumulative = torch.cumsum(values, dim=0, dtype=torch.float64)
+    return int(torch.argmax(ws.theta_from(cumulative)))
+
+
+class LaggedBudgetScheduler(VerifyScheduler):
+    """Production form (paper §5.2; SGLang's planner): budget from lagged survivals, allocation by
+    current ones.
+
+    Each call (one round):
+    1. Read each slot's survivals as stored ``lag`` rounds ago (a ring of ``lag`` survival tables
+       indexed by the global round; a slot absent from some rounds reads older information). Slots
+       with no stored history (new, released, or grown into) read survival 1.0, the optimistic
+       prior "every draft will be accepted".
+    2. K = ``lagged_budget``: global argmax of Θ over those lagged survivals (no break).
+    3. Admit the top K candidates of the CURRENT survivals in the shared order (only those with
+       survival ≥ ``survival_eps``), after the forced ``min_verify_len`` per request; store the
+       current survivals for round t + lag.
+
+    Why lossless: K is a function of survivals from earlier rounds only, produced before this
+    round's drafts were sampled, so it cannot depend on any current x_{r,k}; the 1.0 substituted
+    for a missing history is a constant. Given K, (r, k) is admitted iff its rank in the shared
+    order is < K (after the forced prefix) and a_{r,k} ≥ eps; its rank counts only candidates
+    ranked before it, never (r, k+1..γ). The forced prefix is value-independent. Any ``lag ≥ 1`` is
+    lossless; production uses 2 so that K is known before the previous step ends. ``lag = 0``
+    would be the retrospective argmax, and is refused.
+
+    Parameters
+    ----------
+    cost_table : CostTable
+    lag : int
+        Rounds between producing survivals and using them for the budget (>= 1, default 2).
+    min_verify_len : int
+        Drafts always verified per request (capped at gamma; default 0).
+    max_verify_len : int, optional
+        Cap on verify_len (default: gamma).
+    survival_eps : float
+    initial_slots : int
+        Initial slot capacity; grows on demand.
+
+    Notes
+    -----
+    Slots in one call must be distinct (duplicates only degrade the budget; it stays lossless).
+    Callers should ``release`` a slot when its request finishes, otherwise the next occupant's first
+    ``lag`` budgets use the previous occupant's survivals (again: efficiency, not correctness).
+    """
+
+    def __init__(self, cost_table: CostTable, *, lag: int = 2, min_verify_len: int = 0,
+                 max_verify_len: Optional[int] = None, survival_eps: float = DEFAULT_SURVIVAL_EPS,
+                 initial_slots: int = 256):
+        if cost_table is None:
+            raise SchedulerConfigError("LaggedBudgetScheduler needs a cost table")
+        if not isinstance(lag, int) or lag < 1:
+            raise SchedulerConfigError(f"lag must be an int >= 1 (0 is not lossless), got {lag!r}")
+        if not isinstance(min_verify_len, int) or min_verify_len < 0:
+            raise SchedulerConfigError(f"min_verify_len must be an int >= 0, got {min_verify_len!r}")
+        self.max_verify_len = _check_max_len(max_verify_len)
+        if self.max_verify_len is not None and min_verify_len > self.max_verify_len:
+            raise SchedulerConfigError(
+                f"min_verify_len {min_verify_len} > max_verify_len {self.max_verify_len}"
+            )
+        self.cost_table, self.lag, self.min_verify_len = cost_table, lag, min_verify_len
+        self.survival_eps = _check_eps(survival_eps)
+        self._workspaces = _WorkspaceCache(cost_table)
+        self._initial_slots = max(1, int(initial_slots))
+        self._history: Optional[torch.Tensor] = None  # [lag, capacity, gamma] float32 survivals
+        self._rings: list[torch.Tensor] = []  # the lag [capacity, gamma] views of _history
+        self._round = 0
+        #: The last budget K (excluding forced tokens), for logging and tests.
+        self.last_budget: Optional[int] = None
+
+    def reset(self) -> None:
+        """Forget all history (e.g. when gamma changes)."""
+        self._history, self._rings, self._round, self.last_budget = None, [], 0, None
+
+    def release(self, slots: torch.Tensor) -> None:
+        if self._history is not None and slots.numel() > 0:
+            index = slots.to(self._history.device, torch.int64)
+            self._history[:, index[index < self._history.shape[1]]] = 1.0
+
+    def _grow(self, gamma: int, max_slot: int, device) -> None:
+        hist = self._history
+        capacity = 0 if hist is None else hist.shape[1]
+        new_capacity = max(self._initial_slots, capacity)
+        while new_capacity <= max_slot:
+            new_capacity *= 2
+        grown = torch.ones((self.lag, new_capacity, gamma), dtype=torch.float32, device=device)
+        if hist is not None:
+            grown[:, :capacity] = hist
+        self._history = grown
+        self._rings = list(grown.unbind(0))  # per-round [capacity, γ] views
+
+    def _exchange(self, slots: torch.Tensor, survival: torch.Tensor) -> torch.Tensor:
+        """Return the slots' stored survivals for this round's ring entry and store the current
+        ones in their place (read first, so lag=1 reads the previous round)."""
+        # slots: [R] int64; survival: [R, γ] float32 -> [R, γ] float32
+        gamma = survival.shape[1]
+        if self._history is not None and self._history.shape[2] != gamma:
+            raise SchedulerInputError(
+                f"confidences: gamma changed from {self._history.shape[2]} to {gamma}; "
+                "call reset() first"
+            )
+        if self._history is None or slots.device.type != "cpu":
+            # No history yet, or on an accelerator where an out-of-range index is fatal: check.
+            low, high = (int(v) for v in torch.aminmax(slots))
+            if low < 0:
+                raise SchedulerInputError(f"slots: must be >= 0, got {low}")
+            if self._history is None or high >= self._history.shape[1]:
+                self._grow(gamma, high, survival.device)
+        ring = self._rings[self._round % self.lag]
+        try:
+            lagged = ring.index_select(0, slots)
+        except IndexError:  # CPU fast path: a slot beyond the capacity (or negative)
+            low, high = (int(v) for v in torch.aminmax(slots))
+            if low < 0:
+                raise SchedulerInputError(f"slots: must be >= 0, got {low}") from None
+            self._grow(gamma, high, survival.device)
+            ring = self._rings[self._round % self.lag]
+            lagged = ring.index_select(0, slots)
+        ring.index_copy_(0, slots, survival)
+        self._round += 1
+        return lagged
+
+    def schedule(self, slots: torch.Tensor, confidences: torch.Tensor) -> torch.Tensor:
+        num_reqs, gamma = _check_inputs(slots, confidences)
+        device = confidences.device
+        if num_reqs == 0:
+            return _zeros(0, device)
+        survival = _masked_survival(confidences.detach(), self.survival_eps)  # [R, γ]
+        lagged = self._exchange(slots.to(device=device, dtype=torch.int64), survival)  # [R, γ]
+
+        limit = gamma if self.max_verify_len is None else min(gamma, self.max_verify_len)
+        forced = min(self.min_verify_len, limit)
+        if limit == 0:
+            return _zeros(num_reqs, device)
+        ws = self._workspaces.get(num_reqs, limit, forced, device)
+        current = survival if limit == gamma else survival[:, :limit]
+        if limit < gamma:
+            lagged = lagged[:, :limit]
+
+        # Budget from lagged information only, then top-(forced·R + budget) of the current
+        # survivals with the forced positions ranked first.
+        if forced:
+            budget = lagged_budget(lagged, ws.rates, min_verify_len=forced)
+            current = current.clone()
+            current[:, :forced] = _FORCED
+        else:
+            budget = _lagged_budget_fast(ws, lagged)
+        self.last_budget = budget
+        return admit_top(current, budget + forced * num_reqs, ws.offsets)
+
+
+class FixedLengthScheduler(VerifyScheduler):
+    """Verify ``min(verify_len, gamma)`` drafts for every request. Lossless: value-independent."""
+
+    def __init__(self, verify_len: int):
+        if not isinstance(verify_len, int) or verify_len < 0:
+            raise SchedulerConfigError(f"verify_len must be an int >= 0, got {verify_len!r}")
+        self.verify_len = verify_len
+
+    def schedule(self, slots: torch.Tensor, confidences: torch.Tensor) -> torch.Tensor:
+        num_reqs, gamma = _check_inputs(slots, confidences)
+        return torch.full((num_reqs,), min(self.verify_len, gamma), dtype=torch.int64,
+                          device=confidences.device)
+
+
+class VerifyAllScheduler(VerifyScheduler):
+    """Verify all gamma drafts (plain chain speculative decoding). Lossless: value-independent."""
+
+    def schedule(self, slots: torch.Tensor, confidences: torch.Tensor) -> torch.Tensor:
+        num_reqs, gamma = _check_inputs(slots, confidences)
+        return torch.full((num_reqs,), gamma, dtype=torch.int64, device=confidences.device)
+
+
+class NoSpeculationScheduler(VerifyScheduler):
+    """Verify nothing: every round commits only the target's own token. Lossless trivially."""
+
+    def schedule(self, slots: torch.Tensor, confidences: torch.Tensor) -> torch.Tensor:
+        num_reqs, _ = _check_inputs(slots, confidences)
+        return _zeros(num_reqs, confidences.device)
+
+
+SCHEDULER_KINDS: dict[str, type[VerifyScheduler]] = {
+    "algorithm1": Algorithm1Scheduler,
+    "lagged": LaggedBudgetScheduler,
+    "fixed": FixedLengthScheduler,
+    "verify_all": VerifyAllScheduler,
+    "none": NoSpeculationScheduler,
+}
+_NEEDS_TABLE = ("algorithm1", "lagged")
+
+
+def make_scheduler(kind: str, cost_table: Optional[CostTable] = None, **opts) -> VerifyScheduler:
+    """Build a lossless scheduler by name: one of ``SCHEDULER_KINDS`` (``-`` and case ignored).
+
+    ``cost_table`` is required by "algorithm1" and "lagged" and ignored by the others; ``opts`` are
+    the constructor's keyword options (e.g. ``lag=2``, ``min_verify_len=1``; "fixed" needs
+    ``verify_len``). The negative control is deliberately not reachable from here.
+    """
+    name = str(kind).strip().lower().replace("-", "_")
+    cls = SCHEDULER_KINDS.get(name)
+    if cls is None:
+        raise SchedulerConfigError(
+            f"unknown scheduler kind {kind!r}; expected one of {sorted(SCHEDULER_KINDS)}"
+        )
+    params = inspect.signature(cls.__init__).parameters
+    unknown = sorted(set(opts) - set(params) - {"self"})
+    if unknown:
+        allowed = sorted(p for p in params if p not in ("self", "cost_table"))
+        raise SchedulerConfigError(
+            f"scheduler {name!r}: unknown option(s) {unknown}; accepted: {allowed}"
+        )
+    if name in _NEEDS_TABLE:
+        if cost_table is None:
+            raise SchedulerConfigError(f"scheduler {name!r} needs a cost table")
+        return cls(cost_table, **opts)
+    if name == "fixed" and "verify_len" not in opts:
+        raise SchedulerConfigError("scheduler 'fixed' needs the option verify_len")
+    return cls(**opts)
