@@ -12,7 +12,7 @@ import torch
 
 from dspark_sglang.acceptance import chain_accept
 from dspark_sglang.drafters.interface import Drafter, SamplingBatch
-from dspark_sglang.sampling import is_greedy, process_logits
+from dspark_sglang.sampling import process_logits
 
 
 @dataclass
@@ -57,7 +57,7 @@ def speculative_generate(
     anchor = _sample_first(logits[-1], sampling, generator)
     trace.output_ids.append(anchor)
     position = prompt_ids.numel()
-    greedy = is_greedy(sampling.temperatures)
+    greedy = sampling.is_greedy()
     gamma = drafter.info.gamma
     while len(trace.output_ids) < max_new_tokens and anchor != eos_token_id:
         block = drafter.propose(

@@ -31,6 +31,8 @@ from torch import nn
 from dspark_sglang.drafters.config import BlockDrafterConfig, DecoderDims
 from dspark_sglang.drafters.layers import Attention, RMSNorm, SwiGLU, apply_rope, rope_cos_sin
 
+_MIN_GEMM_ROWS = 16  # see BlockDrafterBase.append_context
+
 
 def _rotate(
     x: torch.Tensor,  # [..., T, heads, head_dim]
@@ -270,11 +272,19 @@ class BlockDrafterBase:
         """Project the new rows of all requests in one pass and append them per slot."""
         self._check_append(slots, features, positions, tokens)
         counts = [f.shape[0] for f in features]
-        if not sum(counts):
+        total = sum(counts)
+        if not total:
             return
-        keys, values = self.backbone.context_kv(
-            torch.cat(features).to(self.device, self.dtype), torch.cat(positions).to(self.device)
-        )  # [L, sum n_i, kv_heads, d]
+        feats = torch.cat(features).to(self.device, self.dtype)  # [sum n_i, F]
+        pos = torch.cat(positions).to(self.device)  # [sum n_i]
+        if total < _MIN_GEMM_ROWS:
+            # CPU BLAS takes a different (gemv-like) path for a handful of rows, whose rounding
+            # differs from the prefill GEMM's; zero rows keep a 1-4 row append on the same path,
+            # so an incrementally built cache matches one built from scratch (measured: exactly).
+            feats = torch.cat([feats, feats.new_zeros(_MIN_GEMM_ROWS - total, feats.shape[1])])
+            pos = torch.cat([pos, pos.new_zeros(_MIN_GEMM_ROWS - total)])
+        keys, values = self.backbone.context_kv(feats, pos)  # [L, rows, kv_heads, d]
+        keys, values = keys[:, :total], values[:, :total]
         for slot, k, v in zip(slots, keys.split(counts, dim=1), values.split(counts, dim=1)):
             if k.shape[1]:
                 self.cache.append(slot, k, v)

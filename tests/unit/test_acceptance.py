@@ -175,7 +175,8 @@ def random_case(seed, num_reqs, gamma, vocab, greedy_frac=0.5):
     from_q = torch.multinomial(draft_probs.reshape(-1, vocab), 1, generator=gen).reshape(num_reqs, gamma)
     from_p = target[:, :gamma].argmax(-1)
     choice = torch.randint(0, 5, (num_reqs, gamma), generator=gen)
-    drafts = torch.where(choice < 2, from_q, torch.where(choice < 4, from_p, torch.randint(0, vocab, (num_reqs, gamma), generator=gen)))
+    anything = torch.randint(0, vocab, (num_reqs, gamma), generator=gen)
+    drafts = torch.where(choice < 2, from_q, torch.where(choice < 4, from_p, anything))
     return dict(
         target_probs=target,
         draft_tokens=drafts,
@@ -187,7 +188,8 @@ def random_case(seed, num_reqs, gamma, vocab, greedy_frac=0.5):
     )
 
 
-def loop_reference(target_probs, draft_tokens, draft_probs, verify_lens, greedy, accept_uniforms, sample_uniforms):
+def loop_reference(target_probs, draft_tokens, draft_probs, verify_lens, greedy,
+                   accept_uniforms, sample_uniforms):
     """The rule written one token at a time, straight from the paper."""
     num_reqs, rows, vocab = target_probs.shape
     out = torch.full((num_reqs, rows), -1, dtype=torch.long)
@@ -259,7 +261,8 @@ def test_rows_past_verify_len_are_ignored(seed, num_reqs, gamma, vocab):
     expected = chain_accept(**case).output_tokens
     rows = torch.arange(gamma + 1)[None, :]
     garbage = dict(case)
-    garbage["target_probs"] = case["target_probs"].masked_fill((rows > case["verify_lens"][:, None])[..., None], NAN)
+    unused_rows = rows > case["verify_lens"][:, None]  # [R, gamma+1]
+    garbage["target_probs"] = case["target_probs"].masked_fill(unused_rows[..., None], NAN)
     unverified = rows[:, :gamma] >= case["verify_lens"][:, None]
     garbage["draft_probs"] = case["draft_probs"].masked_fill(unverified[..., None], NAN)
     garbage["draft_tokens"] = case["draft_tokens"].masked_fill(unverified, -1)

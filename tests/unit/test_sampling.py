@@ -192,7 +192,10 @@ def test_matches_sglang_torch_sampler():
     num_rows, vocab = 400, 23
     # Distinct logits (ties would let SGLang's unstable sort pick either member).
     logits = torch.randn(num_rows, vocab, generator=gen) * 2.0
-    pick = lambda values: [values[i] for i in torch.randint(0, len(values), (num_rows,), generator=gen)]  # noqa: E731
+
+    def pick(values):
+        return [values[i] for i in torch.randint(0, len(values), (num_rows,), generator=gen)]
+
     temperature = pick([0.0, 1e-7, 0.05, 0.7, 1.0, 1.5, 1e4])
     top_k = pick([-1, 1, 2, 5, vocab - 1, vocab, vocab + 5])
     top_p = pick([1.0, 0.95, 0.5, 0.1, 1e-6])
@@ -216,7 +219,8 @@ def test_inverse_cdf_hand_cases():
     u = torch.tensor([0.0, 0.49, 0.5, 0.99, 1.0, 1.5])
     assert sample_from_probs(probs, u).tolist() == [2, 2, 3, 3, 3, 3]
     # Unnormalised weights: cdf 1, 3, 6 of total 6.
-    assert sample_from_probs(torch.tensor([[1.0, 2.0, 3.0]] * 3), torch.tensor([0.1, 0.4, 0.6])).tolist() == [0, 1, 2]
+    weights = torch.tensor([[1.0, 2.0, 3.0]] * 3)
+    assert sample_from_probs(weights, torch.tensor([0.1, 0.4, 0.6])).tolist() == [0, 1, 2]
     # NaN / inf / negative weights count as zero; an all-zero row returns 0.
     weird = torch.tensor([[NAN, 1.0, INF, -1.0], [0.0, 0.0, 0.0, 0.0]])
     assert sample_from_probs(weird, torch.tensor([0.999, 0.5])).tolist() == [1, 0]

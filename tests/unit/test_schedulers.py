@@ -242,10 +242,16 @@ def test_lagged_matches_reference(batch, data, tbl, lag, forced):
 
 
 def test_lagged_budget_function_matches_reference():
+    # Survivals 0.9, 0.6, 0.45, 0.3 at SPS(2..6) = 1, 1, 0.9, 0.8, 0.7:
+    # Θ = 2, 2.9, 3.15, 3.16, 2.975 -> K = 3 (no break: Θ_2 < Θ_3 is fine).
     tbl = table([1.0, 1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3], first=2)
     lagged = prefix_survival(torch.tensor([[0.9, 0.5], [0.6, 0.5]]))
     rates = torch.as_tensor(tbl.steps_per_second(2, torch.arange(2, 7)), dtype=torch.float64)
-    assert lagged_budget(lagged, rates) == ref_lagged(lagged.tolist(), [[0, 0]] * 2, tbl)[1] == 2
+    assert lagged_budget(lagged, rates) == ref_lagged(lagged.tolist(), [[0, 0]] * 2, tbl)[1] == 3
+    # One forced token per request (0.9 + 0.6): Θ_0 = 3.5·SPS(4) = 3.15, Θ_1 = 3.95·0.8 = 3.16,
+    # Θ_2 = 4.25·0.7 = 2.975 -> K = 1.
+    rates = torch.as_tensor(tbl.steps_per_second(2, torch.arange(4, 7)), dtype=torch.float64)
+    assert lagged_budget(lagged, rates, min_verify_len=1) == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,8 +375,8 @@ def test_appendix_a_retrospective_is_biased():
 HISTORIES = ([0.9, 0.9], [0.3, 0.0], [0.8, 0.5])  # budgets 2, 0, 1 under SPS(1..3)=1, 0.6, 0.45
 
 
-def lagged_decider(cheat):
-    tbl = table([1.0, 0.6, 0.45])
+def lagged_decider(cheat, sps2=0.6):
+    tbl = table([1.0, sps2, 0.45])
 
     def decide(row, key):
         sched = LaggedBudgetScheduler(tbl, lag=1)
@@ -382,14 +388,19 @@ def lagged_decider(cheat):
     return decide
 
 
-def test_lagged_scheduler_is_lossless():
-    freq, verify = first_token_frequencies(lagged_decider(cheat=False))
+@pytest.mark.parametrize("sps2", [0.5, 0.6])
+def test_lagged_scheduler_is_lossless(sps2):
+    freq, verify = first_token_frequencies(lagged_decider(cheat=False, sps2=sps2))
     assert is_target_distribution(freq), freq
-    assert set(verify.unique().tolist()) == {0, 1, 2}  # the budget really varies with history
+    if sps2 == 0.6:
+        assert set(verify.unique().tolist()) == {0, 1, 2}  # the budget varies with history
 
 
 def test_budget_from_current_confidences_is_biased():
-    freq, _ = first_token_frequencies(lagged_decider(cheat=True))
+    # "lag 0": with SPS(2) = 0.5 the budget is 2 when c_2 = 0.9 (x_1 = A) and 0 when c_2 = 0,
+    # exactly the retrospective search: P(A) = 0.85.
+    freq, _ = first_token_frequencies(lagged_decider(cheat=True, sps2=0.5))
+    assert abs(float(freq[0]) - 0.85) < TOL
     assert not is_target_distribution(freq), freq
 
 
