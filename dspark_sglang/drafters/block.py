@@ -80,13 +80,14 @@ class BlockDecoderLayer(nn.Module):
             # Padding rows of shorter contexts are hidden; the block's own rows are always visible.
             visible = torch.ones(num_reqs, block, dtype=torch.bool, device=x.device)
             mask = torch.cat([ctx_mask, visible], dim=1)[:, None, None, :]  # [R, 1, 1, N + B]
-        group = attn.num_heads // attn.num_kv_heads
+        # enable_gqa: query head j reads KV head j // group without materialising repeated K/V.
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2),  # [R, heads, B, d]
-            keys.repeat_interleave(group, dim=1),
-            values.repeat_interleave(group, dim=1),
+            keys,
+            values,
             attn_mask=mask,
             scale=attn.head_dim**-0.5,
+            enable_gqa=attn.num_heads != attn.num_kv_heads,
         )  # [R, heads, B, d]
         x = x + attn.o_proj(out.transpose(1, 2).reshape(num_reqs, block, -1))
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -245,11 +246,14 @@ class BlockDrafterBase:
             raise ValueError("append_context: slots, features, positions and tokens differ in length")
         width = self.config.context_width
         pending: dict[int, int] = {}
-        for slot, feats, pos in zip(slots, features, positions):
+        for slot, feats, pos, toks in zip(slots, features, positions, tokens):
             if feats.ndim != 2 or feats.shape[1] != width:
                 raise ValueError(f"slot {slot}: features must be [n, {width}], got {tuple(feats.shape)}")
-            if pos.shape != (feats.shape[0],):
-                raise ValueError(f"slot {slot}: positions {tuple(pos.shape)} do not match {feats.shape[0]} feature rows")
+            if pos.shape != (feats.shape[0],) or toks.shape != (feats.shape[0],):
+                raise ValueError(
+                    f"slot {slot}: positions {tuple(pos.shape)} / tokens {tuple(toks.shape)} do not match "
+                    f"{feats.shape[0]} feature rows"
+                )
             start = pending.get(slot, self.cache.length(slot))
             # Host-side check only: on an accelerator it would cost a sync per call.
             if pos.device.type == "cpu" and pos.numel() and not torch.equal(

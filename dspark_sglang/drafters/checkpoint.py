@@ -17,11 +17,16 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from dspark_sglang.drafters.errors import DrafterConfigError, DrafterLoadError, DrafterWeightsError
+from dspark_sglang.drafters.errors import (
+    DrafterConfigError,
+    DrafterLoadError,
+    DrafterWeightsError,
+    TargetMismatchError,
+)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -78,34 +83,44 @@ def _shard_files(root: Path) -> dict[str, list[str]]:
     return shards
 
 
-def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All tensors of the checkpoint at `path`, on CPU, in their stored dtype.
-
-    Reads `model.safetensors`, or else the shards listed in `model.safetensors.index.json` (each
-    shard must hold exactly the tensors the index assigns to it).
-    """
-    root = _as_dir(path)
+def _weight_files(root: Path) -> dict[Path, list[str] | None]:
+    """`{file: tensor names the index assigns to it (None for a single file)}`."""
     single, index = root / WEIGHTS_NAME, root / INDEX_NAME
     if single.is_file():
-        return _load_safetensors(single)
+        return {single: None}
     if not index.is_file():
         pickles = [name for name in _PICKLE_NAMES if (root / name).exists()]
         problem = "no model.safetensors or model.safetensors.index.json"
         if pickles:
             problem += f"; found {pickles}, which are pickle files and are refused (convert to safetensors)"
         raise DrafterWeightsError(str(root), WEIGHTS_NAME, problem)
-    tensors: dict[str, torch.Tensor] = {}
-    for shard, names in _shard_files(root).items():
-        file = root / shard
+    files = {root / shard: names for shard, names in _shard_files(root).items()}
+    for file in files:
         if not file.is_file():
-            raise DrafterWeightsError(str(file), shard, "shard listed in the index is missing")
+            raise DrafterWeightsError(str(file), file.name, "shard listed in the index is missing")
+    return files
+
+
+def _check_shard(file: Path, listed: list[str] | None, present) -> None:
+    if listed is None:
+        return
+    absent, extra = sorted(set(listed) - set(present)), sorted(set(present) - set(listed))
+    if absent or extra:
+        raise DrafterWeightsError(
+            str(file), file.name, f"disagrees with {INDEX_NAME}: listed but absent {absent}, present but unlisted {extra}"
+        )
+
+
+def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of the checkpoint at `path`, on CPU, in their stored dtype.
+
+    Reads `model.safetensors`, or else the shards listed in `model.safetensors.index.json` (each
+    shard must hold exactly the tensors the index assigns to it).
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    for file, listed in _weight_files(_as_dir(path)).items():
         loaded = _load_safetensors(file)
-        absent = sorted(set(names) - loaded.keys())
-        extra = sorted(loaded.keys() - set(names))
-        if absent or extra:
-            raise DrafterWeightsError(
-                str(file), shard, f"disagrees with {INDEX_NAME}: listed but absent {absent}, present but unlisted {extra}"
-            )
+        _check_shard(file, listed, loaded.keys())
         tensors.update(loaded)
     return tensors
 
@@ -117,22 +132,16 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tens
 
 def read_tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     """Tensor shapes from the safetensors headers only (cheap: no tensor data is read)."""
-    from safetensors import safe_open
-
-    root = _as_dir(path)
-    files = [root / WEIGHTS_NAME] if (root / WEIGHTS_NAME).is_file() else None
-    if files is None:
-        if not (root / INDEX_NAME).is_file():
-            raise DrafterWeightsError(str(root), WEIGHTS_NAME, "no model.safetensors or model.safetensors.index.json")
-        files = [root / shard for shard in _shard_files(root)]
     shapes: dict[str, tuple[int, ...]] = {}
-    for file in files:
+    for file, listed in _weight_files(_as_dir(path)).items():
         try:
             with safe_open(str(file), framework="pt") as handle:
-                for name in handle.keys():
+                names = list(handle.keys())
+                for name in names:
                     shapes[name] = tuple(handle.get_slice(name).get_shape())
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise DrafterWeightsError(str(file), file.name, f"not a readable safetensors file ({exc})") from None
+        _check_shard(file, listed, names)
     return shapes
 
 
@@ -206,8 +215,6 @@ def check_target_tensor(
     device: torch.device | str,
 ) -> torch.Tensor:
     """A weight borrowed from the target (embedding, LM head), checked and moved to dtype/device."""
-    from dspark_sglang.drafters.errors import TargetMismatchError
-
     if tensor is None:
         raise TargetMismatchError(path, name, "this drafter borrows the target's weight, but the TargetSpec has none")
     if tuple(tensor.shape) != tuple(shape):
