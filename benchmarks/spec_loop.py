@@ -20,7 +20,7 @@ class RoundRecord:
     verify_len: int
     num_accepted: int
     conf_logits: torch.Tensor | None  # [gamma] raw confidence logits (None without a head)
-    token_probs: torch.Tensor  # [gamma] q_k(x_k)
+    top1_probs: torch.Tensor  # [gamma] max_v q_k(v): the head-less confidence feature (reads x_<k only)
 
 
 @dataclass
@@ -44,7 +44,7 @@ def speculative_generate(
     prompt_ids: torch.Tensor,  # [n] int64
     max_new_tokens: int,
     sampling: SamplingBatch,  # one request
-    choose_verify_len,  # callable (conf_logits [1,g] | None, token_probs [1,g]) -> verify_lens [1]
+    choose_verify_len,  # callable (conf_logits [1,g] | None, draft_probs [1,g,V]) -> verify_lens [1]
     generator: torch.Generator,
     eos_token_id: int | None = None,
     slot: int = 0,
@@ -63,7 +63,7 @@ def speculative_generate(
         block = drafter.propose(
             [slot], torch.tensor([anchor]), torch.tensor([position]), sampling, generator=generator
         )
-        verify_len = int(choose_verify_len(block.confidence_logits, block.token_probs)[0])
+        verify_len = int(choose_verify_len(block.confidence_logits, block.probs)[0])
         chain = torch.cat([torch.tensor([anchor]), block.tokens[0, :verify_len]])
         logits, features = target.extend(chain)
         target_probs = torch.zeros(1, gamma + 1, logits.shape[-1])
@@ -88,7 +88,7 @@ def speculative_generate(
             RoundRecord(
                 verify_len, accepted,
                 None if block.confidence_logits is None else block.confidence_logits[0].clone(),
-                block.token_probs[0].clone(),
+                block.probs[0].amax(dim=-1),
             )
         )
         for token in new_tokens:

@@ -306,6 +306,8 @@ class Eagle3Drafter(nn.Module):
     ) -> tuple[DraftBlock, torch.Tensor, torch.Tensor]:
         """`propose`, plus the draft-vocabulary logits [R, gamma, Vd] and hidden x [R, gamma, H]."""
         num_reqs, gamma = len(slots), self.info.gamma
+        if not num_reqs:
+            raise ValueError("draft_chain needs at least one slot (propose handles an empty batch)")
         if uniforms is None:
             uniforms = torch.rand((num_reqs, gamma), generator=generator, device=self.device)
         if uniforms.shape != (num_reqs, gamma):
@@ -331,8 +333,16 @@ class Eagle3Drafter(nn.Module):
         )
         return block, logits, hidden
 
-    def propose_with_logits(self, slots, anchor_tokens, anchor_positions, sampling, generator=None):
-        """`propose`, plus the draft-vocabulary logits [R, gamma, Vd] each q_k was processed from."""
+    def propose_with_logits(
+        self,
+        slots: list[int],
+        anchor_tokens: torch.Tensor,  # [R] int64
+        anchor_positions: torch.Tensor,  # [R] int64
+        sampling: SamplingBatch,
+        generator: torch.Generator | None = None,
+    ) -> tuple[DraftBlock, torch.Tensor]:
+        """`propose`, plus the draft-vocabulary logits [R, gamma, Vd] each q_k was processed from
+        (Vd = draft_vocab_size; map indices with `to_target`, distributions with `to_target_probs`)."""
         if not slots:
             block = empty_block(self.info.gamma, self.info.vocab_size, False, self.device)
             return block, block.probs[..., : self.config.draft_vocab_size]

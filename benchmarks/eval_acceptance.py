@@ -1,0 +1,268 @@
+"""dspark-eval: accepted length per round, per-position acceptance and confidence calibration.
+
+The DSpark paper's protocol (Table 1): batch size 1, chain drafting, every draft verified
+("scheduler off"), τ = mean over rounds of (accepted drafts + 1 bonus/correction token), at T=0
+and T=1. It runs the product's own drafter, confidence, scheduler and acceptance code, with a
+transformers target instead of the SGLang engine (benchmarks/spec_loop.py).
+
+Calibration: the confidence of the cumulative prefix, survival_k = Π_{i≤k} c_i, is compared with
+the observed event "the first k+1 drafts were accepted" on verified positions. STS is fitted on
+the even-indexed prompts of each set and evaluated on the odd-indexed ones (held out), per
+temperature, because "accepted" means an argmax match at T=0 and the ratio test at T>0.
+The (confidence logits, accepted, verify length) records are written for `dspark-calibrate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dspark_sglang.confidence import CalibrationRecords, _logit, apply_sts, fit_sts, survival_metrics
+from dspark_sglang.drafters.interface import TargetSpec
+from dspark_sglang.drafters.loader import describe_drafter, load_drafter
+from dspark_sglang.sampling import SamplingBatch
+
+DEFAULT_SETS = ("gsm8k", "humaneval", "mtbench")
+
+
+@dataclass
+class RunRecords:
+    """All rounds of one (drafter, temperature, prompt set)."""
+
+    conf_logits: list[torch.Tensor]  # per round [gamma] raw confidence (head logit or logit(top-1 q))
+    num_accepted: list[int]
+    verify_lens: list[int]
+    prompt_index: list[int]
+    new_tokens: int = 0
+    seconds: float = 0.0
+
+    def tensors(self, keep: torch.Tensor | None = None) -> CalibrationRecords:
+        conf = torch.stack(self.conf_logits)
+        acc, lens = torch.tensor(self.num_accepted), torch.tensor(self.verify_lens)
+        if keep is not None:
+            conf, acc, lens = conf[keep], acc[keep], lens[keep]
+        return CalibrationRecords(conf.float(), acc, lens)
+
+
+def target_spec_of(model) -> TargetSpec:
+    cfg = model.config
+    return TargetSpec(
+        hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, num_hidden_layers=cfg.num_hidden_layers,
+        embed_tokens=model.get_input_embeddings().weight.detach(),
+        lm_head=model.get_output_embeddings().weight.detach(),
+    )
+
+
+def sampling_for(temperature: float) -> SamplingBatch:
+    batch = SamplingBatch.greedy(1)
+    batch.temperatures.fill_(temperature)
+    return batch
+
+
+def make_verify_len_chooser(kind: str, gamma: int, fixed_len: int | None):
+    """Verify lengths at batch size 1; Table 1 verifies every draft (the scheduler is a load
+    decision, measured by dspark-bench, not an acceptance property)."""
+    if kind == "verify-all":
+        return lambda conf, probs: torch.tensor([gamma])
+    return lambda conf, probs: torch.tensor([min(fixed_len, gamma)])
+
+
+def run_set(target, drafter, prompts, args, temperature: float, seed: int) -> RunRecords:
+    from dspark_sglang.benchmarks.spec_loop import speculative_generate
+
+    gamma = drafter.info.gamma
+    choose = make_verify_len_chooser(args.scheduler, gamma, args.fixed_len)
+    records = RunRecords([], [], [], [])
+    eos = target.tokenizer.eos_token_id
+    for index, prompt in enumerate(tqdm(prompts, desc=f"  T={temperature:g}", leave=False)):
+        generator = torch.Generator().manual_seed(seed + index)
+        ids = target.chat_ids(prompt.messages)
+        start = time.perf_counter()
+        trace = speculative_generate(
+            target, drafter, ids, args.max_new_tokens, sampling_for(temperature), choose, generator, eos,
+        )
+        records.seconds += time.perf_counter() - start
+        records.new_tokens += len(trace.output_ids)
+        for rnd in trace.rounds:
+            raw = rnd.conf_logits if rnd.conf_logits is not None else _logit(rnd.top1_probs).float()
+            records.conf_logits.append(raw)
+            records.num_accepted.append(rnd.num_accepted)
+            records.verify_lens.append(rnd.verify_len)
+            records.prompt_index.append(index)
+    return records
+
+
+def summarize(records: RunRecords, gamma: int) -> dict:
+    acc = torch.tensor(records.num_accepted)
+    lens = torch.tensor(records.verify_lens)
+    pos = torch.arange(1, gamma + 1)[None, :]
+    reached = (lens[:, None] >= pos) & (acc[:, None] >= pos - 1)  # position k verified, prefix accepted
+    passed = reached & (acc[:, None] >= pos)
+    cond = (passed.sum(0).float() / reached.sum(0).clamp_min(1)).tolist()
+    out = {
+        "rounds": len(acc),
+        "tau": float((acc + 1).float().mean()) if len(acc) else float("nan"),
+        "verify_rate": float(lens.float().mean() / gamma) if len(acc) else float("nan"),
+        "conditional_acceptance": cond,
+        "tokens_per_second": records.new_tokens / max(records.seconds, 1e-9),
+    }
+    out.update(calibration(records, gamma))
+    return out
+
+
+def calibration(records: RunRecords, gamma: int) -> dict:
+    """ECE/AUC of the cumulative confidence, before and after STS fitted on even prompts."""
+    prompt = torch.tensor(records.prompt_index)
+    fit_rows, eval_rows = prompt % 2 == 0, prompt % 2 == 1
+    if not fit_rows.any() or not eval_rows.any():
+        return {}
+    fit_part, held_out = records.tensors(fit_rows), records.tensors(eval_rows)
+    try:
+        sts = fit_sts(fit_part.conf_logits, fit_part.num_accepted, fit_part.verify_lens)
+    except ValueError:
+        return {}
+    raw_survival = torch.sigmoid(held_out.conf_logits).cumprod(-1)
+    sts_survival = apply_sts(held_out.conf_logits, sts.temperatures).cumprod(-1)
+    before = survival_metrics(raw_survival, held_out.num_accepted, held_out.verify_lens)
+    after = survival_metrics(sts_survival, held_out.num_accepted, held_out.verify_lens)
+
+    def mean(values):
+        finite = [v for v in values if not math.isnan(v)]
+        return sum(finite) / len(finite) if finite else float("nan")
+
+    return {
+        "ece_before": mean(before["ece"]), "ece_after": mean(after["ece"]),
+        "auc_before": mean(before["auc"]), "auc_after": mean(after["auc"]),
+        "ece_before_per_position": before["ece"], "ece_after_per_position": after["ece"],
+        "sts_temperatures": sts.temperatures,
+    }
+
+
+def print_table(results: dict, sets: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Accepted length τ per round (incl. bonus), batch size 1, all drafts verified")
+    table.add_column("drafter")
+    table.add_column("T")
+    for name in sets:
+        table.add_column(name, justify="right")
+    table.add_column("mean", justify="right")
+    for drafter, by_temp in results.items():
+        for temp, by_set in by_temp.items():
+            taus = [by_set[s]["tau"] for s in sets]
+            table.add_row(drafter, temp, *[f"{t:.2f}" for t in taus], f"{sum(taus) / len(taus):.2f}")
+    Console().print(table)
+
+
+def plot(results: dict, sets: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    temps = sorted({t for by_temp in results.values() for t in by_temp})
+    fig, axes = plt.subplots(2, len(temps), figsize=(5 * len(temps), 8), squeeze=False)
+    for col, temp in enumerate(temps):
+        ax = axes[0, col]
+        width = 0.8 / max(len(results), 1)
+        for i, (drafter, by_temp) in enumerate(results.items()):
+            if temp in by_temp:
+                ax.bar([j + i * width for j in range(len(sets))], [by_temp[temp][s]["tau"] for s in sets],
+                       width, label=drafter)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sets))], sets)
+        ax.set_ylabel("accepted length τ")
+        ax.set_title(f"T = {temp}")
+        ax.legend()
+        ax = axes[1, col]
+        for drafter, by_temp in results.items():
+            if temp in by_temp:
+                curves = [by_temp[temp][s]["conditional_acceptance"] for s in sets]
+                mean = [sum(c[k] for c in curves) / len(curves) for k in range(len(curves[0]))]
+                ax.plot(range(1, len(mean) + 1), mean, marker="o", label=drafter)
+        ax.set_xlabel("draft position k")
+        ax.set_ylabel("P(accept k | accepted < k)")
+        ax.set_ylim(0, 1)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="dspark-eval",
+        description="Measure accepted length per round (τ, incl. the bonus token), per-position acceptance and "
+        "confidence calibration of drafters on real prompt sets, the DSpark paper's way (batch size 1).",
+    )
+    parser.add_argument("--drafter", action="append", required=True, metavar="[NAME=]PATH",
+                        help="drafter checkpoint directory; repeat to compare several")
+    parser.add_argument("--target", default=None, help="target model directory (default: the bundled SmolLM2-135M)")
+    parser.add_argument("--sets", default=",".join(DEFAULT_SETS), help="comma-separated prompt sets (default: %(default)s)")
+    parser.add_argument("--num-prompts", type=int, default=50, help="prompts per set (default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="default: %(default)s")
+    parser.add_argument("--temperature", type=float, action="append", help="repeatable (default: 0 and 1)")
+    parser.add_argument("--scheduler", default="verify-all", choices=["verify-all", "fixed"],
+                        help="verify length per round at batch size 1 (default: %(default)s, the paper's Table 1)")
+    parser.add_argument("--fixed-len", type=int, default=None, help="drafts verified per round with --scheduler fixed")
+    parser.add_argument("--seed", type=int, default=980406, help="base seed; prompt i uses seed+i (default: %(default)s)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--out", default="eval-out", help="output directory for JSON, PNG and records")
+    args = parser.parse_args(argv)
+    args.temperature = args.temperature or [0.0, 1.0]
+    if args.scheduler == "fixed" and args.fixed_len is None:
+        parser.error("--scheduler fixed needs --fixed-len")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    from dspark_sglang.benchmarks.hf_target import HFTarget
+    from dspark_sglang.models import ensure_target
+    from dspark_sglang.prompts import load_prompts
+
+    dtype = getattr(torch, args.dtype)
+    target_path = args.target or str(ensure_target())
+    sets = [s.strip() for s in args.sets.split(",") if s.strip()]
+    prompts = {name: load_prompts(name, limit=args.num_prompts) for name in sets}
+    drafters = []
+    for spec in args.drafter:
+        name, _, path = spec.rpartition("=")
+        drafters.append((name or Path(path).name, path))
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    target = None
+    results: dict = {}
+    for name, path in drafters:
+        layer_ids = describe_drafter(path).target_layer_ids
+        if target is None:
+            target = HFTarget(target_path, layer_ids, dtype)
+        target.layer_ids = tuple(layer_ids)
+        drafter = load_drafter(path, target_spec_of(target.model), dtype=dtype)
+        print(f"{name}: {path} (gamma {drafter.info.gamma}, {drafter.info.family}/{drafter.info.format})")
+        for temp in args.temperature:
+            key = f"{temp:g}"
+            for set_name in sets:
+                print(f" {set_name}: {len(prompts[set_name])} prompts")
+                records = run_set(target, drafter, prompts[set_name], args, temp, args.seed)
+                summary = summarize(records, drafter.info.gamma)
+                results.setdefault(name, {}).setdefault(key, {})[set_name] = summary
+                records.tensors().save(out_dir / f"records_{name}_T{key}_{set_name}.safetensors")
+                print(f"   τ = {summary['tau']:.3f} over {summary['rounds']} rounds")
+    print_table(results, sets)
+    (out_dir / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    plot(results, sets, out_dir / "acceptance.png")
+    print(f"wrote {out_dir / 'results.json'} and {out_dir / 'acceptance.png'}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
