@@ -13,8 +13,18 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 class HFTarget:
     def __init__(self, path: str, layer_ids: tuple[int, ...], dtype: torch.dtype = torch.float32):
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        self._setup(model, AutoTokenizer.from_pretrained(path), layer_ids)
+
+    @classmethod
+    def from_model(cls, model, layer_ids: tuple[int, ...], tokenizer=None) -> "HFTarget":
+        """Wrap an already-built model (tests build tiny random ones)."""
+        target = cls.__new__(cls)
+        target._setup(model.eval(), tokenizer, layer_ids)
+        return target
+
+    def _setup(self, model, tokenizer, layer_ids: tuple[int, ...]) -> None:
+        self.model, self.tokenizer = model, tokenizer
         self.config = self.model.config
         num_layers = self.config.num_hidden_layers
         bad = [l for l in layer_ids if not 0 <= l < num_layers - 1]

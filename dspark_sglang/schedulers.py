@@ -65,6 +65,7 @@ DEFAULT_SURVIVAL_EPS = 1e-6
 # Survival written at forced (min_verify_len) positions so they rank above every real survival.
 _FORCED = 2.0
 _NEG_INF = float("-inf")
+_ZERO = torch.zeros(())
 
 
 class SchedulerInputError(ValueError):
@@ -85,17 +86,16 @@ def prefix_survival(
 
 def _masked_survival(
     confidences: torch.Tensor,  # [num_reqs, L] float
-    survival_eps: float,
+    below_eps: float,  # the largest float32 below survival_eps
 ) -> torch.Tensor:  # [num_reqs, L] float32; -inf where not a candidate
-    """``prefix_survival`` with non-candidates (survival < eps, or NaN) set to -inf, in 4 ops.
+    """``prefix_survival`` with non-candidates (survival < eps) set to -inf, in 4 ops.
 
     -inf makes the sums below -inf (so Θ never improves past them and the argmax never lands on
     them) and gives them negative rank keys (so a non-negative threshold never admits them).
-    A NaN confidence propagates NaN along the cumprod, which ``>= eps`` maps to -inf: the same
-    admissions as treating it as 0.
+    ``fmax(c, 0)`` maps NaN and negatives to 0; ``threshold`` keeps x > below_eps, i.e. x >= eps.
     """
-    survival = torch.cumprod(confidences.to(torch.float32).clamp(0.0, 1.0), dim=1)
-    return torch.where(survival >= survival_eps, survival, _NEG_INF)
+    c = torch.fmax(confidences.to(torch.float32), _ZERO).clamp_(max=1.0)
+    return torch.threshold_(torch.cumprod(c, dim=1), below_eps, _NEG_INF)
 
 
 def _check_inputs(slots: torch.Tensor, confidences: torch.Tensor) -> tuple[int, int]:
@@ -237,6 +237,12 @@ def _check_eps(survival_eps: float) -> float:
     return float(survival_eps)
 
 
+def _below(survival_eps: float) -> float:
+    """Largest float32 strictly below float32(eps): ``x > _below(eps)`` ⟺ ``x >= eps`` in float32."""
+    eps32 = torch.tensor(survival_eps, dtype=torch.float32)
+    return float(torch.nextafter(eps32, torch.zeros((), dtype=torch.float32)))
+
+
 def _check_max_len(max_verify_len: Optional[int]) -> Optional[int]:
     if max_verify_len is not None and (not isinstance(max_verify_len, int) or max_verify_len < 0):
         raise SchedulerConfigError(f"max_verify_len must be an int >= 0, got {max_verify_len!r}")
@@ -278,6 +284,7 @@ class Algorithm1Scheduler(VerifyScheduler):
             raise SchedulerConfigError(f"{type(self).__name__} needs a cost table")
         self.cost_table = cost_table
         self.survival_eps = _check_eps(survival_eps)
+        self._below_eps = _below(self.survival_eps)
         self.max_verify_len = _check_max_len(max_verify_len)
         self._workspaces = _WorkspaceCache(cost_table)
 
@@ -293,7 +300,7 @@ class Algorithm1Scheduler(VerifyScheduler):
         device = confidences.device
         if num_reqs == 0 or limit == 0:
             return _zeros(num_reqs, device)
-        survival = _masked_survival(confidences.detach()[:, :limit], self.survival_eps)  # [R, L]
+        survival = _masked_survival(confidences.detach()[:, :limit], self._below_eps)  # [R, L]
         ws = self._workspaces.get(num_reqs, limit, 0, device)
         values = torch.sort(survival.view(-1), descending=True).values  # [N]
         count = self._num_admitted(ws, torch.cumsum(values, dim=0, dtype=torch.float64))
@@ -402,6 +409,7 @@ class LaggedBudgetScheduler(VerifyScheduler):
             )
         self.cost_table, self.lag, self.min_verify_len = cost_table, lag, min_verify_len
         self.survival_eps = _check_eps(survival_eps)
+        self._below_eps = _below(self.survival_eps)
         self._workspaces = _WorkspaceCache(cost_table)
         self._initial_slots = max(1, int(initial_slots))
         self._history: Optional[torch.Tensor] = None  # [lag, capacity, gamma] float32 survivals
@@ -467,7 +475,7 @@ class LaggedBudgetScheduler(VerifyScheduler):
         device = confidences.device
         if num_reqs == 0:
             return _zeros(0, device)
-        survival = _masked_survival(confidences.detach(), self.survival_eps)  # [R, γ]
+        survival = _masked_survival(confidences.detach(), self._below_eps)  # [R, γ]
         lagged = self._exchange(slots.to(device=device, dtype=torch.int64), survival)  # [R, γ]
 
         limit = gamma if self.max_verify_len is None else min(gamma, self.max_verify_len)
