@@ -48,6 +48,8 @@ setup(
         "sglang.srt.plugins": ["dspark = dspark_sglang.sglang.plugin:register"],
         "console_scripts": [
             "dspark-models = dspark_sglang.models:main",
+            "dspark-profile = dspark_sglang.calibration.profile:main",
+            "dspark-calibrate = dspark_sglang.calibration.calibrate:main",
         ],
     },
 )

@@ -24,7 +24,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dspark_sglang.confidence import CalibrationRecords, _logit, apply_sts, fit_sts, survival_metrics
+from dspark_sglang.confidence import (
+    CalibrationRecords,
+    ProposalProbEstimator,
+    apply_sts,
+    fit_sts,
+    survival_metrics,
+)
 from dspark_sglang.drafters.interface import TargetSpec
 from dspark_sglang.drafters.loader import describe_drafter, load_drafter
 from dspark_sglang.sampling import SamplingBatch
@@ -81,6 +87,7 @@ def run_set(target, drafter, prompts, args, temperature: float, seed: int) -> Ru
     choose = make_verify_len_chooser(args.scheduler, gamma, args.fixed_len)
     records = RunRecords([], [], [], [])
     eos = target.tokenizer.eos_token_id
+    identity = ProposalProbEstimator.identity(gamma)
     for index, prompt in enumerate(tqdm(prompts, desc=f"  T={temperature:g}", leave=False)):
         generator = torch.Generator().manual_seed(seed + index)
         ids = target.chat_ids(prompt.messages)
@@ -91,7 +98,8 @@ def run_set(target, drafter, prompts, args, temperature: float, seed: int) -> Ru
         records.seconds += time.perf_counter() - start
         records.new_tokens += len(trace.output_ids)
         for rnd in trace.rounds:
-            raw = rnd.conf_logits if rnd.conf_logits is not None else _logit(rnd.top1_probs).float()
+            # Head-less drafters: the raw confidence is logit(max_v q_k(v)) (an identity estimator).
+            raw = rnd.conf_logits if rnd.conf_logits is not None else identity.logits(rnd.top1_probs)
             records.conf_logits.append(raw)
             records.num_accepted.append(rnd.num_accepted)
             records.verify_lens.append(rnd.verify_len)

@@ -349,7 +349,7 @@ class StsCalibration:
 _RECORD_FIELDS = ("conf_logits", "num_accepted", "verify_lens")
 
 
-@dataclass
+@dataclass(eq=False)
 class CalibrationRecords:
     """Per-round calibration data.
 

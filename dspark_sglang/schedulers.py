@@ -20,10 +20,11 @@ The shared ordering. Candidates (r, k) are ranked by (survival desc, position as
 Survival is non-increasing along k (c ≤ 1, and float rounding of a·c with c ≤ 1 never exceeds a),
 and ties go to the earlier position, so (r, k+1) always ranks after (r, k): any top-of-the-order
 set is a union of per-request prefixes, and the number of candidates ranked before (r, k) is a
-function of c_{r,1..k} and the other requests only. Implementation: flatten position-major
-(index = k·R + r), so "index asc" is "(position, request) asc", and make the int64 key
+function of c_{r,1..k} and the other requests only. Implementation: give (r, k) the
+position-major index k·R + r, so "index asc" is "(position, request) asc", and the int64 key
 ``float32_bits(survival) << 32 | (N − 1 − index)``: unique, monotone in survival (non-negative
-floats order like their bit patterns), larger for the earlier index on ties.
+floats order like their bit patterns; non-candidates are -inf, whose keys are negative), larger
+for the earlier index on ties. The top-K set is then ``key >= (K-th largest key)``.
 
 Degenerate confidences: NaN counts as 0 (the draft and everything after it is never admitted by
 confidence), +inf as 1, values are clamped to [0, 1]. Candidates with survival below
@@ -80,7 +81,7 @@ def prefix_survival(
     confidences: torch.Tensor,  # [num_reqs, gamma] calibrated confidences c_{r,k}
 ) -> torch.Tensor:  # [num_reqs, gamma] float32 survival a_{r,k} = Π_{i≤k} c_{r,i}
     """Cumulative product of confidences, after NaN -> 0, +inf -> 1 and clamping to [0, 1]."""
-    c = confidences.to(torch.float32).clamp(0.0, 1.0).nan_to_num_(nan=0.0)
+    c = torch.fmax(confidences.to(torch.float32), _ZERO).clamp_(max=1.0)  # fmax: NaN -> 0
     return torch.cumprod(c, dim=1)
 
 
@@ -92,10 +93,9 @@ def _masked_survival(
 
     -inf makes the sums below -inf (so Θ never improves past them and the argmax never lands on
     them) and gives them negative rank keys (so a non-negative threshold never admits them).
-    ``fmax(c, 0)`` maps NaN and negatives to 0; ``threshold`` keeps x > below_eps, i.e. x >= eps.
+    ``threshold`` keeps x > below_eps, i.e. x >= eps in float32.
     """
-    c = torch.fmax(confidences.to(torch.float32), _ZERO).clamp_(max=1.0)
-    return torch.threshold_(torch.cumprod(c, dim=1), below_eps, _NEG_INF)
+    return torch.threshold_(prefix_survival(confidences), below_eps, _NEG_INF)
 
 
 def _check_inputs(slots: torch.Tensor, confidences: torch.Tensor) -> tuple[int, int]:
@@ -182,6 +182,12 @@ class _WorkspaceCache:
                 self._memo.clear()
             hit = self._memo[key] = _Workspace(self.table, num_reqs, num_pos, forced, device)
         return hit
+
+
+def _sorted_desc(values: torch.Tensor) -> torch.Tensor:
+    """[N] float32 (>= 0 or -inf) sorted descending, via the int32 bit patterns (same order for
+    such values, and a little cheaper than a float sort)."""
+    return torch.sort(values.view(torch.int32), descending=True).values.view(torch.float32)
 
 
 def admit_top(
@@ -302,7 +308,7 @@ class Algorithm1Scheduler(VerifyScheduler):
             return _zeros(num_reqs, device)
         survival = _masked_survival(confidences.detach()[:, :limit], self._below_eps)  # [R, L]
         ws = self._workspaces.get(num_reqs, limit, 0, device)
-        values = torch.sort(survival.view(-1), descending=True).values  # [N]
+        values = _sorted_desc(survival.view(-1))  # [N]
         count = self._num_admitted(ws, torch.cumsum(values, dim=0, dtype=torch.float64))
         return admit_top(survival, count, ws.offsets)
 
@@ -325,18 +331,19 @@ class RetrospectiveAlgorithm1(Algorithm1Scheduler):
 
 
 def lagged_budget(
-    lagged_survival: torch.Tensor,  # [num_reqs, L] float32; -inf = not a candidate
+    lagged_survival: torch.Tensor,  # [num_reqs, L] survivals in [0, 1]; -inf = not a candidate
     rates: torch.Tensor,  # [num_reqs*(L-m) + 1] float64: SPS(num_reqs*(1+m) + i)
     *,
     min_verify_len: int = 0,
 ) -> int:
     """Budget K: draft tokens beyond the ``min_verify_len`` = m forced per request maximising
     Θ_i = (R + Σ forced a + Σ_{j≤i} s_j) · SPS(R·(1+m) + i), where s are the non-forced lagged
-    survivals sorted descending. Global argmax over i = 0..N (no break; first maximum on ties);
-    -inf survivals are never counted."""
+    survivals sorted descending. Global argmax over i = 0..N (no break; first maximum on ties).
+    -inf marks a non-candidate (the scheduler writes it for survivals below ``survival_eps``)."""
     num_reqs = lagged_survival.shape[0]
+    lagged_survival = lagged_survival.to(torch.float32)
     free = lagged_survival[:, min_verify_len:].reshape(-1)
-    values = torch.sort(free, descending=True).values  # [N]
+    values = _sorted_desc(free.contiguous())  # [N]
     base = lagged_survival[:, :min_verify_len].clamp(min=0.0).sum(dtype=torch.float64) + num_reqs
     tau = torch.cumsum(values, dim=0, dtype=torch.float64).add_(base)  # [N]
     theta = torch.cat([(rates[:1] * base), tau.mul_(rates[1:])])  # [N+1]
@@ -346,7 +353,7 @@ def lagged_budget(
 def _lagged_budget_fast(ws: _Workspace, lagged_survival: torch.Tensor) -> int:
     """``lagged_budget`` with no forced prefix, on the workspace buffers (same result)."""
     # lagged_survival: [num_reqs, L] float32
-    values = torch.sort(lagged_survival.reshape(-1), descending=True).values  # [N]
+    values = _sorted_desc(lagged_survival.reshape(-1))  # [N]
     cumulative = torch.cumsum(values, dim=0, dtype=torch.float64)
     return int(torch.argmax(ws.theta_from(cumulative)))
 
@@ -476,7 +483,9 @@ class LaggedBudgetScheduler(VerifyScheduler):
         if num_reqs == 0:
             return _zeros(0, device)
         survival = _masked_survival(confidences.detach(), self._below_eps)  # [R, γ]
-        lagged = self._exchange(slots.to(device=device, dtype=torch.int64), survival)  # [R, γ]
+        if slots.dtype != torch.int64 or slots.device != device:
+            slots = slots.to(device=device, dtype=torch.int64)
+        lagged = self._exchange(slots, survival)  # [R, γ]
 
         limit = gamma if self.max_verify_len is None else min(gamma, self.max_verify_len)
         forced = min(self.min_verify_len, limit)

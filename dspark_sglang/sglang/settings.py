@@ -11,7 +11,7 @@ SGLang's own flags that we honour: `--speculative-dspark-sps-table-path` (cost t
 
 | env var                | JSON key        | meaning                                                        |
 |------------------------|-----------------|----------------------------------------------------------------|
-| DSPARK_SCHEDULER       | scheduler       | lagged (default) · algorithm1 · fixed · verify-all · none      |
+| DSPARK_SCHEDULER       | scheduler       | lagged (default) · algorithm1 · fixed · verify_all · none      |
 | DSPARK_FIXED_LEN       | fixed_len       | drafts verified per round for `fixed`                          |
 | DSPARK_COST_TABLE      | cost_table      | steps/s table (SGLang SPS JSON, plain or additive)             |
 | DSPARK_STS             | sts             | STS temperatures (SGLang STS JSON)                             |
@@ -31,7 +31,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-SCHEDULER_KINDS = ("lagged", "algorithm1", "fixed", "verify-all", "none")
+SCHEDULER_KINDS = ("lagged", "algorithm1", "fixed", "verify_all", "none")  # as make_scheduler names them
 OPT_OUT_ENV = "DSPARK_USE_BUILTIN"
 CONFIG_ENV = "DSPARK_CONFIG"
 
@@ -95,7 +95,8 @@ def _coerce(source: str, name: str, value: Any) -> Any:
         raise PluginSettingsError(f"{source}: {name}: expected an integer, got {value!r}")
     if not isinstance(value, str):
         raise PluginSettingsError(f"{source}: {name}: expected a string, got {type(value).__name__}")
-    return value.strip().lower() if name == "scheduler" else value
+    # "verify-all" and "verify_all" both name the same scheduler.
+    return value.strip().lower().replace("-", "_") if name == "scheduler" else value
 
 
 def _read_json(path: str) -> dict[str, Any]:

@@ -185,6 +185,31 @@ def test_fit_sts_shapes_and_errors():
     assert all(math.isfinite(x) for x in cal.ece_after)
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 12), st.integers(1, 4), st.data())
+def test_fit_sts_and_metrics_any_shape(n, gamma, data):
+    element = st.one_of(st.floats(-20, 20), st.just(NAN))
+    z = t([[data.draw(element) for _ in range(gamma)] for _ in range(n)])
+    acc = torch.tensor([data.draw(st.integers(0, gamma)) for _ in range(n)])
+    cal = fit_sts(z, acc)
+    grid = default_temperature_grid().tolist()
+    assert len(cal.temperatures) == gamma and all(x in grid for x in cal.temperatures)
+    assert cal.ece_after[0] <= cal.ece_before[0] + 1e-12  # T = 1 is on the grid
+    survival = torch.cumprod(cal.apply(z), dim=1)
+    metrics = survival_metrics(survival, acc, torch.full((n,), gamma))
+    assert all(len(v) == gamma for v in metrics.values())
+    assert all(0.0 <= e <= 1.0 for e in metrics["ece"])
+    assert apply_sts(torch.zeros(0, gamma), cal.temperatures).shape == (0, gamma)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(0.01, 100), min_size=1, max_size=8), st.text(max_size=10),
+       st.integers(0, 10**6))
+def test_sts_json_round_trip_property(temps, dataset, num):
+    cal = StsCalibration(temps, dataset=dataset, num_samples=num)
+    assert StsCalibration.from_json(cal.to_json()) == cal
+
+
 # ---------------------------------------------------------------------------------------------
 # STS JSON
 

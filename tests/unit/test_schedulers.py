@@ -9,6 +9,7 @@ which is what exercises the tie-breaking).
 """
 
 import copy
+import itertools
 import math
 
 import pytest
@@ -117,18 +118,31 @@ DYADIC = st.sampled_from([0.0, 0.25, 0.5, 0.75, 1.0])
 
 
 @st.composite
-def batches(draw, max_reqs=5, max_gamma=5, nan=False):
+def batches(draw, max_reqs=5, max_gamma=5, nan=False, floats=False):
     num_reqs = draw(st.integers(0, max_reqs))
     gamma = draw(st.integers(1, max_gamma))
-    element = st.one_of(DYADIC, st.just(NAN)) if nan else DYADIC
+    element = st.one_of(DYADIC, st.floats(0, 1, width=32)) if floats else DYADIC
+    element = st.one_of(element, st.just(NAN)) if nan else element
     conf = [[draw(element) for _ in range(gamma)] for _ in range(num_reqs)]
     return num_reqs, gamma, conf
 
 
 @st.composite
-def step_tables(draw, max_tokens=40):
+def jagged_tables(draw, max_tokens=40):
     rates = draw(st.lists(st.integers(1, 32), min_size=max_tokens, max_size=max_tokens))
     return table([r / 16 for r in rates], first=0)
+
+
+@st.composite
+def cliff_tables(draw, max_tokens=40):
+    """Flat, then a cliff: the admitted count lands exactly at knee − R, anywhere in the order
+    (inside tie groups too), which is what exposes a wrong tie-break."""
+    knee = draw(st.integers(0, max_tokens - 1))
+    return table([1.0] * (knee + 1) + [1 / 16] * (max_tokens - knee - 1), first=0)
+
+
+def step_tables():
+    return st.one_of(jagged_tables(), cliff_tables())
 
 
 def to_tensor(conf, gamma):
@@ -169,6 +183,11 @@ def test_ties_go_to_earlier_position_then_lower_request():
     lagged = LaggedBudgetScheduler(tbl, lag=1)
     assert run(lagged, ones) == [2, 1, 1]  # no history: lagged survivals are 1.0 as well
     assert lagged.last_budget == 4
+    # R = 2, gamma = 2, K = 2 (B = 4): position 1 of both requests, not both drafts of request 0
+    # (position-descending ties would give [2, 0], and make x_1's admission read c_2).
+    tbl = table([1.0] * 4 + [0.5] * 2)
+    assert run(Algorithm1Scheduler(tbl), [[1.0, 1.0]] * 2) == [1, 1]
+    assert run(LaggedBudgetScheduler(tbl), [[1.0, 1.0]] * 2) == [1, 1]
 
 
 def test_nan_counts_as_zero_and_out_of_range_is_clamped():
@@ -267,7 +286,7 @@ def perturb_tail(conf, r, j, data):
 
 
 @settings(max_examples=200, deadline=None)
-@given(batches(max_reqs=4), st.data(), step_tables())
+@given(batches(max_reqs=4, floats=True), st.data(), step_tables())
 def test_algorithm1_admission_is_value_independent(batch, data, tbl):
     num_reqs, gamma, conf = batch
     assume(num_reqs > 0)
@@ -281,7 +300,8 @@ def test_algorithm1_admission_is_value_independent(batch, data, tbl):
 
 
 @settings(max_examples=200, deadline=None)
-@given(batches(max_reqs=4), st.data(), step_tables(), st.integers(1, 2), st.integers(0, 2))
+@given(batches(max_reqs=4, floats=True), st.data(), step_tables(), st.integers(1, 2),
+       st.integers(0, 2))
 def test_lagged_admission_is_value_independent(batch, data, tbl, lag, forced):
     num_reqs, gamma, conf = batch
     assume(num_reqs > 0)
@@ -296,6 +316,45 @@ def test_lagged_admission_is_value_independent(batch, data, tbl, lag, forced):
     a = sched.schedule(slots_for(num_reqs), to_tensor(conf, gamma))[r]
     b = twin.schedule(slots_for(num_reqs), to_tensor(other, gamma))[r]
     assert (a > j) == (b > j)
+
+
+GRID = (0.0, 0.5, 1.0)
+
+
+SMALL_GRID_TABLES = [table([1.0] * (knee + 1) + [1 / 16] * 6, first=0) for knee in range(2, 7)] + [
+    # A dip then a plateau (Appendix A's shape for R = 2): Θ_1 < Θ_0, yet Θ_4 can beat Θ_0.
+    table([1.0, 1.0, 1.0, 0.6, 0.6, 0.6, 0.6], first=0),
+]
+
+
+def value_dependences(make):
+    """Exhaustive search over R = 2, gamma = 2, c in {0, 1/2, 1}, and tables placing the admitted
+    count at every K in 0..4 (cliffs) or rewarding a look past a dip: cases where draft 1's
+    admission changes with the same row's column 1 (c_2 reads x_1). ``make(tbl)`` returns a fresh
+    scheduler (the lagged one then reads survival 1.0 for its budget: identical for both inputs)."""
+    found = []
+    for tbl in SMALL_GRID_TABLES:
+        for flat in itertools.product(GRID, repeat=4):
+            conf = [list(flat[:2]), list(flat[2:])]
+            base = make(tbl).schedule(slots_for(2), to_tensor(conf, 2)).tolist()
+            for r in range(2):
+                for tail in GRID:  # column 1 of row r (read x_{r,1}); column 0 stays
+                    other = [list(row) for row in conf]
+                    other[r][1] = tail
+                    again = make(tbl).schedule(slots_for(2), to_tensor(other, 2)).tolist()
+                    if (base[r] > 0) != (again[r] > 0):
+                        found.append((tbl.sample_steps_per_sec, conf, other, r))
+    return found
+
+
+@pytest.mark.parametrize("make", [Algorithm1Scheduler, LaggedBudgetScheduler,
+                                  lambda tbl: LaggedBudgetScheduler(tbl, lag=1, min_verify_len=1)])
+def test_value_independence_exhaustive_small_grid(make):
+    assert value_dependences(make) == []
+
+
+def test_value_independence_exhaustive_finds_the_retrospective_bias():
+    assert value_dependences(RetrospectiveAlgorithm1)
 
 
 def test_retrospective_violates_value_independence():

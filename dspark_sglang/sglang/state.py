@@ -1,0 +1,132 @@
+"""Per-request bookkeeping and worker metrics for `DSparkPluginWorker`.
+
+Slots. The drafter's context cache and the lagged scheduler's history are keyed by SGLang's
+`req_pool_idx` (a small integer reused once a request leaves). `SlotRegistry` remembers which rid
+owns each slot, so a reused index (a new request, or a retracted request re-prefilled elsewhere)
+starts from an empty drafter context, and so `note_request_finished(rid)` can find the slot to free.
+Requests that finish at prefill (max_new_tokens=1) or are aborted before any decode round never
+reach `note_request_finished`; their slot is cleared when the index is next reused.
+
+`RoundRelay` is what the scheduler carries between rounds in `batch.spec_info`. The worker needs
+nothing from it (in sync mode the anchor is `req.output_ids[-1]` and its position `seq_lens`), but
+the scheduler filters and merges it with the batch, so it implements those as no-ops.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from sglang.srt.speculative.spec_info import SpecInput, SpecInputType
+
+logger = logging.getLogger("dspark_sglang")
+
+
+class RoundRelay(SpecInput):
+    """Between-round marker: no forward ever runs on it (hence the PP relay type: neither a
+    draft nor a verify input, so no attention backend or graph runner branches on it)."""
+
+    def __init__(self) -> None:
+        super().__init__(SpecInputType.PP_SPEC_RELAY)
+
+    def filter_batch(self, new_indices=None, new_indices_cpu=None, **_) -> None:
+        pass
+
+    def merge_batch(self, other) -> None:
+        pass
+
+
+class SlotRegistry:
+    """slot (req_pool_idx) <-> rid; calls `on_release(slot)` whenever a slot's owner changes."""
+
+    def __init__(self, on_release) -> None:
+        self._rid_of: dict[int, str] = {}
+        self._slot_of: dict[str, int] = {}
+        self._on_release = on_release
+
+    def claim(self, slot: int, rid: str) -> bool:
+        """Make `rid` the owner of `slot`. Returns True if the slot changed hands (fresh context)."""
+        if self._rid_of.get(slot) == rid:
+            return False
+        self.release_slot(slot)
+        old = self._slot_of.get(rid)
+        if old is not None:  # the same request moved (retraction, then a new pool index)
+            self.release_slot(old)
+        self._rid_of[slot], self._slot_of[rid] = rid, slot
+        return True
+
+    def owner(self, slot: int) -> str | None:
+        return self._rid_of.get(slot)
+
+    def release_rid(self, rid: str) -> None:
+        slot = self._slot_of.get(rid)
+        if slot is not None:
+            self.release_slot(slot)
+
+    def release_slot(self, slot: int) -> None:
+        rid = self._rid_of.pop(slot, None)
+        if rid is not None:
+            self._slot_of.pop(rid, None)
+        self._on_release(slot)
+
+    def clear(self) -> None:
+        for slot in list(self._rid_of):
+            self.release_slot(slot)
+
+    def __len__(self) -> int:
+        return len(self._rid_of)
+
+
+class WorkerStats:
+    """Counters over decode rounds, with a summary line logged every `log_every` rounds."""
+
+    def __init__(self, gamma: int, log_every: int = 200) -> None:
+        self.gamma, self.log_every = gamma, log_every
+        self.rounds = 0
+        self.requests = 0  # request-rounds
+        self.committed = 0  # tokens committed (accepted drafts + 1 per request-round)
+        self.verify_tokens = 0  # drafts verified (anchor rows excluded)
+        self.verify_hist = torch.zeros(gamma + 1, dtype=torch.int64)  # [gamma+1] request-rounds by verify_len
+        self.verified_at = torch.zeros(gamma, dtype=torch.int64)  # [gamma] times position k was verified
+        self.accepted_at = torch.zeros(gamma, dtype=torch.int64)  # [gamma] times position k was accepted
+        self.seconds = 0.0
+        self.prefill_fallbacks = 0  # requests whose drafter context could not be rebuilt exactly
+        self._last_log = time.monotonic()
+
+    def record(self, verify_lens: torch.Tensor, num_accepted: torch.Tensor, seconds: float) -> None:
+        """verify_lens, num_accepted: [R] int64 on CPU."""
+        self.rounds += 1
+        self.requests += verify_lens.numel()
+        self.committed += int(num_accepted.sum()) + verify_lens.numel()
+        self.verify_tokens += int(verify_lens.sum())
+        self.verify_hist += torch.bincount(verify_lens, minlength=self.gamma + 1)[: self.gamma + 1]
+        positions = torch.arange(self.gamma)[None, :]  # [1, gamma]
+        self.verified_at += (positions < verify_lens[:, None]).sum(0)
+        self.accepted_at += (positions < num_accepted[:, None]).sum(0)
+        self.seconds += seconds
+        if self.log_every and self.rounds % self.log_every == 0:
+            logger.info("%s", self.summary())
+
+    def as_dict(self) -> dict:
+        n = max(self.requests, 1)
+        return {
+            "rounds": self.rounds,
+            "request_rounds": self.requests,
+            "accept_length": self.committed / n,  # tokens per request-round, bonus included
+            "verify_length": self.verify_tokens / n,  # drafts verified per request-round
+            "verify_hist": self.verify_hist.tolist(),
+            "accept_rate_at": (self.accepted_at / self.verified_at.clamp_min(1)).tolist(),
+            "ms_per_round": 1000.0 * self.seconds / max(self.rounds, 1),
+            "prefill_fallbacks": self.prefill_fallbacks,
+        }
+
+    def summary(self) -> str:
+        d = self.as_dict()
+        rates = " ".join(f"{r:.2f}" for r in d["accept_rate_at"])
+        return (
+            f"dspark: {d['rounds']} rounds, accept len {d['accept_length']:.2f}, "
+            f"verify len {d['verify_length']:.2f}, hist {d['verify_hist']}, "
+            f"accept@k [{rates}], {d['ms_per_round']:.1f} ms/round"
+        )

@@ -1,0 +1,135 @@
+"""Verifying draft chains as one ordinary EXTEND forward of the target, and reading its outputs.
+
+A tree-free chain verification is a causal extend: request r appends its window
+[anchor, x_1 .. x_len_r] (W_r = 1 + len_r tokens, ragged across requests) after its committed
+prefix of seq_len_r tokens, at positions seq_len_r .. seq_len_r + W_r - 1. SGLang's TARGET_VERIFY
+mode is built for trees (custom masks, fixed widths) and on CPU only the Triton interpreter serves
+it; an EXTEND batch is served by every backend, `torch_native` included (reference §14).
+
+KV slots: SGLang's scheduler already reserved `req_to_token[req_pool_idx, seq_len : seq_len + 2*N]`
+(N = speculative_num_draft_tokens) in `eagle_prepare_for_decode` before calling the worker. The
+verify writes the first W_r of them; the scheduler commits `accept_len` of them afterwards, and
+slots of rejected drafts are overwritten next round. The worker allocates nothing.
+
+Outputs: with `CaptureHiddenMode.FULL` and the drafter's layers captured, the logits processor
+returns the packed aux features of every position in `hidden_states` and, once
+`keep_last_hidden_states` is set, the final (normed) hidden states of every position in
+`last_hidden_states`; logits at every position are `last_hidden_states @ lm_head.T`, exactly what
+the model computes for the last position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+
+@dataclass
+class VerifyLayout:
+    """Where each request's window sits in the flat verify batch."""
+
+    widths: torch.Tensor  # [R] int64 on CPU, W_r = 1 + verify_len_r
+    starts: torch.Tensor  # [R] int64 on CPU, first flat row of request r
+    seq_lens: torch.Tensor  # [R] int64 on CPU, committed length (= anchor position)
+    tokens: torch.Tensor  # [T] int64 flat window tokens, T = sum(W_r)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.numel())
+
+
+def layout_windows(
+    anchors: torch.Tensor,  # [R] int64
+    drafts: torch.Tensor,  # [R, gamma] int64
+    verify_lens: torch.Tensor,  # [R] int64 on CPU, 0..gamma
+    seq_lens: torch.Tensor,  # [R] int64 on CPU
+) -> VerifyLayout:
+    widths = verify_lens + 1
+    starts = torch.cumsum(widths, 0) - widths
+    full = torch.cat([anchors[:, None], drafts], dim=1)  # [R, gamma+1]
+    keep = torch.arange(full.shape[1])[None, :] < widths[:, None]  # [R, gamma+1]
+    return VerifyLayout(widths, starts, seq_lens, full[keep.to(full.device)])
+
+
+def turn_into_verify_extend(batch, layout: VerifyLayout) -> None:
+    """Rewrite the scheduler's DECODE batch in place into the EXTEND batch of the windows.
+
+    The scheduler runs the worker inside `_forward_isolation`, which restores every field of the
+    batch afterwards, so in-place field rebinding is safe; tensors are never mutated in place.
+    """
+    device = batch.seq_lens.device
+    req_to_token = batch.req_to_token_pool.req_to_token  # [max_reqs, row_width]
+    widths_list = layout.widths.tolist()
+    prefix_list = layout.seq_lens.tolist()
+    max_w = max(widths_list)
+    cols = layout.seq_lens[:, None] + torch.arange(max_w)[None, :]  # [R, max_w]
+    keep = torch.arange(max_w)[None, :] < layout.widths[:, None]  # [R, max_w]
+    rows = batch.req_pool_indices.to("cpu")[:, None].expand_as(cols)
+    out_cache_loc = req_to_token[rows[keep].to(device), cols[keep].to(device)]  # [T]
+    new_lens = layout.seq_lens + layout.widths  # [R] total length after the extend
+
+    batch.forward_mode = ForwardMode.EXTEND
+    batch.input_ids = layout.tokens.to(device)
+    batch.out_cache_loc = out_cache_loc.to(torch.int64)
+    batch.prefix_lens = prefix_list
+    batch.extend_lens = widths_list
+    batch.extend_num_tokens = layout.num_tokens
+    batch.extend_logprob_start_lens = widths_list  # no input logprobs
+    batch.extend_input_logprob_token_ids = None
+    batch.seq_lens = new_lens.to(device=device, dtype=batch.seq_lens.dtype)
+    batch.seq_lens_cpu = new_lens.to(torch.int64)
+    batch.seq_lens_sum = int(new_lens.sum())
+    batch.orig_seq_lens = new_lens.to(device=device, dtype=torch.int32)
+    batch.req_pool_indices_cpu = batch.req_pool_indices.to("cpu")
+    batch.return_logprob = False
+    batch.return_hidden_states = False
+    batch.spec_info = None
+
+
+def capture_target_layers(model, layer_ids: tuple[int, ...]) -> None:
+    """Make the target return the outputs of decoder layers `layer_ids` (ours and DeepSpec's
+    convention: id l = output of layer l, -1 = the embeddings).
+
+    SGLang's `set_dflash_layers_to_capture(ids)` captures the input of layer id+1, i.e. the output
+    of layer id: the same convention, no shift. (`set_eagle3_layers_to_capture` also adds 1.)
+    The last layer's output is not capturable (it would be the input of layer L); drafters never
+    use it (DeepSpec asserts it away).
+    """
+    num_layers = model.config.num_hidden_layers
+    if any(not -1 <= l < num_layers - 1 for l in layer_ids):
+        raise ValueError(f"target_layer_ids {list(layer_ids)} must lie in [-1, {num_layers - 2}] for this target")
+    if hasattr(model, "set_dflash_layers_to_capture"):
+        model.set_dflash_layers_to_capture(list(layer_ids))
+    elif hasattr(model, "set_eagle3_layers_to_capture"):
+        model.set_eagle3_layers_to_capture(list(layer_ids))
+    else:
+        raise ValueError(f"{type(model).__name__} cannot capture intermediate layers for the drafter")
+    # Keep the final hidden states of every position next to the aux features (FULL capture).
+    model.logits_processor.keep_last_hidden_states = True
+
+
+def lm_head_weight(model) -> torch.Tensor:
+    """[V_padded, H] output embedding of the target (tied or not)."""
+    head = getattr(model, "lm_head", None)
+    if head is None or not hasattr(head, "weight"):
+        head = model.model.embed_tokens
+    return head.weight
+
+
+def all_position_logits(
+    model,
+    hidden: torch.Tensor,  # [T, H] final normed hidden states
+    vocab_size: int,
+) -> torch.Tensor:
+    """[T, vocab_size] float32 logits, as the model's LogitsProcessor computes them (tp 1)."""
+    logits = torch.matmul(hidden, lm_head_weight(model).T)[:, :vocab_size]
+    proc = model.logits_processor
+    if getattr(proc, "logit_scale", None) is not None:
+        logits = logits * proc.logit_scale
+    cap = getattr(proc, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits.float()

@@ -1,0 +1,323 @@
+"""`DSparkPluginWorker`: the speculative worker SGLang's scheduler drives for DSPARK / DSPARK_PLUGIN.
+
+Synchronous ("spec V2" without overlap): each call handles one scheduler batch.
+
+Prefill (EXTEND batch): the target runs as usual (SGLang samples the first token) while capturing
+the drafter's target layers; the features of every newly computed position go into the drafter's
+context cache.
+
+Decode round (DECODE batch, KV slots already reserved by the scheduler):
+1. the drafter proposes a full block of gamma drafts per request (q and confidences with it);
+2. confidences -> verify length per request (the configured lossless scheduler);
+3. one target EXTEND forward over every request's [anchor, x_1..x_len] (verify.py);
+4. chain acceptance (lossless speculative sampling, seeded uniforms);
+5. commit: accepted drafts + one target token per request; the drafter gets the target features
+   of [anchor, accepted drafts] (the new anchor has none yet).
+
+The scheduler consumes `next_token_ids` ([bs * stride], first accept_len of each row valid),
+`accept_lens`, `new_seq_lens`, and handles EOS / stop / max_new_tokens inside an accepted run.
+
+Not supported yet (documented, not silently wrong for the common path): logprobs, penalties,
+logit_bias, grammar and custom logit processors in decode rounds (their requests are served, but
+the target distribution used for acceptance ignores them); return_hidden_states; radix-cache
+prefix hits feed zero features for the cached prefix (lossless, lower acceptance).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from sglang.srt.managers.utils import GenerationBatchResult
+from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode
+from sglang.srt.runtime_context import get_parallel, get_spec
+from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
+
+from dspark_sglang.acceptance import chain_accept
+from dspark_sglang.confidence import ProposalProbEstimator, StsCalibration, top1_feature
+from dspark_sglang.cost_table import from_probes, load_cost_table
+from dspark_sglang.drafters.interface import TargetSpec
+from dspark_sglang.drafters.loader import load_drafter
+from dspark_sglang.sampling import SamplingBatch, process_logits
+from dspark_sglang.schedulers import make_scheduler
+from dspark_sglang.sglang.spec_class import resolve_plugin_config
+from dspark_sglang.sglang.state import RoundRelay, SlotRegistry, WorkerStats
+from dspark_sglang.sglang.verify import (
+    all_position_logits,
+    capture_target_layers,
+    layout_windows,
+    lm_head_weight,
+    turn_into_verify_extend,
+)
+
+logger = logging.getLogger("dspark_sglang")
+
+
+def sampling_batch(sampling_info) -> SamplingBatch:
+    """SGLang's per-request sampling parameters ([bs] each; greedy already rewritten to top_k 1)."""
+    return SamplingBatch(
+        temperatures=sampling_info.temperatures.reshape(-1).float(),
+        top_ks=sampling_info.top_ks.reshape(-1).long(),
+        top_ps=sampling_info.top_ps.reshape(-1).float(),
+        min_ps=sampling_info.min_ps.reshape(-1).float(),
+    )
+
+
+def _build_scheduler(settings, gamma: int, max_verify_len: int):
+    kind = settings.scheduler.replace("-", "_")
+    if kind == "fixed":
+        return make_scheduler("fixed", verify_len=min(settings.fixed_len, max_verify_len))
+    if kind in ("verify_all", "none"):
+        return make_scheduler(kind)
+    if settings.cost_table:
+        table = load_cost_table(settings.cost_table)
+    else:
+        # No profiled curve: a flat one, under which the throughput argmax verifies every draft
+        # that has any survival (SGLang's built-in does the same without a table).
+        logger.warning("dspark: no cost table (DSPARK_COST_TABLE); the %s scheduler verifies all drafts", kind)
+        table = from_probes([(1, 1.0)])
+    opts = {"max_verify_len": max_verify_len}
+    if kind == "lagged":
+        opts["lag"] = settings.lag
+    return make_scheduler(kind, table, **opts)
+
+
+class DSparkPluginWorker(BaseSpecWorker):
+    def __init__(self, server_args, gpu_id: int, nccl_port: int, target_worker):
+        super().__init__()
+        self.server_args = server_args
+        self._target_worker = target_worker
+        self._draft_worker = None  # the drafter is a plain module, not an SGLang worker
+        self.model_runner = target_worker.model_runner
+        self.device = self.model_runner.device
+        self.config = resolve_plugin_config(server_args)
+        settings = self.config.settings
+
+        spec = get_spec()
+        self.speculative_num_steps, self.topk = 1, 1
+        # The row stride of next_token_ids, and what the KV reserve was sized from.
+        self.speculative_num_draft_tokens = int(spec.speculative_num_draft_tokens)
+        self.max_verify_len = self.config.max_verify_len
+        if self.speculative_num_draft_tokens < self.max_verify_len + 1:
+            raise ValueError(
+                f"speculative_num_draft_tokens={self.speculative_num_draft_tokens} is below the verify "
+                f"window {self.max_verify_len + 1}; the plugin's handle_server_args should have set it"
+            )
+
+        model = self.model_runner.model
+        hf_config = self.model_runner.model_config.hf_config
+        self.vocab_size = int(self.model_runner.model_config.vocab_size)
+        embed = model.model.embed_tokens.weight
+        target = TargetSpec(
+            hidden_size=int(hf_config.hidden_size),
+            vocab_size=self.vocab_size,
+            num_hidden_layers=int(hf_config.num_hidden_layers),
+            embed_tokens=embed[: self.vocab_size],
+            lm_head=lm_head_weight(model)[: self.vocab_size],
+        )
+        t0 = time.perf_counter()
+        self.drafter = load_drafter(self.config.drafter_path, target, dtype=self.model_runner.dtype, device=self.device)
+        self._weight_load_time = time.perf_counter() - t0
+        self.gamma = self.drafter.info.gamma
+        capture_target_layers(model, self.drafter.info.target_layer_ids)
+
+        self.scheduler = _build_scheduler(settings, self.gamma, self.max_verify_len)
+        self.sts = StsCalibration.load(settings.sts) if settings.sts else None
+        if self.sts is not None and self.sts.gamma != self.gamma:
+            raise ValueError(f"{settings.sts}: {self.sts.gamma} STS temperatures for a drafter of gamma {self.gamma}")
+        self.estimator = ProposalProbEstimator.identity(self.gamma)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(settings.seed)
+        self.slots = SlotRegistry(self._release_slot)
+        self.stats = WorkerStats(self.gamma)
+        self._warned_prefix = False
+        logger.info(
+            "dspark worker: drafter %s (%s/%s, gamma %d, layers %s) loaded in %.1f s; scheduler %s, "
+            "max verify %d, STS %s",
+            self.config.drafter_path, self.drafter.info.family, self.drafter.info.format, self.gamma,
+            list(self.drafter.info.target_layer_ids), self._weight_load_time, settings.scheduler,
+            self.max_verify_len, settings.sts or "none",
+        )
+
+    # ---- what the scheduler reads besides forward_batch_generation ----------------------------
+
+    @property
+    def weight_load_time(self) -> float:
+        return self._weight_load_time
+
+    def clear_cache_pool(self) -> None:
+        self.slots.clear()
+
+    def note_request_finished(self, *, rid: str, natural_stop: bool) -> None:
+        self.slots.release_rid(rid)
+
+    def __getattr__(self, name: str):
+        # Anything else the scheduler asks a worker for (e.g. get_memory_pool) is the target's.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._target_worker, name)
+
+    def _release_slot(self, slot: int) -> None:
+        self.drafter.release(slot)
+        self.scheduler.release(torch.tensor([slot], dtype=torch.int64))
+
+    # ---- forward -------------------------------------------------------------------------------
+
+    def forward_batch_generation(self, batch, on_publish=None, grammar_barrier=None, pp_proxy_tensors=None):
+        if batch.forward_mode.is_extend():
+            result = self._prefill(batch)
+        elif batch.forward_mode.is_decode():
+            result = self._decode_round(batch)
+        else:
+            raise NotImplementedError(f"dspark worker: forward mode {batch.forward_mode!r}")
+        if on_publish is not None:
+            on_publish(result.new_seq_lens)
+        return result
+
+    @torch.no_grad()
+    def _prefill(self, batch) -> GenerationBatchResult:
+        result = self.target_worker.forward_batch_generation(batch, capture_hidden_mode=CaptureHiddenMode.FULL)
+        out = result.logits_output
+        self._append_prefill_context(batch, out.hidden_states)  # [T, k*H] packed target features
+        out.hidden_states = out.last_hidden_states = None
+        bs = len(batch.reqs)
+        result.accept_lens = torch.ones(bs, dtype=torch.int32, device=self.device)
+        result.new_seq_lens = batch.seq_lens  # unchanged: the scheduler skips the copy
+        result.next_draft_input = RoundRelay()
+        result.speculative_num_draft_tokens = self.speculative_num_draft_tokens
+        return result
+
+    def _append_prefill_context(self, batch, features: torch.Tensor) -> None:
+        """Give the drafter the target features of every position this extend computed.
+
+        Chunked prefill continues a request's context chunk by chunk. A prefix the drafter has not
+        seen (a radix-cache hit) gets zero features: drafts get worse, outputs stay exact.
+        """
+        slots, feats, positions, tokens = [], [], [], []
+        input_ids = batch.input_ids.to(torch.int64)
+        offset = 0
+        for i, req in enumerate(batch.reqs):
+            n, prefix, slot = int(batch.extend_lens[i]), int(batch.prefix_lens[i]), int(req.req_pool_idx)
+            rows, toks = features[offset : offset + n], input_ids[offset : offset + n]
+            offset += n
+            self.slots.claim(slot, req.rid)
+            have = self.drafter.context_length(slot)
+            if have > prefix:
+                self.drafter.truncate_context(slot, prefix)
+                have = prefix
+            if have < prefix:
+                self.stats.prefill_fallbacks += 1
+                if not self._warned_prefix:
+                    logger.warning("dspark: cached prefix without drafter features (radix hit?); using zeros")
+                    self._warned_prefix = True
+                missing = torch.tensor(list(req.full_untruncated_fill_ids[have:prefix]), dtype=torch.int64)
+                rows = torch.cat([rows.new_zeros(prefix - have, rows.shape[1]), rows])
+                toks = torch.cat([missing.to(toks.device), toks])
+            slots.append(slot)
+            feats.append(rows)
+            positions.append(torch.arange(have, prefix + n, dtype=torch.int64))
+            tokens.append(toks)
+        self.drafter.append_context(slots, feats, positions, tokens)
+
+    def _confidences(self, block) -> torch.Tensor:
+        """[R, gamma] calibrated P(x_k accepted | x_<k accepted); reads x_<k only."""
+        if block.confidence_logits is not None:
+            raw = block.confidence_logits.float()
+            return self.sts.apply(raw) if self.sts is not None else torch.sigmoid(raw)
+        return self.estimator.confidences(top1_feature(block.probs))
+
+    def _remaining_budget(self, reqs) -> torch.Tensor:
+        """[R] drafts that could still be emitted after this round's target token: verifying more
+        is wasted work. Depends on lengths only (never on draft values): lossless."""
+        left = [req.sampling_params.max_new_tokens - len(req.output_ids) - 1 for req in reqs]
+        return torch.tensor(left, dtype=torch.int64).clamp_min(0)
+
+    @torch.no_grad()
+    def _decode_round(self, batch) -> GenerationBatchResult:
+        start = time.perf_counter()
+        reqs = batch.reqs
+        num_reqs = len(reqs)
+        slots_cpu = batch.req_pool_indices.to("cpu", torch.int64)  # [R]
+        slots = slots_cpu.tolist()
+        seq_lens_dev = batch.seq_lens
+        seq_lens = (batch.seq_lens_cpu if batch.seq_lens_cpu is not None else seq_lens_dev.cpu()).to(torch.int64)
+        anchors = torch.tensor([req.output_ids[-1] for req in reqs], dtype=torch.int64)  # [R]
+        sampling = sampling_batch(batch.sampling_info)
+        greedy = sampling.is_greedy()  # [R]
+
+        # 1-2. draft a full block, then choose how many drafts to verify.
+        block = self.drafter.propose(slots, anchors.to(self.device), seq_lens.to(self.device), sampling, self.generator)
+        confidences = self._confidences(block)  # [R, gamma]
+        verify_lens = self.scheduler.schedule(slots_cpu.to(confidences.device), confidences).to("cpu", torch.int64)
+        verify_lens = torch.minimum(verify_lens.clamp(0, self.max_verify_len), self._remaining_budget(reqs))
+        drafts = block.tokens
+        verify_lens, drafts = self._tp_agree(verify_lens, drafts)
+        verify_lens = verify_lens.to("cpu")
+
+        # 3. one EXTEND forward over the ragged windows [anchor, x_1..x_len].
+        layout = layout_windows(anchors, drafts.cpu(), verify_lens, seq_lens)
+        turn_into_verify_extend(batch, layout)
+        target_out = self.target_worker.forward_batch_generation(
+            batch, is_verify=True, capture_hidden_mode=CaptureHiddenMode.FULL
+        )
+        out = target_out.logits_output
+        logits = all_position_logits(self.model_runner.model, out.last_hidden_states, self.vocab_size)  # [T, V]
+
+        # 4. lossless chain acceptance; rows past each request's window stay zero (never read).
+        widths = layout.widths.to(self.device)
+        row_params = [t.repeat_interleave(widths) for t in
+                      (sampling.temperatures, sampling.top_ks, sampling.top_ps, sampling.min_ps)]
+        probs = process_logits(logits, *row_params)  # [T, V]
+        target_probs = probs.new_zeros(num_reqs, self.gamma + 1, self.vocab_size)
+        keep = torch.arange(self.gamma + 1, device=self.device)[None, :] < widths[:, None]  # [R, gamma+1]
+        target_probs[keep] = probs
+        accept = chain_accept(
+            target_probs, drafts, block.probs, verify_lens.to(self.device), greedy,
+            torch.rand(num_reqs, self.gamma, generator=self.generator, device=self.device),
+            torch.rand(num_reqs, generator=self.generator, device=self.device),
+        )
+        num_accepted, output_tokens = self._tp_agree(accept.num_accepted, accept.output_tokens)
+        num_accepted_cpu = num_accepted.to("cpu", torch.int64)
+
+        # 5. commit: drafter context grows by the target features of [anchor, accepted drafts].
+        features = out.hidden_states  # [T, k*H]
+        commit = num_accepted_cpu + 1
+        self.drafter.append_context(
+            slots,
+            [features[s : s + c] for s, c in zip(layout.starts.tolist(), commit.tolist())],
+            [torch.arange(p, p + c) for p, c in zip(seq_lens.tolist(), commit.tolist())],
+            [layout.tokens[s : s + c] for s, c in zip(layout.starts.tolist(), commit.tolist())],
+        )
+        out.hidden_states = out.last_hidden_states = None
+
+        stride = self.speculative_num_draft_tokens
+        next_tokens = output_tokens.new_zeros(num_reqs, stride)
+        width = min(stride, output_tokens.shape[1])
+        next_tokens[:, :width] = output_tokens[:, :width].clamp_min(0)
+        accept_lens = (num_accepted + 1).to(torch.int32)
+        self.stats.record(verify_lens, num_accepted_cpu, time.perf_counter() - start)
+        return GenerationBatchResult(
+            logits_output=out,
+            next_token_ids=next_tokens.reshape(-1),
+            accept_lens=accept_lens,
+            cap_lens=(verify_lens + 1).to(torch.int32),  # verify window incl. the anchor row
+            new_seq_lens=seq_lens_dev + accept_lens.to(device=seq_lens_dev.device, dtype=seq_lens_dev.dtype),
+            next_draft_input=RoundRelay(),
+            speculative_num_draft_tokens=stride,
+            can_run_cuda_graph=False,
+        )
+
+    def _tp_agree(self, *tensors: torch.Tensor):
+        """With tensor parallelism, every rank must commit the same tokens: rank 0 decides
+        (drafts and verify lengths before the verify, acceptance after) and broadcasts."""
+        group = get_parallel().tp_group
+        if group is None or group.world_size <= 1:
+            return tensors
+        synced = []
+        for t in tensors:
+            t = t.to(self.device).contiguous()
+            group.broadcast(t, src=0)
+            synced.append(t)
+        return tuple(synced)

