@@ -48,8 +48,12 @@ setup(
         "sglang.srt.plugins": ["dspark = dspark_sglang.sglang.plugin:register"],
         "console_scripts": [
             "dspark-models = dspark_sglang.models:main",
+            "dspark-cpu-env = dspark_sglang.cpu_mode:main_env",
+            "dspark-eval = dspark_sglang.benchmarks.eval_acceptance:main",
             "dspark-profile = dspark_sglang.calibration.profile:main",
             "dspark-calibrate = dspark_sglang.calibration.calibrate:main",
+            "dspark-bench = dspark_sglang.benchmarks.bench:main",
+            "dspark-simulate = dspark_sglang.benchmarks.simulate:main",
         ],
     },
 )

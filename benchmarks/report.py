@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 from dspark_sglang.benchmarks.curves import Curve, MatchedSpeedup, curve_from_repeats, matched_speedup
 
-__all__ = ["new_document", "host_info", "load_average", "analyze", "curves_of", "print_report",
+__all__ = ["new_document", "make_console", "host_info", "load_average", "analyze", "curves_of", "print_report",
            "plot_document", "summary_line", "write_document", "read_document"]
 
 VERSION = 1
@@ -105,7 +105,7 @@ def print_report(doc: dict, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    console = console or make_console()
     kind = doc["load_kind"]
     table = Table(title=f"{doc['tool']}: operating points (mean ± std over repeats)")
     for col in ("config", kind, "agg tok/s", "per-user tok/s", "TTFT p50/p99 s", "ITL p50/p99 ms",
@@ -153,6 +153,14 @@ def _scaled(v: Optional[float], factor: float = 1000.0) -> Optional[float]:
     return None if v is None else v * factor
 
 
+def make_console():
+    """A rich console; 160 columns when not writing to a terminal (rich would default to 80)."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
+
+
 def plot_document(doc: dict, path: str | Path, title: Optional[str] = None) -> Path:
     """Two panels: per-user speed vs aggregate throughput per config (repeat error bars, loads
     annotated), and the speedup over the baseline across the matched range."""
@@ -198,7 +206,7 @@ def plot_document(doc: dict, path: str | Path, title: Optional[str] = None) -> P
     ax2.set_ylabel(f"per-user speedup vs {doc.get('baseline')}")
     ax2.set_title("speedup at matched throughput")
     ax2.grid(alpha=0.3)
-    if ax2.lines:
+    if ax2.get_legend_handles_labels()[0]:
         ax2.legend(fontsize=8)
     fig.suptitle(title or doc.get("summary", "")[:160], fontsize=8)
     fig.tight_layout()
@@ -210,12 +218,19 @@ def plot_document(doc: dict, path: str | Path, title: Optional[str] = None) -> P
 
 def write_document(doc: dict, path: str | Path) -> Path:
     path = Path(path)
-    path.write_text(json.dumps(doc, indent=1, allow_nan=False, default=_json_default) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(_sanitize(doc), indent=1, allow_nan=False) + "\n", encoding="utf-8")
     return path
 
 
-def _json_default(obj):
-    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+def _sanitize(obj):
+    """NaN/inf -> null, tuples -> lists (strict JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): _sanitize(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_sanitize(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def read_document(path: str | Path) -> dict:

@@ -27,9 +27,7 @@ import time
 from pathlib import Path
 
 from ._cli import UsageError, run
-from .sweep import (
-    DEFAULT_BATCH_TOKENS, Profile, compare_tables, host_meta, run_sweep, shape_for, staircase,
-)
+from .sweep import Profile, compare_tables, host_meta, run_sweep, shape_for, staircase
 
 PROG = "dspark-profile"
 
@@ -65,12 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--last-logits-only", action="store_true",
                    help="sglang backend only: skip the all-position logits a verify needs "
                         "(times a plain extend)")
+    g.add_argument("--no-plugins", action="store_true",
+                   help="sglang backend only: do not run SGLang's load_plugins() (which installs "
+                        "this package's engine patches, as in a served engine)")
     g.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: leave as set by OMP_NUM_THREADS)")
     s = p.add_argument_group("sweep")
     s.add_argument("--batch-tokens", type=_int_list, default=None, metavar="B1,B2,...",
-                   help=f"probe batch-token counts (default: {','.join(map(str, DEFAULT_BATCH_TOKENS))} "
-                        "within --min-tokens..--max-tokens)")
+                   help="probe batch-token counts (default: 1, 2, 3, 4, 6, 8, 12, 16, 24, ... — "
+                        "powers of two and their 1.5x — from --min-tokens to --max-tokens)")
     s.add_argument("--min-tokens", type=int, default=1, help="default: %(default)s")
     s.add_argument("--max-tokens", type=int, default=64, help="default: %(default)s")
     s.add_argument("--width", type=int, default=8,
@@ -123,7 +124,8 @@ def make_runner(args, max_requests: int, max_width: int):
         return SglangStepRunner(model, context_len=args.context_len, max_requests=max_requests,
                                 max_width=max_width, dtype=args.dtype, device=args.device,
                                 attention_backend=args.attention_backend,
-                                all_logits=not args.last_logits_only, seed=args.seed)
+                                all_logits=not args.last_logits_only,
+                                load_plugins=not args.no_plugins, seed=args.seed)
     import torch
 
     from .hf_backend import HFStepRunner
@@ -139,14 +141,12 @@ def profile(args) -> Profile:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    tokens = args.batch_tokens or [b for b in DEFAULT_BATCH_TOKENS
-                                   if args.min_tokens <= b <= args.max_tokens]
-    if not tokens:
-        tokens = staircase(args.min_tokens, args.max_tokens)
+    tokens = args.batch_tokens or staircase(args.min_tokens, args.max_tokens)
     shapes = [shape_for(b, args.width) for b in tokens]
     meta = {"backend": args.backend, "model": args.model, "device": args.device, "dtype": args.dtype,
             "context_len": args.context_len, "width": args.width, "warmup": args.warmup,
             "repeats": args.repeats, "seed": args.seed, "torch_threads": torch.get_num_threads(),
+            "sglang_plugins_loaded": args.backend == "sglang" and not args.no_plugins,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "host_before": host_meta()}
     start = time.perf_counter()
     runner = make_runner(args, max(s.num_reqs for s in shapes), max(s.width for s in shapes))
@@ -203,6 +203,8 @@ def main_inner(argv=None) -> int:
         parser.error("--compare takes one or two files")
     if args.compare and len(args.compare) == 2:
         return report_compare(compare_tables(*args.compare), args.tolerance)
+    if args.compare and args.compare[0].resolve() == args.out.resolve():
+        parser.error("--compare: the reference is the --out file this run would overwrite")
     if args.compare:  # fail on a bad reference before spending minutes profiling
         compare_tables(args.compare[0], args.compare[0])
     for name in ("repeats", "width", "context_len", "min_tokens", "max_tokens"):

@@ -30,12 +30,9 @@ from dspark_sglang.cost_table import (
 )
 
 __all__ = [
-    "DEFAULT_BATCH_TOKENS", "Shape", "Probe", "Profile", "shape_for", "staircase", "run_sweep",
+    "Shape", "Probe", "Profile", "shape_for", "staircase", "run_sweep",
     "compare_tables", "samples_path",
 ]
-
-DEFAULT_BATCH_TOKENS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
-
 
 @dataclass(frozen=True)
 class Shape:

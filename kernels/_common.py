@@ -38,6 +38,14 @@ def vocab_block(vocab: int, block: int | None, *, gpu_max: int = 2048, interp_ma
     return max(16, min(next_pow2(vocab), interp_max if interpreting() else gpu_max))
 
 
+def rank_offsets(num_reqs: int, num_pos: int, device) -> torch.Tensor:
+    """[R, L] int64 tie-break offsets N-1-(k*R + r), as the schedulers' workspace builds them
+    (position-major index k*R + r; larger offset = earlier in the shared order on ties)."""
+    total = num_reqs * num_pos
+    order = torch.arange(total - 1, -1, -1, dtype=torch.int64, device=device)
+    return order.view(num_pos, num_reqs).t().contiguous()
+
+
 def check(where: str, condition: bool, message: str) -> None:
     if not condition:
         raise KernelInputError(f"{where}: {message}")

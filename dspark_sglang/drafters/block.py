@@ -73,24 +73,41 @@ class BlockDecoderLayer(nn.Module):
         k = k.view(num_reqs, block, attn.num_kv_heads, attn.head_dim)
         v = v.view(num_reqs, block, attn.num_kv_heads, attn.head_dim)
         q, k = _rotate(q, positions, theta), _rotate(k, positions, theta)
-        keys = torch.cat([ctx_k, k], dim=1).transpose(1, 2)  # [R, kv_heads, N + B, d]
-        values = torch.cat([ctx_v, v], dim=1).transpose(1, 2)
-        mask = None
-        if ctx_mask is not None:
-            # Padding rows of shorter contexts are hidden; the block's own rows are always visible.
-            visible = torch.ones(num_reqs, block, dtype=torch.bool, device=x.device)
-            mask = torch.cat([ctx_mask, visible], dim=1)[:, None, None, :]  # [R, 1, 1, N + B]
-        # enable_gqa: query head j reads KV head j // group without materialising repeated K/V.
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2),  # [R, heads, B, d]
-            keys,
-            values,
-            attn_mask=mask,
-            scale=attn.head_dim**-0.5,
-            enable_gqa=attn.num_heads != attn.num_kv_heads,
-        )  # [R, heads, B, d]
-        x = x + attn.o_proj(out.transpose(1, 2).reshape(num_reqs, block, -1))
+        out = context_block_attention(q, ctx_k, ctx_v, ctx_mask, k, v, attn.head_dim**-0.5)
+        x = x + attn.o_proj(out.reshape(num_reqs, block, -1))
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def context_block_attention(
+    q: torch.Tensor,  # [R, B, heads, d] block queries (normed, rotated)
+    ctx_k: torch.Tensor,  # [R, N, kv_heads, d] context keys (normed, rotated), right-padded
+    ctx_v: torch.Tensor,  # [R, N, kv_heads, d]
+    ctx_mask: torch.Tensor | None,  # [R, N] bool, True = a real context row; None = all real
+    k: torch.Tensor,  # [R, B, kv_heads, d] block keys (normed, rotated)
+    v: torch.Tensor,  # [R, B, kv_heads, d]
+    scale: float,
+) -> torch.Tensor:  # [R, B, heads, d]
+    """The block's queries over [context ; block] K/V: all of the (unpadded) context, and the block
+    bidirectionally; query head j reads KV head j // group. The torch reference of
+    kernels/block_attention.py."""
+    num_reqs, block = q.shape[:2]
+    keys = torch.cat([ctx_k, k], dim=1).transpose(1, 2)  # [R, kv_heads, N + B, d]
+    values = torch.cat([ctx_v, v], dim=1).transpose(1, 2)
+    mask = None
+    if ctx_mask is not None:
+        # Padding rows of shorter contexts are hidden; the block's own rows are always visible.
+        visible = torch.ones(num_reqs, block, dtype=torch.bool, device=q.device)
+        mask = torch.cat([ctx_mask, visible], dim=1)[:, None, None, :]  # [R, 1, 1, N + B]
+    # enable_gqa: query head j reads KV head j // group without materialising repeated K/V.
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),  # [R, heads, B, d]
+        keys,
+        values,
+        attn_mask=mask,
+        scale=scale,
+        enable_gqa=q.shape[2] != k.shape[2],
+    )  # [R, heads, B, d]
+    return out.transpose(1, 2)
 
 
 class BlockBackbone(nn.Module):

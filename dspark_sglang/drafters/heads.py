@@ -140,8 +140,27 @@ def sample_sequential(
 
     Returns the DraftBlock and the corrected logits U + B [R, G, V] (before temperature).
     """
-    num_reqs, gamma, vocab = base_logits.shape
+    num_reqs, gamma, _ = base_logits.shape
     uniforms = _uniforms((num_reqs, gamma), base_logits, generator)  # drawn up front: [R, G]
+    return sample_sequential_with_uniforms(
+        base_logits, hidden, anchors, markov, confidence, sampling, uniforms
+    )
+
+
+def sample_sequential_with_uniforms(
+    base_logits: torch.Tensor,  # [R, G, V] U_k
+    hidden: torch.Tensor,  # [R, G, H] h_k
+    anchors: torch.Tensor,  # [R] int64, p_0
+    markov: MarkovHead | None,
+    confidence: ConfidenceHead | None,
+    sampling: SamplingBatch,  # R requests
+    uniforms: torch.Tensor,  # [R, G] U(0,1): uniforms[:, k] draws x_{k+1}
+) -> tuple[DraftBlock, torch.Tensor]:
+    """`sample_sequential` with its randomness given as a tensor (the reference the fused
+    kernel in kernels/sequential_head.py is tested against); same returns."""
+    num_reqs, gamma, vocab = base_logits.shape
+    if uniforms.shape != (num_reqs, gamma):
+        raise ValueError(f"uniforms must be [{num_reqs}, {gamma}], got {tuple(uniforms.shape)}")
     state = markov.initial_state(num_reqs, hidden) if markov is not None else None
     prev = anchors.to(base_logits.device)
     tokens, probs, logits, conf = [], [], [], []

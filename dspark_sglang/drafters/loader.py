@@ -2,9 +2,16 @@
 
 | format key | class | from the target |
 |---|---|---|
-| deepspec_dspark, deepspec_dflash | `dspark.DSparkDrafter` | features only (the checkpoint carries embed/lm_head copies) |
+| deepspec_dspark, deepspec_dflash | `dspark.DSparkDrafter` | features (embed/lm_head copies: see below) |
 | zlab_dflash | `dflash_zlab.ZlabDFlashDrafter` | features, `embed_tokens`, `lm_head` |
 | deepspec_eagle3, specforge_eagle3 | `eagle3.build_eagle3` (imported lazily) | see eagle3.py |
+
+Borrowed copies. DeepSpec checkpoints (DSpark, DFlash, Eagle3) normally carry `embed_tokens.weight`
+and `lm_head.weight`, frozen copies of the target's. A checkpoint may omit either copy (the project's
+own zoo drafters do, to stay small): the missing tensor is then taken from `TargetSpec.embed_tokens`
+/ `TargetSpec.lm_head`, checked for shape (`check_target_tensor`), before the usual strict
+assignment. A DeepSpec checkpoint that omits a copy while the TargetSpec lacks that tensor fails with
+a `TargetMismatchError` naming it: nothing is left at random init.
 
 Order of checks: config.json and the safetensors headers (cheap) -> format -> config fields ->
 target compatibility -> tensor data -> strict weight assignment. Every failure is a
@@ -19,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dspark_sglang.drafters.checkpoint import read_config, read_tensor_shapes, read_tensors
+from dspark_sglang.drafters.checkpoint import check_target_tensor, read_config, read_tensor_shapes, read_tensors
 from dspark_sglang.drafters.config import (
     FORMAT_FAMILY,
     BlockDrafterConfig,
@@ -52,6 +59,27 @@ BLOCK_FACTORIES = {
 }
 
 
+# DeepSpec formats whose checkpoints may omit the frozen copies of the target's weights.
+_BORROWABLE = {
+    "deepspec_dspark": ("embed_tokens", "lm_head"),
+    "deepspec_dflash": ("embed_tokens", "lm_head"),
+    "deepspec_eagle3": ("embed_tokens", "lm_head"),  # full-vocabulary lm_head
+}
+
+
+def _borrow_target_copies(fmt: str, cfg, tensors: dict[str, torch.Tensor], target: TargetSpec, path: str,
+                          dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+    """Fill in a DeepSpec checkpoint's omitted `embed_tokens.weight` / `lm_head.weight` from the target."""
+    missing = [name for name in _BORROWABLE.get(fmt, ()) if f"{name}.weight" not in tensors]
+    if not missing:
+        return tensors
+    shape = (cfg.dims.vocab_size, cfg.dims.hidden_size)
+    filled = dict(tensors)
+    for name in missing:
+        filled[f"{name}.weight"] = check_target_tensor(getattr(target, name), name, shape, path, dtype, device)
+    return filled
+
+
 def _parse(config: dict, fmt: str, path: str, target_num_layers: int | None) -> BlockDrafterConfig | Eagle3Config:
     if FORMAT_FAMILY[fmt][0] == "eagle3":
         return parse_eagle3_config(config, fmt, path, target_num_layers)
@@ -71,7 +99,7 @@ def load_drafter(
     fmt = detect_format(config, shapes.keys(), path)
     cfg = _parse(config, fmt, path, target.num_hidden_layers)
     validate_against_target(cfg, target, path)
-    tensors = read_tensors(path)
+    tensors = _borrow_target_copies(fmt, cfg, read_tensors(path), target, path, dtype, device)
     if isinstance(cfg, Eagle3Config):
         # NOTE: written by the Eagle3 owner; imported lazily so block drafters never depend on it.
         from dspark_sglang.drafters.eagle3 import build_eagle3
@@ -131,7 +159,8 @@ def describe_drafter(path: str | os.PathLike) -> DrafterDescription:
         )
     else:
         block, mask, head, conf, draft_vocab = None, None, None, False, cfg.draft_vocab_size
-        borrows = [b for b in borrows if b == "embed_tokens"]  # Eagle3 always ships its own lm_head
+        if fmt == "specforge_eagle3":  # a reduced-vocabulary lm_head: always the checkpoint's own
+            borrows = [b for b in borrows if b == "embed_tokens"]
     return DrafterDescription(
         path=path, format=fmt, family=family, source=source,
         architecture=(config.get("architectures") or ["?"])[0], gamma=cfg.gamma, num_layers=dims.num_layers,

@@ -16,7 +16,8 @@ CPU: the engine needs `SGLANG_USE_CPU_ENGINE=1` before sglang is imported and th
 fallback (`common_ops`) on `sys.path`; `dspark_sglang.cpu_mode.enable_cpu_mode()` does both when
 present. Attention defaults to `torch_native` on CPU. Caveat: stock `torch_native` extend attention
 pads each request's queries to its full length (O(L^2) per layer); the plugin's worker may replace
-it, in which case profile with that replacement installed.
+it; the runner calls SGLang's `load_plugins()` first, so whatever our plugin installs in an engine
+process is installed here too.
 """
 
 from __future__ import annotations
@@ -77,13 +78,16 @@ class SglangStepRunner:
         elsewhere.
     all_logits : bool
         Compute logits at every position of the step (what a verify needs).
+    load_plugins : bool
+        Run SGLang's ``load_plugins()`` first, as every engine process does, so the patches our
+        plugin installs for serving (e.g. an attention replacement) are in place while timing.
     seed : int
         Seeds the random context and step tokens.
     """
 
     def __init__(self, model_path: str, *, context_len: int, max_requests: int, max_width: int,
                  dtype: str = "auto", device: str = "cpu", attention_backend: Optional[str] = None,
-                 all_logits: bool = True, seed: int = 0):
+                 all_logits: bool = True, load_plugins: bool = True, seed: int = 0):
         if device == "cpu":
             enable_cpu_engine()
             attention_backend = attention_backend or "torch_native"
@@ -92,7 +96,7 @@ class SglangStepRunner:
         # KV slots: the contexts plus one step's worth of new tokens, with slack for page rounding.
         pool_tokens = max_requests * (context_len + max_width) + 1024
         self._runner = _load_runner(model_path, dtype, device, attention_backend, pool_tokens,
-                                    max_requests, seed)
+                                    max_requests, seed, load_plugins)
         self.vocab_size = self._runner.model_config.vocab_size
         self.device = self._runner.device
         self._reqs = [self._new_req(i) for i in range(max_requests)]
@@ -176,7 +180,8 @@ class SglangStepRunner:
         return seconds
 
     def describe(self) -> str:
-        return (f"sglang ModelRunner ({self._runner.server_args.attention_backend} attention, "
+        backend = self._runner.server_args.attention_backend or "default"
+        return (f"sglang ModelRunner ({backend} attention, "
                 f"{self._runner.model_config.dtype}, {self.device})")
 
     def close(self) -> None:
@@ -185,8 +190,12 @@ class SglangStepRunner:
 
 
 def _load_runner(model_path: str, dtype: str, device: str, attention_backend: Optional[str],
-                 pool_tokens: int, max_requests: int, seed: int):
+                 pool_tokens: int, max_requests: int, seed: int, load_plugins: bool):
     """A `ModelRunner` for one model in this process, set up as SGLang's one-batch benchmark does."""
+    if load_plugins:
+        from sglang.srt.plugins import load_plugins as sglang_load_plugins
+
+        sglang_load_plugins()
     from sglang.benchmark.one_batch import _init_process_global_configs
     from sglang.srt.arg_groups.overrides import resolving_view
     from sglang.srt.configs.model_config import ModelConfig

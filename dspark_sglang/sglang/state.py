@@ -92,11 +92,12 @@ class WorkerStats:
         self.verified_at = torch.zeros(gamma, dtype=torch.int64)  # [gamma] times position k was verified
         self.accepted_at = torch.zeros(gamma, dtype=torch.int64)  # [gamma] times position k was accepted
         self.seconds = 0.0
+        self.phase_seconds: dict[str, float] = {}  # draft / verify / accept / commit
         self.prefill_fallbacks = 0  # requests whose drafter context could not be rebuilt exactly
         self._last_log = time.monotonic()
 
-    def record(self, verify_lens: torch.Tensor, num_accepted: torch.Tensor, seconds: float) -> None:
-        """verify_lens, num_accepted: [R] int64 on CPU."""
+    def record(self, verify_lens: torch.Tensor, num_accepted: torch.Tensor, phases: dict[str, float]) -> None:
+        """verify_lens, num_accepted: [R] int64 on CPU; phases: seconds spent per phase."""
         self.rounds += 1
         self.requests += verify_lens.numel()
         self.committed += int(num_accepted.sum()) + verify_lens.numel()
@@ -105,7 +106,9 @@ class WorkerStats:
         positions = torch.arange(self.gamma)[None, :]  # [1, gamma]
         self.verified_at += (positions < verify_lens[:, None]).sum(0)
         self.accepted_at += (positions < num_accepted[:, None]).sum(0)
-        self.seconds += seconds
+        self.seconds += sum(phases.values())
+        for name, sec in phases.items():
+            self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + sec
         if self.log_every and self.rounds % self.log_every == 0:
             logger.info("%s", self.summary())
 
@@ -119,6 +122,7 @@ class WorkerStats:
             "verify_hist": self.verify_hist.tolist(),
             "accept_rate_at": (self.accepted_at / self.verified_at.clamp_min(1)).tolist(),
             "ms_per_round": 1000.0 * self.seconds / max(self.rounds, 1),
+            "ms_per_phase": {k: 1000.0 * v / max(self.rounds, 1) for k, v in self.phase_seconds.items()},
             "prefill_fallbacks": self.prefill_fallbacks,
         }
 
@@ -128,5 +132,6 @@ class WorkerStats:
         return (
             f"dspark: {d['rounds']} rounds, accept len {d['accept_length']:.2f}, "
             f"verify len {d['verify_length']:.2f}, hist {d['verify_hist']}, "
-            f"accept@k [{rates}], {d['ms_per_round']:.1f} ms/round"
+            f"accept@k [{rates}], {d['ms_per_round']:.1f} ms/round ("
+            + ", ".join(f"{k} {v:.1f}" for k, v in d["ms_per_phase"].items()) + ")"
         )

@@ -26,6 +26,7 @@ prefix hits feed zero features for the cached prefix (lossless, lower acceptance
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import torch
@@ -40,7 +41,7 @@ from dspark_sglang.confidence import ProposalProbEstimator, StsCalibration, top1
 from dspark_sglang.cost_table import from_probes, load_cost_table
 from dspark_sglang.drafters.interface import TargetSpec
 from dspark_sglang.drafters.loader import load_drafter
-from dspark_sglang.sampling import SamplingBatch, process_logits
+from dspark_sglang.sampling import GREEDY_EPS, SamplingBatch, process_logits
 from dspark_sglang.schedulers import make_scheduler
 from dspark_sglang.sglang.spec_class import resolve_plugin_config
 from dspark_sglang.sglang.state import RoundRelay, SlotRegistry, WorkerStats
@@ -56,12 +57,20 @@ logger = logging.getLogger("dspark_sglang")
 
 
 def sampling_batch(sampling_info) -> SamplingBatch:
-    """SGLang's per-request sampling parameters ([bs] each; greedy already rewritten to top_k 1)."""
+    """SGLang's per-request sampling parameters, [bs] each.
+
+    SGLang rewrites a greedy request to (temperature 1, top_k 1). We hand greedy rows on as
+    (temperature 0, top_k off): the same rows are greedy (`sampling.is_greedy`), and the top-k sort
+    over the whole vocabulary is skipped when no sampled row needs it.
+    """
+    temperatures = sampling_info.temperatures.reshape(-1).float()
+    top_ks = sampling_info.top_ks.reshape(-1).long()
+    greedy = (temperatures < GREEDY_EPS) | (top_ks == 1)
     return SamplingBatch(
-        temperatures=sampling_info.temperatures.reshape(-1).float(),
-        top_ks=sampling_info.top_ks.reshape(-1).long(),
-        top_ps=sampling_info.top_ps.reshape(-1).float(),
-        min_ps=sampling_info.min_ps.reshape(-1).float(),
+        temperatures=torch.where(greedy, 0.0, temperatures),
+        top_ks=torch.where(greedy, -1, top_ks),
+        top_ps=torch.where(greedy, 1.0, sampling_info.top_ps.reshape(-1).float()),
+        min_ps=torch.where(greedy, 0.0, sampling_info.min_ps.reshape(-1).float()),
     )
 
 
@@ -131,7 +140,8 @@ class DSparkPluginWorker(BaseSpecWorker):
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(settings.seed)
         self.slots = SlotRegistry(self._release_slot)
-        self.stats = WorkerStats(self.gamma)
+        # NOTE: DSPARK_STATS_EVERY is read here until settings.py carries a field for it.
+        self.stats = WorkerStats(self.gamma, log_every=int(os.environ.get("DSPARK_STATS_EVERY", "200")))
         self._warned_prefix = False
         logger.info(
             "dspark worker: drafter %s (%s/%s, gamma %d, layers %s) loaded in %.1f s; scheduler %s, "
@@ -197,9 +207,10 @@ class DSparkPluginWorker(BaseSpecWorker):
         """
         slots, feats, positions, tokens = [], [], [], []
         input_ids = batch.input_ids.to(torch.int64)
+        pool_indices = batch.req_pool_indices.tolist()
         offset = 0
         for i, req in enumerate(batch.reqs):
-            n, prefix, slot = int(batch.extend_lens[i]), int(batch.prefix_lens[i]), int(req.req_pool_idx)
+            n, prefix, slot = int(batch.extend_lens[i]), int(batch.prefix_lens[i]), pool_indices[i]
             rows, toks = features[offset : offset + n], input_ids[offset : offset + n]
             offset += n
             self.slots.claim(slot, req.rid)
@@ -255,6 +266,7 @@ class DSparkPluginWorker(BaseSpecWorker):
         drafts = block.tokens
         verify_lens, drafts = self._tp_agree(verify_lens, drafts)
         verify_lens = verify_lens.to("cpu")
+        t_draft = time.perf_counter()
 
         # 3. one EXTEND forward over the ragged windows [anchor, x_1..x_len].
         layout = layout_windows(anchors, drafts.cpu(), verify_lens, seq_lens)
@@ -264,6 +276,7 @@ class DSparkPluginWorker(BaseSpecWorker):
         )
         out = target_out.logits_output
         logits = all_position_logits(self.model_runner.model, out.last_hidden_states, self.vocab_size)  # [T, V]
+        t_verify = time.perf_counter()
 
         # 4. lossless chain acceptance; rows past each request's window stay zero (never read).
         widths = layout.widths.to(self.device)
@@ -280,6 +293,7 @@ class DSparkPluginWorker(BaseSpecWorker):
         )
         num_accepted, output_tokens = self._tp_agree(accept.num_accepted, accept.output_tokens)
         num_accepted_cpu = num_accepted.to("cpu", torch.int64)
+        t_accept = time.perf_counter()
 
         # 5. commit: drafter context grows by the target features of [anchor, accepted drafts].
         features = out.hidden_states  # [T, k*H]
@@ -297,7 +311,11 @@ class DSparkPluginWorker(BaseSpecWorker):
         width = min(stride, output_tokens.shape[1])
         next_tokens[:, :width] = output_tokens[:, :width].clamp_min(0)
         accept_lens = (num_accepted + 1).to(torch.int32)
-        self.stats.record(verify_lens, num_accepted_cpu, time.perf_counter() - start)
+        t_end = time.perf_counter()
+        self.stats.record(verify_lens, num_accepted_cpu, {
+            "draft": t_draft - start, "verify": t_verify - t_draft,
+            "accept": t_accept - t_verify, "commit": t_end - t_accept,
+        })
         return GenerationBatchResult(
             logits_output=out,
             next_token_ids=next_tokens.reshape(-1),

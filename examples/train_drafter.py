@@ -1,0 +1,482 @@
+#!/usr/bin/env python
+"""Train a DSpark, DFlash or Eagle3 drafter for a real target on CPU, in DeepSpec's checkpoint format.
+
+    python examples/train_drafter.py --family dspark --out dspark_sglang/zoo/smollm2-135m-dspark
+
+Pipeline (each stage cached under --cache-dir, outside the repository, so reruns skip it):
+  1. prompts: ShareGPT first human turns (training-only; never the evaluation sets), stratified
+     into code / math / chat;
+  2. self-distillation text: the target's own responses (batched generate, bf16, part greedy and
+     part sampled);
+  3. target features: teacher-forced float32 target forwards -> outputs of decoder layers
+     `--layer-ids` + the target's top-K next-token log-probs;
+  4. training: the product's drafter modules (dspark_sglang.drafters) trained with DeepSpec's loss
+     (0.1 CE + 0.9 L1 + 1.0 confidence BCE, slot weights exp(-k/4); Eagle3: CE + L1 per TTT step,
+     weights 0.8^k) on random anchors of the response tokens;
+  5. export: config.json + model.safetensors (bf16, DeepSpec names, without the embed_tokens /
+     lm_head copies, which the loader borrows from the target), reloaded through `load_drafter`
+     and evaluated on held-out sequences (teacher-forced acceptance 1 - TV per slot, greedy top-1
+     agreement), then TRAINING.md.
+
+Deterministic for a given --seed and thread count (BLAS reductions depend on the thread count).
+Respects OMP_NUM_THREADS (default 1 thread: the development machine is shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shlex
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from dspark_sglang.drafters.config import zlab_default_layer_ids  # noqa: E402
+from dspark_sglang.drafters.loader import describe_drafter, load_drafter  # noqa: E402
+from examples.training import data as data_mod  # noqa: E402
+from examples.training.export import build_modules, drafter_config, save_checkpoint, target_spec  # noqa: E402
+from examples.training.features import FeatureSet, build_features  # noqa: E402
+from examples.training.forward import block_hidden_train, block_scores, eagle3_logits, eagle3_ttt_train  # noqa: E402
+from examples.training.losses import dspark_loss, eagle3_loss  # noqa: E402
+from examples.training.target import load_target, target_path  # noqa: E402
+
+MASK_TOKEN_CANDIDATES = ("<empty_output>", "<jupyter_script>", "<jupyter_output>", "<gh_stars>")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g = p.add_argument_group("what to train")
+    g.add_argument("--family", choices=("dspark", "dflash", "eagle3"), required=True)
+    g.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--layers", type=int, default=1, help="draft decoder layers (Eagle3: must be 1)")
+    g.add_argument("--intermediate-size", type=int, default=1536, help="draft MLP width")
+    g.add_argument("--layer-ids", type=str, default=None,
+                   help="target layers read, comma-separated decoder-layer ids (default: z-lab/DeepSpec's "
+                        "build_target_layer_ids(L, 5) = 1..L-3 evenly spaced: [1,8,14,20,27] for L=30)")
+    g.add_argument("--block-size", type=int, default=7, help="DSpark/DFlash block size = gamma (the anchor slot drafts too)")
+    g.add_argument("--ttt-length", type=int, default=7, help="Eagle3 training-time-test steps (= drafts per round)")
+    g.add_argument("--markov-rank", type=int, default=32, help="DSpark Markov head rank")
+    g.add_argument("--markov-head", choices=("vanilla", "gated", "rnn"), default="vanilla")
+    g.add_argument("--mask-token-id", type=int, default=None,
+                   help=f"block mask token (default: the first of {MASK_TOKEN_CANDIDATES} in the vocabulary)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--target-path", type=str, default=None, help="target HF dir (default: dspark_sglang.models.ensure_target())")
+    g.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("DSPARK_CACHE", Path.home() / ".cache" / "dspark-sglang")) / "train")
+    g.add_argument("--num-prompts", type=int, default=640, help="ShareGPT prompts answered by the target")
+    g.add_argument("--max-prompt-tokens", type=int, default=256)
+    g.add_argument("--max-new-tokens", type=int, default=320)
+    g.add_argument("--gen-batch", type=int, default=32, help="prompts per generate() batch")
+    g.add_argument("--greedy-fraction", type=float, default=0.5, help="share of prompts answered greedily (rest: sampled)")
+    g.add_argument("--gen-temperature", type=float, default=0.7)
+    g.add_argument("--gen-top-p", type=float, default=0.9)
+    g.add_argument("--max-len", type=int, default=640, help="training sequence length cap (prompt + response)")
+    g.add_argument("--topk", type=int, default=64, help="target log-probs kept per position for the L1/TV loss")
+    g.add_argument("--eval-seqs", type=int, default=32, help="held-out sequences for the final metrics")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=1200)
+    g.add_argument("--batch-seqs", type=int, default=4, help="sequences per step")
+    g.add_argument("--anchors", type=int, default=32, help="random anchors per sequence (Eagle3: supervised rows per step)")
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay floor, as a fraction of --lr")
+    g.add_argument("--warmup", type=float, default=0.04, help="warmup fraction of --steps")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--grad-clip", type=float, default=1.0)
+    g.add_argument("--loss-decay", type=float, default=4.0, help="slot weight exp(-k/decay) (DeepSpec loss_decay_gamma)")
+    g.add_argument("--step-decay", type=float, default=0.8, help="Eagle3 TTT step weight decay^k")
+    g.add_argument("--lm-head-dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="precision of the frozen LM head matmul during training (bf16 is ~2.4x faster on AVX512-BF16 "
+                        "CPUs; the loss math is float32, and the final evaluation uses float32)")
+    g.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
+    g.add_argument("--log-every", type=int, default=25)
+    return p.parse_args(argv)
+
+
+# ---- helpers ---------------------------------------------------------------------------------------
+
+
+def pick_mask_token(tokenizer, samples) -> int:
+    used = {t for s in samples for t in s.prompt_ids + s.response_ids}
+    vocab = tokenizer.get_vocab()
+    for name in MASK_TOKEN_CANDIDATES:
+        if name in vocab and vocab[name] not in used:
+            return vocab[name]
+    raise SystemExit(f"none of {MASK_TOKEN_CANDIDATES} is an unused vocabulary entry; pass --mask-token-id")
+
+
+def lr_at(step: int, args) -> float:
+    warm = max(1, int(args.warmup * args.steps))
+    if step < warm:
+        return args.lr * (step + 1) / warm
+    progress = (step - warm) / max(1, args.steps - warm)
+    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def anchor_candidates(seq: dict) -> list[int]:
+    """Anchor positions a with a and a+1 both response tokens (DeepSpec: both in the loss mask)."""
+    return list(range(seq["prompt_len"], seq["tokens"].numel() - 1))
+
+
+def collate(fs: FeatureSet, seq_ids: list[int], rng: random.Random, num_anchors: int | None):
+    """Right-padded batch tensors and anchors [S, A] (+ keep [S, A]); num_anchors None = all."""
+    seqs = [fs.seq(s) for s in seq_ids]
+    T = max(s["tokens"].numel() for s in seqs)
+    S, F_, K = len(seqs), fs.features.shape[1], fs.topk_ids.shape[1]
+    tokens = torch.zeros(S, T, dtype=torch.int64)
+    feats = torch.zeros(S, T, F_, dtype=torch.float32)
+    tk_ids = torch.zeros(S, T, K, dtype=torch.int64)
+    tk_lp = torch.full((S, T, K), -1e4, dtype=torch.float32)
+    valid = torch.zeros(S, T, dtype=torch.bool)
+    prompt_lens = torch.zeros(S, dtype=torch.int64)
+    cands = []
+    for i, s in enumerate(seqs):
+        n = s["tokens"].numel()
+        tokens[i, :n], feats[i, :n], tk_ids[i, :n], tk_lp[i, :n] = s["tokens"], s["features"].float(), s["topk_ids"], s["topk_logp"]
+        valid[i, :n] = True
+        prompt_lens[i] = s["prompt_len"]
+        cands.append(anchor_candidates(s))
+    A = num_anchors or max(len(c) for c in cands)
+    anchors = torch.zeros(S, A, dtype=torch.int64)
+    keep = torch.zeros(S, A, dtype=torch.bool)
+    for i, c in enumerate(cands):
+        chosen = sorted(rng.sample(c, min(A, len(c)))) if num_anchors else c
+        anchors[i, : len(chosen)] = torch.tensor(chosen, dtype=torch.int64)
+        keep[i, : len(chosen)] = True
+        anchors[i, len(chosen):] = max(1, int(prompt_lens[i]))  # dummy anchors, masked out of the loss
+    return dict(tokens=tokens, feats=feats, tk_ids=tk_ids, tk_lp=tk_lp, valid=valid, lengths=valid.sum(1),
+                anchors=anchors, keep=keep)
+
+
+def block_targets(b: dict, G: int):
+    """Labels, teacher-forced prev tokens, validity and target top-K for every (anchor, slot)."""
+    S, A = b["anchors"].shape
+    slot_pos = b["anchors"][:, :, None] + torch.arange(G)  # [S, A, G] position of each slot's input row
+    label_pos = slot_pos + 1  # slot k predicts the token at a + k + 1
+    valid = (label_pos < b["lengths"][:, None, None]) & b["keep"][:, :, None]
+    valid = valid.int().cumprod(-1).bool()  # a contiguous supervised prefix (DeepSpec's eval_mask)
+    T = b["tokens"].shape[1]
+    lp = label_pos.clamp(max=T - 1)
+    sp = slot_pos.clamp(max=T - 1)
+    flat = lambda x, idx: x.gather(1, idx.reshape(S, -1)).reshape(S, A, G)  # noqa: E731
+    labels = flat(b["tokens"], lp)
+    prev = flat(b["tokens"], sp)  # [anchor, gt_1 .. gt_{G-1}]
+    K = b["tk_ids"].shape[-1]
+    idx = sp.reshape(S, -1, 1).expand(-1, -1, K)
+    tk_ids = b["tk_ids"].gather(1, idx).reshape(S, A, G, K)  # row a+k describes the token at a+k+1
+    tk_lp = b["tk_lp"].gather(1, idx).reshape(S, A, G, K)
+    return labels, prev, valid, tk_ids, tk_lp
+
+
+def block_step(drafter, b: dict, lm_w, args):
+    G = drafter.config.block_size
+    hidden = block_hidden_train(drafter, b["feats"], b["valid"], b["tokens"], b["anchors"])  # [S, A, G, H]
+    labels, prev, valid, tk_ids, tk_lp = block_targets(b, G)
+    keep = b["keep"].reshape(-1)
+    H = hidden.shape[-1]
+    hidden = hidden.reshape(-1, G, H)[keep]
+    logits, conf = block_scores(drafter, hidden, prev.reshape(-1, G)[keep], lm_w)
+    sel = lambda x: x.reshape(-1, *x.shape[2:])[keep]  # noqa: E731
+    return dspark_loss(logits, conf, sel(labels), sel(valid), sel(tk_ids), sel(tk_lp), decay=args.loss_decay), sel(valid)
+
+
+def eagle3_rows(b: dict, steps: int):
+    """Per step k, the supervised (row t, step k) pairs: anchor a = t + 1 is a sampled anchor and the
+    label position t + k + 2 < length. Returns row indices and label positions."""
+    rows = b["anchors"] - 1  # [S, A] row t = anchor - 1
+    out = []
+    for k in range(steps):
+        label_pos = rows + k + 2
+        valid = (label_pos < b["lengths"][:, None]) & b["keep"]
+        out.append((rows, label_pos, valid))
+    return out
+
+
+def eagle3_step(drafter, b: dict, lm_w, args):
+    steps = args.ttt_length
+    xs = eagle3_ttt_train(drafter, b["feats"], b["tokens"], steps)  # steps x [S, T-1, H]
+    S, T = b["tokens"].shape
+    K = b["tk_ids"].shape[-1]
+    logits, labels, valids, tk_ids, tk_lp = [], [], [], [], []
+    for k, (rows, label_pos, valid) in enumerate(eagle3_rows(b, steps)):
+        v = valid.reshape(-1)
+        r = rows.clamp(max=T - 2)
+        x = xs[k].gather(1, r[:, :, None].expand(-1, -1, xs[k].shape[-1])).reshape(-1, xs[k].shape[-1])[v]
+        logits.append(eagle3_logits(drafter, x, lm_w))
+        lp = label_pos.clamp(max=T - 1)
+        labels.append(b["tokens"].gather(1, lp).reshape(-1)[v])
+        tpos = (label_pos - 1).clamp(max=T - 1)  # the target row describing the label's token
+        tk_ids.append(b["tk_ids"].gather(1, tpos[:, :, None].expand(-1, -1, K)).reshape(-1, K)[v])
+        tk_lp.append(b["tk_lp"].gather(1, tpos[:, :, None].expand(-1, -1, K)).reshape(-1, K)[v])
+        valids.append(torch.ones(int(v.sum()), dtype=torch.bool))
+    return eagle3_loss(logits, labels, valids, tk_ids, tk_lp, step_decay=args.step_decay), valid
+
+
+# ---- evaluation ------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(family: str, drafter, fs: FeatureSet, seq_ids: list[int], args, max_anchors: int = 96) -> dict:
+    """Teacher-forced metrics on held-out sequences, float32 LM head:
+    accept@k = mean over blocks of 1 - TV(p_draft, p_target) at slot k (the T=1 acceptance rate of
+    slot k given an accepted prefix, teacher-forced), agree@k = greedy top-1 agreement at slot k,
+    tau_prob = 1 + sum_k prod_{i<=k} accept@i per block (DeepSpec's tau_probabilistic)."""
+    rng = random.Random(1234)
+    G = args.ttt_length if family == "eagle3" else args.block_size
+    acc_sum, agr_sum, cnt = torch.zeros(G), torch.zeros(G), torch.zeros(G)
+    tau_sum, blocks = 0.0, 0
+    conf_err_sum, conf_cnt = 0.0, 0
+    for s in seq_ids:
+        b = collate(fs, [s], rng, max_anchors)
+        if family == "eagle3":
+            (_, stats, per_step), _ = eagle3_step(drafter, b, None, args)
+            # rows are shared across steps; a row's step k is valid iff its label is in range
+            rows_valid = [v for (_, _, v) in eagle3_rows(b, G)]
+            A = b["anchors"].shape[1]
+            acc = torch.zeros(A, G)
+            vmask = torch.zeros(A, G, dtype=torch.bool)
+            agr = torch.zeros(A, G)
+            for k, t in enumerate(per_step):
+                v = rows_valid[k].reshape(-1)
+                acc[v, k], agr[v, k], vmask[v, k] = t["accept"], t["agree"], True
+        else:
+            (_, stats, t), valid = block_step(drafter, b, None, args)
+            acc, agr, vmask = t["accept"], t["agree"], valid
+            if "conf_err" in stats:
+                n = int(vmask.sum())
+                conf_err_sum += stats["conf_err"] * n
+                conf_cnt += n
+        acc_sum += (acc * vmask).sum(0)
+        agr_sum += (agr * vmask).sum(0)
+        cnt += vmask.sum(0)
+        full = vmask.all(-1)
+        tau_sum += float((1 + (acc[full]).cumprod(-1).sum(-1)).sum())
+        blocks += int(full.sum())
+    accept = (acc_sum / cnt.clamp_min(1)).tolist()
+    agree = (agr_sum / cnt.clamp_min(1)).tolist()
+    out = dict(accept_at=[round(a, 4) for a in accept], agree_at=[round(a, 4) for a in agree],
+               tau_prob=round(tau_sum / max(blocks, 1), 4), blocks=blocks)
+    if conf_cnt:
+        out["conf_abs_err"] = round(conf_err_sum / conf_cnt, 4)
+    return out
+
+
+# ---- main ------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    t0 = time.time()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    if args.family == "eagle3" and args.layers != 1:
+        raise SystemExit("Eagle3 drafters have exactly one decoder layer (--layers 1)")
+
+    path = target_path(args.target_path)
+    target, tokenizer = load_target(path, torch.float32)
+    tcfg = target.config
+    target_name = "SmolLM2-135M-Instruct" if "smollm2" in str(path).lower() else path.name
+    layer_ids = [int(x) for x in args.layer_ids.split(",")] if args.layer_ids else list(zlab_default_layer_ids(tcfg.num_hidden_layers, 5))
+
+    # 1-2. prompts and the target's own responses (bf16 copy for speed; cached)
+    gen_model = None
+
+    def generator_model():
+        nonlocal gen_model
+        if gen_model is None:
+            gen_model = load_target(path, torch.bfloat16)[0]
+        return gen_model
+
+    class _Lazy:  # build_samples only touches the model when the cache is cold
+        def __getattr__(self, name):
+            return getattr(generator_model(), name)
+
+    samples, gen_root = data_mod.build_samples(
+        _Lazy(), tokenizer, args.cache_dir, num_prompts=args.num_prompts, seed=args.seed,
+        max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch,
+        greedy_fraction=args.greedy_fraction, temperature=args.gen_temperature, top_p=args.gen_top_p,
+        target_name=target_name)
+    gen_model = None
+    gen_manifest = json.loads((gen_root / "manifest.json").read_text())
+
+    # 3. target features (float32 target; cached)
+    fs, feat_file = build_features(target, samples, args.cache_dir, gen_root.name, tuple(layer_ids), args.topk, args.max_len)
+    feat_manifest = json.loads(feat_file.with_suffix(".json").read_text())
+    mask_id = args.mask_token_id if args.mask_token_id is not None else pick_mask_token(tokenizer, samples)
+
+    order = list(range(fs.num_seqs))
+    random.Random(args.seed).shuffle(order)
+    eval_ids, train_ids = order[: args.eval_seqs], order[args.eval_seqs:]
+    train_ids = [s for s in train_ids if anchor_candidates(fs.seq(s))]
+
+    # 4. the product's modules, built from the config that will be saved
+    config = drafter_config(args.family, tcfg, num_layers=args.layers, intermediate_size=args.intermediate_size,
+                            layer_ids=layer_ids, block_size=args.block_size, mask_token_id=mask_id,
+                            markov_rank=args.markov_rank, markov_head_type=args.markov_head, ttt_length=args.ttt_length,
+                            target_name=target_name)
+    spec = target_spec(target)
+    drafter = build_modules(args.family, config, spec, args.seed)
+    del target
+    drafter.train()
+    params = [p for p in drafter.parameters() if p.requires_grad]
+    n_params = sum(p.numel() for p in params)
+    head = drafter.model.lm_head.weight if args.family == "eagle3" else drafter.lm_head.weight
+    lm_w = head.detach().to(torch.bfloat16) if args.lm_head_dtype == "bfloat16" else None
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    step_fn = eagle3_step if args.family == "eagle3" else block_step
+    rng = random.Random(args.seed + 1)
+    print(f"[train] {args.family}: {n_params / 1e6:.2f}M trainable parameters, {len(train_ids)} train / {len(eval_ids)} "
+          f"held-out sequences ({fs.tokens.numel()} tokens), layer ids {layer_ids}, mask token {mask_id}, "
+          f"{args.threads} thread(s)", flush=True)
+
+    pool: list[int] = []
+    history, ema = [], {}
+    t_train = time.time()
+    bar = tqdm(range(args.steps), desc=f"training {args.family}", unit="step")
+    for step in bar:
+        if len(pool) < args.batch_seqs:
+            fresh = list(train_ids)
+            rng.shuffle(fresh)
+            pool += fresh
+        batch, pool = pool[: args.batch_seqs], pool[args.batch_seqs:]
+        b = collate(fs, batch, rng, args.anchors)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args)
+        (loss, stats, _), _ = step_fn(drafter, b, lm_w, args)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        opt.step()
+        for k, v in stats.items():
+            ema[k] = v if k not in ema else 0.95 * ema[k] + 0.05 * v
+        bar.set_postfix({k: f"{v:.3f}" for k, v in ema.items() if k in ("loss", "ce", "l1", "conf")})
+        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+            history.append(dict(step=step + 1, lr=lr_at(step, args), grad_norm=round(float(gnorm), 3),
+                                **{k: round(v, 4) for k, v in ema.items()}))
+            print(json.dumps(history[-1]), flush=True)
+    bar.close()
+    train_seconds = time.time() - t_train
+
+    # 5. export, reload through the product's loader, evaluate what was saved
+    n_saved = save_checkpoint(args.out, args.family, config, drafter)
+    reloaded = load_drafter(args.out, spec, torch.float32, "cpu")
+    desc = describe_drafter(args.out)
+    metrics = evaluate(args.family, reloaded, fs, eval_ids, args)
+    print("[eval] held-out, reloaded bf16 checkpoint:", json.dumps(metrics), flush=True)
+    size_mb = (args.out / "model.safetensors").stat().st_size / 2**20
+    write_training_md(args, config, desc, n_saved, size_mb, gen_manifest, feat_manifest, history, metrics,
+                      train_seconds, time.time() - t0, len(train_ids), len(eval_ids))
+    print(f"[done] {args.out} ({size_mb:.1f} MB, {n_saved / 1e6:.2f}M saved parameters), "
+          f"train {train_seconds / 60:.1f} min, total {(time.time() - t0) / 60:.1f} min", flush=True)
+
+
+def write_training_md(args, config, desc, n_saved, size_mb, gen, feat, history, metrics, train_s, total_s, n_train, n_eval):
+    argv = " ".join(shlex.quote(a) for a in sys.argv[1:])
+    last = history[-1] if history else {}
+    fam = {"dspark": "DSpark (DeepSpec `Qwen3DSparkModel`, Markov head + confidence head)",
+           "dflash": "DFlash (DeepSpec `Qwen3DSparkModel` with markov_rank 0 and no confidence head)",
+           "eagle3": "Eagle3 (DeepSpec `Qwen3Eagle3Model`, full vocabulary)"}[args.family]
+    slots = "TTT step" if args.family == "eagle3" else "slot"
+    lines = [
+        f"# {args.out.name}",
+        "",
+        f"{fam}, trained for SmolLM2-135M-Instruct by `examples/train_drafter.py`.",
+        "",
+        "## Reproduce",
+        "",
+        "```",
+        f"OMP_NUM_THREADS={args.threads} HF_HUB_OFFLINE=1 python examples/train_drafter.py {argv}",
+        "```",
+        "",
+        f"Seed {args.seed}, {args.threads} thread(s) (results are bit-reproducible for a fixed seed and thread count).",
+        "",
+        "## Model",
+        "",
+        f"- {config['num_hidden_layers']} decoder layer(s), hidden {config['hidden_size']}, MLP {config['intermediate_size']}, "
+        f"{config['num_attention_heads']} q heads / {config['num_key_value_heads']} kv heads x {config['head_dim']}, "
+        "Qwen3-style attention with per-head q/k RMSNorm (DeepSpec's drafter architecture; the Llama target has none, "
+        "which does not matter: the drafter is its own model).",
+        f"- target_layer_ids {config['target_layer_ids']} (decoder-layer outputs, HF `hidden_states[l + 1]`; "
+        f"DeepSpec/z-lab `build_target_layer_ids({config['num_target_layers']}, 5)`: 1..L-3 evenly spaced).",
+    ]
+    if args.family != "eagle3":
+        lines.append(f"- block_size {config['block_size']} (gamma {config['block_size']}: slot k predicts anchor + k + 1), "
+                     f"mask_token_id {config['mask_token_id']} (a special token SmolLM2 never emits)"
+                     + (f", Markov head {config['markov_head_type']} rank {config['markov_rank']}, confidence head on "
+                        "[h ; W1[prev]]" if args.family == "dspark" else ", no heads") + ".")
+    else:
+        lines.append(f"- ttt_length {config['ttt_length']} (drafts per round), step_loss_decay {config['step_loss_decay']}.")
+    lines += [
+        f"- `model.safetensors`: {n_saved / 1e6:.2f}M parameters in bf16 ({size_mb:.1f} MB). `embed_tokens.weight` and "
+        "`lm_head.weight` are NOT stored: they are frozen copies of the target's, and `load_drafter` borrows them from "
+        f"the TargetSpec (describe_drafter: borrows {list(desc.borrows_from_target)}).",
+        "",
+        "## Data",
+        "",
+        f"- {gen['num_samples']} ShareGPT V3 first human turns (code/math/chat-stratified, training-only source; no "
+        "evaluation-set prompts), answered by the target itself (self-distillation): "
+        f"{int(args.greedy_fraction * 100)}% greedy, the rest sampled at T={args.gen_temperature}, top-p {args.gen_top_p}; "
+        f"max {args.max_new_tokens} new tokens, bf16 generation. {gen['response_tokens']} response + {gen['prompt_tokens']} "
+        f"prompt tokens; generation took {gen['seconds'] / 60:.1f} min.",
+        f"- Target features: float32 teacher-forced target forwards, fp16 storage, top-{args.topk} next-token "
+        f"log-probs; {feat['num_tokens']} tokens, {feat['seconds'] / 60:.1f} min. Sequences capped at {args.max_len} tokens.",
+        f"- {n_train} training / {n_eval} held-out sequences (seeded split).",
+        "",
+        "## Training",
+        "",
+        f"- {args.steps} steps x {args.batch_seqs} sequences x {args.anchors} random anchors "
+        + ("(rows) " if args.family == "eagle3" else "")
+        + f"in the response tokens; AdamW lr {args.lr} (betas 0.9/0.95, wd {args.weight_decay}), warmup "
+        f"{args.warmup:.0%}, cosine to {args.min_lr_ratio}x, grad-norm clip {args.grad_clip}; LM-head matmul in "
+        f"{args.lm_head_dtype} during training.",
+    ]
+    if args.family == "eagle3":
+        lines.append(f"- Loss per TTT step k (weight {args.step_decay}^k): 0.1 CE + 0.9 ||p_draft - p_target||_1.")
+    else:
+        lines.append(f"- Loss: 0.1 CE + 0.9 ||p_draft - p_target||_1"
+                     + (" + 1.0 BCE(confidence, 1 - TV)" if args.family == "dspark" else "")
+                     + f", slot weights exp(-k/{args.loss_decay}); teacher-forced Markov head (prev = [anchor, gt_1..]), "
+                     "block mask: context strictly before the anchor + the block itself (bidirectional).")
+    lines += [
+        f"- Wall time: training {train_s / 60:.1f} min; whole run {total_s / 60:.1f} min (cached data reused when present).",
+        f"- Final (EMA) losses at step {last.get('step')}: "
+        + ", ".join(f"{k} {last[k]}" for k in ("loss", "ce", "l1", "conf", "conf_err") if k in last) + ".",
+        "",
+        "## Held-out sanity metrics (the saved bf16 checkpoint, reloaded with `load_drafter`, float32)",
+        "",
+        f"Teacher-forced on {n_eval} held-out sequences, {metrics['blocks']} full blocks:",
+        "",
+        f"| {slots} k | " + " | ".join(str(k) for k in range(len(metrics["accept_at"]))) + " |",
+        "|---|" + "---|" * len(metrics["accept_at"]),
+        "| accept (1 - TV) | " + " | ".join(f"{a:.3f}" for a in metrics["accept_at"]) + " |",
+        "| greedy top-1 agreement | " + " | ".join(f"{a:.3f}" for a in metrics["agree_at"]) + " |",
+        "",
+        f"- tau_probabilistic = 1 + sum_k prod_(i<=k) accept_i (teacher-forced, T=1): {metrics['tau_prob']}",
+    ]
+    if "conf_abs_err" in metrics:
+        lines.append(f"- mean |sigmoid(confidence) - (1 - TV)|: {metrics['conf_abs_err']}")
+    lines += [
+        "",
+        "Teacher-forced numbers condition each slot on the ground-truth prefix; real accepted lengths come from",
+        "`dspark-eval` (benchmarks/eval_acceptance.py), which drafts from the drafter's own tokens.",
+        "",
+    ]
+    (args.out / "TRAINING.md").write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""DeepSpec's drafter loss (paper §3.3; `deepspec/modeling/dspark/loss.py` conventions).
+
+Per supervised slot k (0-based) with weight w_k = exp(-k / decay) (decay 4, DeepSpec's
+`loss_decay_gamma`; Eagle3 uses step weights 0.8^k instead):
+- CE:   -log p_draft(gt_k)
+- L1:   ||p_draft - p_target||_1 (= 2 TV), at temperature 1
+- conf: BCE_with_logits(confidence_logit_k, clamp(1 - ||p_draft - p_target||_1 / 2, 0, 1).detach())
+L = 0.1 * CE + 0.9 * L1 + 1.0 * conf, each term a w-weighted mean over the supervised slots
+(DeepSpec weights the confidence BCE with the same w_k).
+
+The target distribution is stored as its top-K log-probs (K = 64 by default). The L1 distance is
+then computed over the top-K tokens exactly, plus the two tails' total masses:
+    L1 ~= sum_{i in topK} |p_d(i) - p_t(i)| + |(1 - sum_topK p_d) - (1 - sum_topK p_t)|
+which is a lower bound of the exact L1 (triangle inequality over the tail) and equals it when the
+draft's tail mass is distributed like the target's; with K = 64 the target's tail mass is small.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def distill_terms(
+    logits: torch.Tensor,  # [..., V] float32 draft logits (Markov-corrected for DSpark)
+    labels: torch.Tensor,  # [...] int64 ground-truth next tokens
+    topk_ids: torch.Tensor,  # [..., K] int64 target's top-K token ids
+    topk_logp: torch.Tensor,  # [..., K] float32 their log-probabilities
+) -> dict[str, torch.Tensor]:
+    """Per-slot CE [...], L1 [...], acceptance 1 - TV [...] (detached) and top-1 agreement [...]."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    ce = -logp.gather(-1, labels[..., None]).squeeze(-1)
+    p_top = logp.gather(-1, topk_ids).exp()
+    t_top = topk_logp.exp()
+    l1 = (p_top - t_top).abs().sum(-1) + (t_top.sum(-1) - p_top.sum(-1)).abs()
+    with torch.no_grad():
+        accept = (1.0 - 0.5 * l1).clamp(0.0, 1.0)
+        agree = (logits.argmax(-1) == topk_ids[..., 0]).float()
+    return dict(ce=ce, l1=l1, accept=accept, agree=agree)
+
+
+def weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return (values * weights).sum() / weights.sum().clamp_min(1e-6)
+
+
+def dspark_loss(
+    logits: torch.Tensor,  # [N, G, V]
+    conf_logits: torch.Tensor | None,  # [N, G] or None (DFlash)
+    labels: torch.Tensor,  # [N, G] int64
+    valid: torch.Tensor,  # [N, G] bool: a contiguous supervised prefix per block
+    topk_ids: torch.Tensor,  # [N, G, K]
+    topk_logp: torch.Tensor,  # [N, G, K]
+    decay: float = 4.0,
+    alphas: tuple[float, float, float] = (0.1, 0.9, 1.0),
+) -> tuple[torch.Tensor, dict[str, float], dict[str, torch.Tensor]]:
+    """Total loss, scalar stats, and per-slot tensors for metrics."""
+    G = logits.shape[1]
+    w = torch.exp(-torch.arange(G, dtype=torch.float32) / decay)[None, :] * valid.float()  # [N, G]
+    t = distill_terms(logits, labels, topk_ids, topk_logp)
+    ce, l1 = weighted_mean(t["ce"], w), weighted_mean(t["l1"], w)
+    loss = alphas[0] * ce + alphas[1] * l1
+    stats = dict(ce=ce.item(), l1=l1.item())
+    if conf_logits is not None:
+        bce = F.binary_cross_entropy_with_logits(conf_logits.float(), t["accept"], reduction="none")
+        conf = weighted_mean(bce, w)
+        loss = loss + alphas[2] * conf
+        stats["conf"] = conf.item()
+        with torch.no_grad():
+            stats["conf_err"] = weighted_mean((torch.sigmoid(conf_logits.float()) - t["accept"]).abs(), w).item()
+    stats["loss"] = loss.item()
+    return loss, stats, t
+
+
+def eagle3_loss(
+    logits: list[torch.Tensor],  # per step [n, V]
+    labels: list[torch.Tensor],  # per step [n]
+    valid: list[torch.Tensor],  # per step [n] bool
+    topk_ids: list[torch.Tensor],  # per step [n, K]
+    topk_logp: list[torch.Tensor],  # per step [n, K]
+    step_decay: float = 0.8,
+    alphas: tuple[float, float] = (0.1, 0.9),
+) -> tuple[torch.Tensor, dict[str, float], list[dict[str, torch.Tensor]]]:
+    """The same CE + L1 distillation per TTT step, step k weighted by step_decay^k."""
+    num = logits[0].new_zeros(())
+    den = logits[0].new_zeros(())
+    ce_num = l1_num = 0.0
+    per_step = []
+    for k, (lg, lb, v, ti, tl) in enumerate(zip(logits, labels, valid, topk_ids, topk_logp)):
+        t = distill_terms(lg, lb, ti, tl)
+        w = (step_decay**k) * v.float()
+        num = num + (w * (alphas[0] * t["ce"] + alphas[1] * t["l1"])).sum()
+        den = den + w.sum()
+        ce_num += (w * t["ce"]).sum().item()
+        l1_num += (w * t["l1"]).sum().item()
+        per_step.append(t)
+    d = den.clamp_min(1e-6)
+    loss = num / d
+    return loss, dict(loss=loss.item(), ce=ce_num / d.item(), l1=l1_num / d.item()), per_step

@@ -1,0 +1,162 @@
+"""Draft-block attention over [context K/V ; block K/V]: the fused twin of
+`dspark_sglang.drafters.block.context_block_attention` (the DSpark/DFlash backbone's attention).
+
+One program per (request, query head): its B block queries (padded to a 16-row tile for tl.dot)
+stream the request's first ``ctx_lens[r]`` context rows in BLOCK_N tiles, then the B block rows,
+with an online softmax (running max, rescaled sum and accumulator; exp2 with the log2(e) folded
+into the scale). No mask inside the block (bidirectional); ragged contexts cost only their own
+length (the right padding of shorter contexts is never read). Query head j reads KV head
+j // (heads / kv_heads).
+
+Not fused, on purpose: q/k RMSNorm and RoPE. They act on the block's own B rows (a few KB per
+request per layer) while the context K arrive from the cache already normed and rotated; fusing
+them would save two small elementwise launches and none of the dominant traffic below.
+
+Memory traffic per layer (b bytes per element, d = head_dim): context K and V,
+2 * sum_r ctx_lens[r] * kv_heads * d * b, read once per KV head from DRAM (the group's other query
+heads re-read it from L2); block K/V 2 * R * B * kv_heads * d * b; q and out R * B * heads * d * b
+each. E.g. R = 16, 4k-token contexts, 8 KV heads, d = 128, bf16: 268 MB of K/V per layer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from dspark_sglang.drafters.block import context_block_attention as block_attention_ref  # reference
+from dspark_sglang.kernels._common import FLOAT_DTYPES, INDEX_DTYPES, check, check_tensor, next_pow2
+
+__all__ = ["block_attention", "block_attention_ref"]
+
+_WHERE = "kernels/block_attention.py"
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend_tile(q, k_ptrs, v_ptrs, keep, in_d, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.constexpr):
+    """One online-softmax step over a [BLOCK_N, BLOCK_D] key/value tile (``keep``: valid keys)."""
+    kv_mask = keep[:, None] & in_d[None, :]
+    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_Q, BLOCK_N], log2 units
+    s = tl.where(keep[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile holds at least one valid key
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit(do_not_specialize=["block", "head_dim"])
+def _block_attention_kernel(
+    q_ptr,  # [R, B, heads, d]
+    ctx_k_ptr,  # [R, N, kv_heads, d]
+    ctx_v_ptr,  # [R, N, kv_heads, d]
+    ctx_lens_ptr,  # [R] int
+    blk_k_ptr,  # [R, B, kv_heads, d]
+    blk_v_ptr,  # [R, B, kv_heads, d]
+    out_ptr,  # [R, B, heads, d]
+    block,
+    head_dim,
+    group,
+    qk_scale,
+    sq_r, sq_b, sq_h,
+    sck_r, sck_n, sck_h,
+    scv_r, scv_n, scv_h,
+    sbk_r, sbk_b, sbk_h,
+    sbv_r, sbv_b, sbv_h,
+    so_r, so_b, so_h,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    req = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    kv_head = (head // group).to(tl.int64)
+    rows = tl.arange(0, BLOCK_Q)
+    cols = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    in_d = cols < head_dim
+    q_mask = (rows[:, None] < block) & in_d[None, :]
+    q = tl.load(q_ptr + req * sq_r + rows[:, None] * sq_b + head * sq_h + cols[None, :], mask=q_mask, other=0.0)
+
+    m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_Q], tl.float32)
+    acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+    ctx_len = tl.load(ctx_lens_ptr + req).to(tl.int32)
+    ck_base = ctx_k_ptr + req * sck_r + kv_head * sck_h
+    cv_base = ctx_v_ptr + req * scv_r + kv_head * scv_h
+    for n0 in range(0, ctx_len, BLOCK_N):
+        n = n0 + offs_n
+        keep = n < ctx_len
+        k_ptrs = ck_base + n[:, None].to(tl.int64) * sck_n + cols[None, :]
+        v_ptrs = cv_base + n[:, None].to(tl.int64) * scv_n + cols[None, :]
+        m_i, l_i, acc = _attend_tile(q, k_ptrs, v_ptrs, keep, in_d, m_i, l_i, acc, qk_scale, DOT_PRECISION)
+    # The block's own keys (bidirectional): one [BLOCK_Q, BLOCK_D] tile, since B <= BLOCK_Q.
+    b = tl.arange(0, BLOCK_Q)
+    keep = b < block
+    k_ptrs = blk_k_ptr + req * sbk_r + b[:, None] * sbk_b + kv_head * sbk_h + cols[None, :]
+    v_ptrs = blk_v_ptr + req * sbv_r + b[:, None] * sbv_b + kv_head * sbv_h + cols[None, :]
+    m_i, l_i, acc = _attend_tile(q, k_ptrs, v_ptrs, keep, in_d, m_i, l_i, acc, qk_scale, DOT_PRECISION)
+
+    out = acc / l_i[:, None]
+    o_ptrs = out_ptr + req * so_r + rows[:, None] * so_b + head * so_h + cols[None, :]
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+def block_attention(
+    q: torch.Tensor,  # [R, B, heads, d] block queries (normed, rotated)
+    ctx_k: torch.Tensor,  # [R, N, kv_heads, d] context keys, right-padded
+    ctx_v: torch.Tensor,  # [R, N, kv_heads, d]
+    ctx_lens: torch.Tensor | None,  # [R] int, real context rows per request (<= N); None = N
+    k: torch.Tensor,  # [R, B, kv_heads, d] block keys
+    v: torch.Tensor,  # [R, B, kv_heads, d]
+    scale: float | None = None,  # default d ** -0.5
+    *,
+    out: torch.Tensor | None = None,  # [R, B, heads, d]
+    block_n: int | None = None,
+    num_warps: int = 4,
+) -> torch.Tensor:  # [R, B, heads, d]
+    """Fused `block_attention_ref` with the context given by lengths (a right-padded prefix mask
+    ``ctx_mask`` is ``ctx_lens = ctx_mask.sum(1)``). Lengths are clamped to [0, N]."""
+    check(_WHERE, isinstance(q, torch.Tensor) and q.ndim == 4, "q must be a [R, B, heads, d] tensor")
+    num_reqs, block, heads, head_dim = q.shape
+    check(_WHERE, isinstance(ctx_k, torch.Tensor) and ctx_k.ndim == 4, "ctx_k must be a [R, N, kv_heads, d] tensor")
+    num_ctx, kv_heads = ctx_k.shape[1], ctx_k.shape[2]
+    device, dtype = q.device, q.dtype
+    check(_WHERE, kv_heads >= 1 and heads % kv_heads == 0,
+          f"heads={heads} is not a multiple of kv_heads={kv_heads}")
+    check(_WHERE, block >= 1, "the block must hold at least one query")
+    check_tensor(_WHERE, "q", q, (num_reqs, block, heads, head_dim), FLOAT_DTYPES, device)
+    for name, tensor, rows in (("ctx_k", ctx_k, num_ctx), ("ctx_v", ctx_v, num_ctx), ("k", k, block), ("v", v, block)):
+        check_tensor(_WHERE, name, tensor, (num_reqs, rows, kv_heads, head_dim), (dtype,), device)
+    if ctx_lens is None:
+        ctx_lens = torch.full((num_reqs,), num_ctx, dtype=torch.int32, device=device)
+    else:
+        check_tensor(_WHERE, "ctx_lens", ctx_lens, (num_reqs,), INDEX_DTYPES, device)
+        ctx_lens = ctx_lens.clamp(0, num_ctx)
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    else:
+        check_tensor(_WHERE, "out", out, tuple(q.shape), (dtype,), device)
+    if num_reqs == 0:
+        return out
+    scale = head_dim ** -0.5 if scale is None else float(scale)
+    check(_WHERE, math.isfinite(scale), f"scale must be finite, got {scale}")
+    block_q = max(16, next_pow2(block))
+    block_n = block_n or max(16, min(64, next_pow2(num_ctx)))
+    _block_attention_kernel[(num_reqs, heads)](
+        q, ctx_k, ctx_v, ctx_lens, k, v, out,
+        block, head_dim, heads // kv_heads, scale * _LOG2E,
+        *q.stride()[:3], *ctx_k.stride()[:3], *ctx_v.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        *out.stride()[:3],
+        BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(head_dim)),
+        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        num_warps=num_warps,
+    )
+    return out

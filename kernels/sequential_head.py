@@ -1,0 +1,404 @@
+"""DSpark's sequential head in one launch per round: the fused twin of
+`dspark_sglang.drafters.heads.sample_sequential_with_uniforms`.
+
+One program per request walks k = 0..G-1 (the recurrence is sequential in k, not across requests):
+
+1. ``rows = W1[p_k]`` (p_0 = anchor, then the token just drawn);
+2. confidence logit ``c_k = w·[h_k ; rows] + b`` (or ``w·h_k + b`` without Markov features);
+3. Markov vector ``v``: vanilla ``rows``; gated ``σ(Wg [h_k ; rows] + bg) ⊙ rows``; rnn
+   ``[g; c; o] = Wj [s ; rows ; h_k] + bj``, ``s = σ(g) ⊙ s + (1 - σ(g)) ⊙ tanh(c)``, ``v = tanh(o)``;
+4. pass A over the vocabulary: ``l = U_k + W2 v`` (stored: the reference's second return), with a
+   per-lane online max/sum of ``sanitize(l) / T`` and the first-index argmax;
+5. pass C: ``q = exp(x - max) / sum`` stored (one-hot at the argmax for greedy rows), with its
+   float64 total and last positive index;
+6. pass E: inverse-CDF draw with the given uniform on the stored q (float64 running CDF, first
+   entry above ``u * total``, clamped to the last positive weight, as `sampling.sample_from_probs`);
+   greedy rows take the argmax. ``q(x)`` is read back from the stored row.
+
+Scope and dispatch rule. The kernel does `process_logits` for greedy rows (`is_greedy`: T < 1e-6
+or top_k == 1, plus NaN temperatures, which the reference also sends to the one-hot argmax) and
+for plain temperature rows. Rows with a top-k (1 < k < V), top-p (< 1) or min-p (> 0) filter need
+a sort; `sample_sequential` below runs the kernel for the batch and then recomputes those rows
+with the reference (a host check, as `process_logits` itself makes) and writes them over.
+
+Agreement with the reference: logits, q and confidences agree to float32 rounding (different
+summation order in the matvecs, exp, and the reference's extra renormalisation q / Σq, which the
+kernel skips: its softmax already sums to 1 within rounding). Tokens agree exactly except when a
+uniform lands within that rounding of a CDF step, or two logits tie within it under greedy; the
+chain is sequential, so such a flip changes the rest of that request's block. Losslessness does
+not depend on agreement: each token is drawn from exactly the q the kernel stores.
+
+Memory traffic per request and step (V = vocab, r = rank, H = hidden, 4-byte activations, b-byte
+weights): W2 V*r*b (dominant: 78 MB for V = 151936, r = 256, bf16), U 4V, logits written 4V and
+re-read 4V, q written 4V and re-read ~2V (early exit), gate/joint weights (r or 3r) * (H + 2r) * b,
+W1 row r*b, h_k 4H. W2 is re-read by every request's program; concurrent programs stream it at
+about the same pace, so L2 serves part of it. At large R (R*r >> 1k) a split design (bias GEMM
+per step across requests, then the sampling passes) reads W2 once per step instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dspark_sglang.drafters.heads import ConfidenceHead, MarkovHead, sample_sequential_with_uniforms
+from dspark_sglang.drafters.interface import DraftBlock
+from dspark_sglang.kernels._common import FLOAT_DTYPES, INDEX_DTYPES, check, check_tensor, interpreting, next_pow2
+from dspark_sglang.sampling import GREEDY_EPS, SamplingBatch, is_greedy
+
+__all__ = ["sequential_head", "sample_sequential", "sample_sequential_ref", "filtered_rows", "KINDS"]
+
+sample_sequential_ref = sample_sequential_with_uniforms  # the reference (CPU path)
+
+_WHERE = "kernels/sequential_head.py"
+KINDS = {"none": 0, "vanilla": 1, "gated": 2, "rnn": 3}
+_SENTINEL = 1e30  # sampling._LOGIT_SENTINEL
+
+
+@triton.jit
+def _sanitize(x):
+    """sampling.sanitize_logits: NaN, -inf -> -1e30; +inf -> +1e30."""
+    x = tl.where(x != x, -1e30, x)
+    return tl.minimum(tl.maximum(x, -1e30), 1e30)
+
+
+@triton.jit
+def _matvec(w_ptr, stride_w, row0, col0, n_rows, n_cols, x, rows, cols):
+    """sum_j W[row0 + i, col0 + j] * x[j] for a [BLOCK_ROWS, BLOCK_COLS] tile, float32."""
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    w = tl.load(w_ptr + (row0 + rows[:, None]).to(tl.int64) * stride_w + col0 + cols[None, :],
+                mask=mask, other=0.0).to(tl.float32)
+    return tl.sum(w * x[None, :], 1)
+
+
+@triton.jit(do_not_specialize=["gamma", "vocab", "hidden_size", "rank"])
+def _sequential_head_kernel(
+    base_ptr,  # [R, G, V] U
+    hidden_ptr,  # [R, G, H] h
+    anchors_ptr,  # [R] int
+    uniforms_ptr,  # [R, G] float
+    temps_ptr,  # [R] float32
+    onehot_ptr,  # [R] bool: greedy (or NaN temperature)
+    w1_ptr,  # [V, r]
+    w2_ptr,  # [V, r]
+    mix_w_ptr,  # gated: [r, H + r]; rnn: [3r, 2r + H]
+    mix_b_ptr,  # gated: [r]; rnn: [3r]
+    conf_w_ptr,  # [H (+ r)]
+    conf_b_ptr,  # [1]
+    tokens_ptr,  # [R, G] int64 out
+    probs_ptr,  # [R, G, V] float32 out
+    token_probs_ptr,  # [R, G] float32 out
+    conf_ptr,  # [R, G] float32 out
+    logits_ptr,  # [R, G, V] out
+    gamma,
+    vocab,
+    hidden_size,
+    rank,
+    stride_u_r, stride_u_k, stride_h_r, stride_h_k, stride_un_r,
+    stride_w1, stride_w2, stride_mix,
+    stride_p_r, stride_p_k, stride_l_r, stride_l_k, stride_o_r,
+    KIND: tl.constexpr,  # 0 none, 1 vanilla, 2 gated, 3 rnn
+    HAS_CONF: tl.constexpr,
+    CONF_MARKOV: tl.constexpr,
+    BLOCK_V: tl.constexpr,  # elementwise passes
+    BLOCK_VW: tl.constexpr,  # bias pass ([BLOCK_VW, BLOCK_RANK] W2 tiles)
+    BLOCK_H: tl.constexpr,
+    BLOCK_RANK: tl.constexpr,
+):
+    req = tl.program_id(0).to(tl.int64)
+    offs_v = tl.arange(0, BLOCK_V)
+    offs_vw = tl.arange(0, BLOCK_VW)
+    offs_h = tl.arange(0, BLOCK_H)
+    ranks_i = tl.arange(0, BLOCK_RANK)  # output index of rank-sized matvecs
+    in_rank = ranks_i < rank
+    onehot = tl.load(onehot_ptr + req) != 0
+    temp = tl.load(temps_ptr + req).to(tl.float32)
+    temp = tl.where(onehot, 1.0, temp)  # the reference's safe_t
+    prev = tl.load(anchors_ptr + req).to(tl.int64)
+    state = tl.zeros([BLOCK_RANK], tl.float32)  # rnn s_{-1} = 0
+
+    for k in range(0, gamma):
+        h_row = hidden_ptr + req * stride_h_r + k * stride_h_k
+        # Clamp a bad id rather than read out of bounds (the reference's embedding would raise).
+        prev = tl.minimum(tl.maximum(prev, 0), vocab - 1)
+        if KIND > 0:
+            rows = tl.load(w1_ptr + prev * stride_w1 + ranks_i, mask=in_rank, other=0.0).to(tl.float32)
+        else:
+            rows = tl.zeros([BLOCK_RANK], tl.float32)
+
+        # Hidden-dim matvecs (confidence, gate, joint), sharing each loaded h tile.
+        conf_acc = tl.zeros([BLOCK_H], tl.float32)
+        acc_a = tl.zeros([BLOCK_RANK], tl.float32)  # gated: gate; rnn: g
+        acc_c = tl.zeros([BLOCK_RANK], tl.float32)  # rnn: c
+        acc_o = tl.zeros([BLOCK_RANK], tl.float32)  # rnn: o
+        for h0 in range(0, hidden_size, BLOCK_H):
+            cols = h0 + offs_h
+            hv = tl.load(h_row + cols, mask=cols < hidden_size, other=0.0).to(tl.float32)
+            if HAS_CONF:
+                conf_acc += tl.load(conf_w_ptr + cols, mask=cols < hidden_size, other=0.0).to(tl.float32) * hv
+            if KIND == 2:
+                acc_a += _matvec(mix_w_ptr, stride_mix, 0, h0, rank, hidden_size - h0, hv, ranks_i, offs_h)
+            if KIND == 3:
+                col0 = 2 * rank + h0
+                acc_a += _matvec(mix_w_ptr, stride_mix, 0, col0, rank, hidden_size - h0, hv, ranks_i, offs_h)
+                acc_c += _matvec(mix_w_ptr, stride_mix, rank, col0, rank, hidden_size - h0, hv, ranks_i, offs_h)
+                acc_o += _matvec(mix_w_ptr, stride_mix, 2 * rank, col0, rank, hidden_size - h0, hv, ranks_i, offs_h)
+        if HAS_CONF:
+            conf = tl.sum(conf_acc, 0) + tl.load(conf_b_ptr).to(tl.float32)
+            if CONF_MARKOV:
+                wr = tl.load(conf_w_ptr + hidden_size + ranks_i, mask=in_rank, other=0.0).to(tl.float32)
+                conf += tl.sum(wr * rows, 0)
+            tl.store(conf_ptr + req * stride_o_r + k, conf)
+
+        if KIND == 1:
+            vec = rows
+        elif KIND == 2:
+            acc_a += _matvec(mix_w_ptr, stride_mix, 0, hidden_size, rank, rank, rows, ranks_i, ranks_i)
+            acc_a += tl.load(mix_b_ptr + ranks_i, mask=in_rank, other=0.0).to(tl.float32)
+            vec = tl.sigmoid(acc_a) * rows
+        elif KIND == 3:
+            acc_a += _matvec(mix_w_ptr, stride_mix, 0, 0, rank, rank, state, ranks_i, ranks_i)
+            acc_a += _matvec(mix_w_ptr, stride_mix, 0, rank, rank, rank, rows, ranks_i, ranks_i)
+            acc_c += _matvec(mix_w_ptr, stride_mix, rank, 0, rank, rank, state, ranks_i, ranks_i)
+            acc_c += _matvec(mix_w_ptr, stride_mix, rank, rank, rank, rank, rows, ranks_i, ranks_i)
+            acc_o += _matvec(mix_w_ptr, stride_mix, 2 * rank, 0, rank, rank, state, ranks_i, ranks_i)
+            acc_o += _matvec(mix_w_ptr, stride_mix, 2 * rank, rank, rank, rank, rows, ranks_i, ranks_i)
+            acc_a += tl.load(mix_b_ptr + ranks_i, mask=in_rank, other=0.0).to(tl.float32)
+            acc_c += tl.load(mix_b_ptr + rank + ranks_i, mask=in_rank, other=0.0).to(tl.float32)
+            acc_o += tl.load(mix_b_ptr + 2 * rank + ranks_i, mask=in_rank, other=0.0).to(tl.float32)
+            gate = tl.sigmoid(acc_a)
+            tanh_c = 2.0 * tl.sigmoid(2.0 * acc_c) - 1.0
+            state = tl.where(in_rank, gate * state + (1.0 - gate) * tanh_c, 0.0)
+            vec = 2.0 * tl.sigmoid(2.0 * acc_o) - 1.0  # tanh(o)
+        else:
+            vec = rows
+
+        # Pass A: l = U + W2 v (stored), online softmax stats of sanitize(l) / T, argmax.
+        u_row = base_ptr + req * stride_u_r + k * stride_u_k
+        l_row = logits_ptr + req * stride_l_r + k * stride_l_k
+        m_lane = tl.full([BLOCK_VW], float("-inf"), tl.float32)
+        s_lane = tl.zeros([BLOCK_VW], tl.float32)
+        best = tl.full([BLOCK_VW], float("-inf"), tl.float32)
+        best_idx = tl.zeros([BLOCK_VW], tl.int32)
+        for v0 in range(0, vocab, BLOCK_VW):
+            idx = v0 + offs_vw
+            in_v = idx < vocab
+            logit = tl.load(u_row + idx, mask=in_v, other=0.0).to(tl.float32)
+            if KIND > 0:
+                logit += _matvec(w2_ptr, stride_w2, v0, 0, vocab - v0, rank, vec, offs_vw, ranks_i)
+            tl.store(l_row + idx, logit.to(logits_ptr.dtype.element_ty), mask=in_v)
+            clean = _sanitize(logit.to(logits_ptr.dtype.element_ty).to(tl.float32))
+            better = in_v & (clean > best)
+            best = tl.where(better, clean, best)
+            best_idx = tl.where(better, idx, best_idx)
+            x = tl.where(in_v, clean / temp, float("-inf"))
+            m_new = tl.maximum(m_lane, x)
+            safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a lane with no entry yet: no -inf - -inf
+            s_lane = s_lane * tl.exp(m_lane - safe) + tl.exp(x - safe)
+            m_lane = m_new
+        top = tl.max(best, 0)
+        argmax = tl.min(tl.where(best == top, best_idx, 2147483647), 0)
+        x_max = tl.max(m_lane, 0)
+        x_sum = tl.sum(s_lane * tl.exp(m_lane - x_max), 0)  # x_max is finite (vocab >= 1)
+        tl.debug_barrier()  # pass C re-reads logits other threads of this program wrote
+
+        # Pass C: q (one-hot for greedy rows), float64 total and last positive index.
+        p_row = probs_ptr + req * stride_p_r + k * stride_p_k
+        acc_q = tl.zeros([BLOCK_V], tl.float64)
+        last_q = tl.full([BLOCK_V], -1, tl.int32)
+        for v0 in range(0, vocab, BLOCK_V):
+            idx = v0 + offs_v
+            in_v = idx < vocab
+            if onehot:
+                q = tl.where(idx == argmax, 1.0, 0.0)
+            else:
+                clean = _sanitize(tl.load(l_row + idx, mask=in_v, other=0.0).to(tl.float32))
+                q = tl.exp(clean / temp - x_max) / x_sum
+            q = tl.where(in_v, q, 0.0)
+            tl.store(p_row + idx, q, mask=in_v)
+            acc_q += q.to(tl.float64)
+            last_q = tl.maximum(last_q, tl.where(q > 0.0, idx, -1))
+        tl.debug_barrier()  # pass E re-reads q
+
+        # Pass E: inverse CDF on the stored q (sampling.sample_from_probs), argmax for greedy.
+        if onehot:
+            token = argmax
+        else:
+            u = tl.load(uniforms_ptr + req * stride_un_r + k).to(tl.float64)
+            target = tl.minimum(tl.maximum(u, 0.0), 1.0) * tl.sum(acc_q, 0)
+            found = vocab
+            carry = tl.zeros([], tl.float64)
+            v0 = 0
+            while (v0 < vocab) & (found == vocab):
+                idx = v0 + offs_v
+                in_v = idx < vocab
+                w = tl.load(p_row + idx, mask=in_v, other=0.0).to(tl.float64)
+                cdf = carry + tl.cumsum(w, 0)
+                found = tl.min(tl.where((cdf > target) & in_v, idx, vocab), 0)
+                carry = tl.max(cdf, 0)
+                v0 += BLOCK_V
+            token = tl.minimum(found, tl.maximum(tl.max(last_q, 0), 0))
+        token_prob = tl.load(p_row + token)
+        tl.store(tokens_ptr + req * stride_o_r + k, token.to(tl.int64))
+        tl.store(token_probs_ptr + req * stride_o_r + k, token_prob)
+        prev = token.to(tl.int64)
+
+
+def _weights(markov: MarkovHead | None, confidence: ConfidenceHead | None):
+    """The raw tensors of the head modules (checkpoint names), or None."""
+    if markov is None:
+        return dict(kind="none", w1=None, w2=None, mix_w=None, mix_b=None,
+                    conf_w=None if confidence is None else confidence.proj.weight[0],
+                    conf_b=None if confidence is None else confidence.proj.bias)
+    mix = markov.gate_proj if markov.kind == "gated" else markov.joint_proj if markov.kind == "rnn" else None
+    return dict(
+        kind=markov.kind, w1=markov.markov_w1.weight, w2=markov.markov_w2.weight,
+        mix_w=None if mix is None else mix.weight, mix_b=None if mix is None else mix.bias,
+        conf_w=None if confidence is None else confidence.proj.weight[0],
+        conf_b=None if confidence is None else confidence.proj.bias,
+    )
+
+
+def sequential_head(
+    base_logits: torch.Tensor,  # [R, G, V] U_k
+    hidden: torch.Tensor,  # [R, G, H] h_k
+    anchors: torch.Tensor,  # [R] int, p_0
+    uniforms: torch.Tensor,  # [R, G] float U(0,1)
+    temperatures: torch.Tensor,  # [R] float
+    onehot: torch.Tensor,  # [R] bool: rows sampled by argmax (is_greedy, or NaN temperature)
+    *,
+    kind: str,  # "none" | "vanilla" | "gated" | "rnn"
+    w1: torch.Tensor | None,  # [V, r] markov_w1.weight
+    w2: torch.Tensor | None,  # [V, r] markov_w2.weight
+    mix_w: torch.Tensor | None = None,  # gated [r, H + r] gate_proj / rnn [3r, 2r + H] joint_proj
+    mix_b: torch.Tensor | None = None,  # [r] / [3r]
+    conf_w: torch.Tensor | None = None,  # [H] or [H + r] confidence proj weight row
+    conf_b: torch.Tensor | None = None,  # [1]
+    block_v: int | None = None,
+    num_warps: int = 8,
+) -> tuple[DraftBlock, torch.Tensor]:
+    """Launch the fused head on raw tensors: no top-k/top-p/min-p (see `sample_sequential`).
+
+    Returns the DraftBlock (tokens [R, G] int64, probs [R, G, V] float32, token_probs [R, G]
+    float32, confidence_logits [R, G] float32 or None) and the logits U + B [R, G, V].
+    """
+    check(_WHERE, kind in KINDS, f"kind must be one of {sorted(KINDS)}, got {kind!r}")
+    check(_WHERE, isinstance(base_logits, torch.Tensor) and base_logits.ndim == 3,
+          "base_logits must be a [R, G, V] tensor")
+    num_reqs, gamma, vocab = base_logits.shape
+    device = base_logits.device
+    check(_WHERE, isinstance(hidden, torch.Tensor) and hidden.ndim == 3, "hidden must be a [R, G, H] tensor")
+    hidden_size = hidden.shape[2]
+    check_tensor(_WHERE, "base_logits", base_logits, (num_reqs, gamma, vocab), FLOAT_DTYPES, device)
+    check_tensor(_WHERE, "hidden", hidden, (num_reqs, gamma, hidden_size), FLOAT_DTYPES, device)
+    check_tensor(_WHERE, "anchors", anchors, (num_reqs,), INDEX_DTYPES, device)
+    check_tensor(_WHERE, "uniforms", uniforms, (num_reqs, gamma), (torch.float32, torch.float64), device)
+    check_tensor(_WHERE, "temperatures", temperatures, (num_reqs,), FLOAT_DTYPES, device)
+    check_tensor(_WHERE, "onehot", onehot, (num_reqs,), (torch.bool,), device)
+    code = KINDS[kind]
+    rank = 0
+    if code:
+        check(_WHERE, w1 is not None and w2 is not None, f"kind {kind!r} needs w1 and w2")
+        rank = w1.shape[-1] if w1.ndim == 2 else -1
+        check_tensor(_WHERE, "w1", w1, (vocab, rank), FLOAT_DTYPES, device)
+        check_tensor(_WHERE, "w2", w2, (vocab, rank), FLOAT_DTYPES, device)
+    if code == 2:
+        check_tensor(_WHERE, "mix_w (gate_proj.weight)", mix_w, (rank, hidden_size + rank), FLOAT_DTYPES, device)
+        check_tensor(_WHERE, "mix_b (gate_proj.bias)", mix_b, (rank,), FLOAT_DTYPES, device)
+    if code == 3:
+        check_tensor(_WHERE, "mix_w (joint_proj.weight)", mix_w, (3 * rank, 2 * rank + hidden_size),
+                     FLOAT_DTYPES, device)
+        check_tensor(_WHERE, "mix_b (joint_proj.bias)", mix_b, (3 * rank,), FLOAT_DTYPES, device)
+    has_conf = conf_w is not None
+    conf_markov = False
+    if has_conf and conf_b is None:  # a bias-free confidence projection (DeepSeek-V4 style)
+        conf_b = torch.zeros(1, dtype=conf_w.dtype, device=device)
+    if has_conf:
+        conf_markov = conf_w.shape == (hidden_size + rank,) and rank > 0
+        check(_WHERE, conf_w.shape in ((hidden_size,), (hidden_size + rank,)) and (rank > 0 or conf_w.shape == (hidden_size,)),
+              f"conf_w must be [{hidden_size}] or [{hidden_size + rank}], got {list(conf_w.shape)}")
+        check_tensor(_WHERE, "conf_w", conf_w, tuple(conf_w.shape), FLOAT_DTYPES, device)
+        check_tensor(_WHERE, "conf_b", conf_b, (1,), FLOAT_DTYPES, device)
+
+    logits_dtype = base_logits.dtype if w2 is None else torch.promote_types(base_logits.dtype, w2.dtype)
+    tokens = torch.empty(num_reqs, gamma, dtype=torch.int64, device=device)
+    probs = torch.empty(num_reqs, gamma, vocab, dtype=torch.float32, device=device)
+    token_probs = torch.empty(num_reqs, gamma, dtype=torch.float32, device=device)
+    conf = torch.empty(num_reqs, gamma, dtype=torch.float32, device=device) if has_conf else None
+    logits = torch.empty(num_reqs, gamma, vocab, dtype=logits_dtype, device=device)
+    block = DraftBlock(tokens=tokens, probs=probs, token_probs=token_probs, confidence_logits=conf)
+    if num_reqs == 0 or gamma == 0:
+        return block, logits
+
+    interp = interpreting()
+    block_rank = max(16, next_pow2(rank))
+    block_v = block_v or max(16, min(next_pow2(vocab), 16384 if interp else 2048))
+    block_vw = block_v if interp else max(16, min(block_v, 8192 // block_rank))
+    block_h = max(16, min(next_pow2(hidden_size), 1 << 14 if interp else max(16, 4096 // block_rank)))
+    dummy = probs  # never read: behind constexpr flags
+    _sequential_head_kernel[(num_reqs,)](
+        base_logits, hidden, anchors, uniforms, temperatures, onehot,
+        w1 if code else dummy, w2 if code else dummy,
+        mix_w if code >= 2 else dummy, mix_b if code >= 2 else dummy,
+        conf_w if has_conf else dummy, conf_b if has_conf else dummy,
+        tokens, probs, token_probs, conf if has_conf else token_probs, logits,
+        gamma, vocab, hidden_size, max(rank, 1),
+        base_logits.stride(0), base_logits.stride(1), hidden.stride(0), hidden.stride(1), uniforms.stride(0),
+        w1.stride(0) if code else 0, w2.stride(0) if code else 0, mix_w.stride(0) if code >= 2 else 0,
+        probs.stride(0), probs.stride(1), logits.stride(0), logits.stride(1), tokens.stride(0),
+        KIND=code, HAS_CONF=has_conf, CONF_MARKOV=conf_markov,
+        BLOCK_V=block_v, BLOCK_VW=block_vw, BLOCK_H=block_h, BLOCK_RANK=block_rank,
+        num_warps=num_warps,
+    )
+    return block, logits
+
+
+def filtered_rows(sampling: SamplingBatch, vocab: int) -> torch.Tensor:
+    """[R] bool: rows whose q needs a top-k/top-p/min-p filter (sorted path; not fused)."""
+    top_ks = sampling.top_ks
+    active = ((top_ks > 1) & (top_ks < vocab)) | (sampling.top_ps < 1.0) | (sampling.min_ps > 0.0)
+    return active & ~is_greedy(sampling.temperatures, top_ks)
+
+
+def sample_sequential(
+    base_logits: torch.Tensor,  # [R, G, V] U_k
+    hidden: torch.Tensor,  # [R, G, H] h_k
+    anchors: torch.Tensor,  # [R] int64, p_0
+    markov: MarkovHead | None,
+    confidence: ConfidenceHead | None,
+    sampling: SamplingBatch,  # R requests
+    uniforms: torch.Tensor,  # [R, G] U(0,1)
+    *,
+    block_v: int | None = None,
+) -> tuple[DraftBlock, torch.Tensor]:
+    """Fused `sample_sequential_ref` (same arguments and returns).
+
+    Dispatch rule: the kernel runs every row; rows with an active top-k/top-p/min-p filter
+    (`filtered_rows`) are then recomputed by the reference and written over (one host check).
+    """
+    num_reqs, gamma, vocab = base_logits.shape
+    temps = sampling.temperatures
+    onehot = is_greedy(temps, sampling.top_ks) | torch.isnan(temps)
+    weights = _weights(markov, confidence)
+    block, logits = sequential_head(
+        base_logits, hidden, anchors, uniforms, temps.float(), onehot,
+        **weights, block_v=block_v,
+    )
+    filtered = filtered_rows(sampling, vocab)
+    if num_reqs and bool(filtered.any()):  # host sync, as process_logits' own filter check
+        index = filtered.nonzero().squeeze(1)
+        sub = SamplingBatch(temps[index], sampling.top_ks[index], sampling.top_ps[index], sampling.min_ps[index])
+        ref_block, ref_logits = sample_sequential_ref(
+            base_logits[index], hidden[index], anchors[index], markov, confidence, sub, uniforms[index]
+        )
+        block.tokens[index] = ref_block.tokens
+        block.probs[index] = ref_block.probs
+        block.token_probs[index] = ref_block.token_probs
+        if block.confidence_logits is not None:
+            block.confidence_logits[index] = ref_block.confidence_logits
+        logits[index] = ref_logits.to(logits.dtype)
+    return block, logits
+
+
+assert GREEDY_EPS > 0 and _SENTINEL > 0  # the constants the kernel mirrors (sampling.py)

@@ -1,0 +1,172 @@
+"""The plugin worker inside a real SGLang engine on CPU, with the real SmolLM2-135M target.
+
+`--speculative-algorithm DSPARK` must be served by our worker, and its greedy output must equal the
+non-speculative engine's token for token (float32, so decode and extend round alike), whatever the
+drafter proposes. The drafter is a DeepSpec-format DSpark checkpoint built in tmp with random
+weights plus a "repeat the anchor" Markov head (`_drafter_ckpt.py`): drafts are mostly rejected on
+ordinary text and accepted in whole blocks on repetitive text, so both commit paths run.
+
+Two engines per module (~20-40 s each to start on CPU): a plain one for references, then the
+speculative one shared by every test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _drafter_ckpt import build_dspark_checkpoint  # noqa: E402
+
+MAX_NEW = 48
+# Ordinary text (drafts rejected), and text the target repeats token by token (drafts accepted).
+PROMPTS = [
+    "The capital of France is",
+    "Hello!!!!!!!!!!!!!!!!",
+    "def fibonacci(n):",
+    "Write the letter x forever: xxxxxxxxxxxxxxxx",
+]
+CHAT_2P2 = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+            "<|im_start|>user\nWhat is 2+2? Answer with one number.<|im_end|>\n<|im_start|>assistant\n")
+GREEDY = {"temperature": 0.0, "max_new_tokens": MAX_NEW}
+
+
+def _enable_cpu_engine() -> None:
+    if importlib.util.find_spec("dspark_sglang.cpu_mode") is not None:
+        from dspark_sglang.cpu_mode import enable_cpu_mode
+
+        enable_cpu_mode()
+    elif importlib.util.find_spec("common_ops") is None:
+        pytest.skip("no sgl_kernel CPU fallback (dspark_sglang.cpu_mode / common_ops)")
+    os.environ["SGLANG_USE_CPU_ENGINE"] = "1"
+
+
+def _target_dir() -> Path:
+    override = os.environ.get("DSPARK_E2E_TARGET")  # a converted SmolLM2 folder, skips materializing
+    if override:
+        return Path(override)
+    models = pytest.importorskip("dspark_sglang.models")
+    return Path(models.ensure_target())
+
+
+def _engine(target: Path, **extra):
+    import sglang as sgl
+
+    return sgl.Engine(
+        model_path=str(target), device="cpu", attention_backend="torch_native", dtype="float32",
+        max_total_tokens=8192, disable_cuda_graph=True, log_level="warning", **extra,
+    )
+
+
+@pytest.fixture(scope="module")
+def target() -> Path:
+    _enable_cpu_engine()
+    return _target_dir()
+
+
+@pytest.fixture(scope="module")
+def drafter(target, tmp_path_factory) -> Path:
+    return build_dspark_checkpoint(target, tmp_path_factory.mktemp("drafter"))
+
+
+@pytest.fixture(scope="module")
+def reference(target) -> dict:
+    """Greedy outputs of the plain engine: the parity prompts and the EOS prompt."""
+    engine = _engine(target)
+    try:
+        outs = engine.generate(PROMPTS + [CHAT_2P2], GREEDY)
+    finally:
+        engine.shutdown()
+    return {"parity": [o["output_ids"] for o in outs[:-1]], "eos": outs[-1]["output_ids"]}
+
+
+@pytest.fixture(scope="module")
+def spec_engine(target, drafter, reference):  # `reference` first: one engine at a time
+    engine = _engine(target, speculative_algorithm="DSPARK", speculative_draft_model_path=str(drafter))
+    yield engine
+    engine.shutdown()
+
+
+def test_dspark_is_served_by_the_plugin_worker(spec_engine):
+    out = spec_engine.generate(PROMPTS[1], {"temperature": 0.0, "max_new_tokens": 16})
+    meta = out["meta_info"]
+    info = spec_engine.get_server_info()
+    assert info["speculative_algorithm"] == "DSPARK_PLUGIN"  # the takeover resolved to our registration
+    # cap_lens (per-request verify windows) is reported by our worker only, not by SGLang's EAGLE/NGRAM.
+    assert meta["spec_verify_ct"] > 0 and "spec_cap_length" in meta
+    assert 1.0 <= meta["spec_cap_length"] <= info["speculative_num_draft_tokens"]
+
+
+def test_greedy_parity_batched_and_one_at_a_time(spec_engine, reference):
+    batched = spec_engine.generate(PROMPTS, GREEDY)
+    assert [o["output_ids"] for o in batched] == reference["parity"]
+    for prompt, expected in zip(PROMPTS, reference["parity"]):
+        # Repeated prompts hit the radix cache: the drafter context is rebuilt without those
+        # features, which may only cost acceptance, never exactness.
+        assert spec_engine.generate(prompt, GREEDY)["output_ids"] == expected, prompt
+    # The repetitive prompt accepted multi-token runs, so the accept-and-commit path ran too.
+    assert batched[1]["meta_info"]["spec_accept_length"] > 2.0
+    assert max(o["meta_info"]["spec_accept_length"] for o in batched) > 2.0
+
+
+def test_stop_inside_an_accepted_run_truncates_there(spec_engine, reference):
+    # The "x forever" output turns into long runs of the token 31069 ("xx"), drafted and accepted
+    # several at a time; stopping on it must end the output at its first occurrence.
+    expected = reference["parity"][3]
+    stop = 31069
+    assert stop in expected
+    out = spec_engine.generate(PROMPTS[3], {**GREEDY, "stop_token_ids": [stop]})
+    ids = out["output_ids"]
+    assert ids == expected[: expected.index(stop) + 1] or ids == expected[: expected.index(stop)]
+
+
+def test_concurrent_mixed_sampling_eos_and_abort(spec_engine, reference):
+    tm = spec_engine.tokenizer_manager
+    sampled = [
+        {"temperature": 0.7, "max_new_tokens": 24},
+        {"temperature": 1.0, "top_p": 0.9, "max_new_tokens": 24},
+        {"temperature": 0.8, "top_k": 20, "min_p": 0.05, "max_new_tokens": 24},
+    ]
+    requests = (
+        [(PROMPTS[i % 4], {"temperature": 0.0, "max_new_tokens": n}) for i, n in enumerate((1, 2, 3))]
+        + [(PROMPTS[i], p) for i, p in enumerate(sampled)]
+        + [(CHAT_2P2, {"temperature": 0.0, "max_new_tokens": 40})]  # finishes on EOS
+    )
+
+    async def one(prompt, params):
+        return await spec_engine.async_generate(prompt, params)
+
+    async def aborted():
+        chunks = 0
+        gen = await spec_engine.async_generate(PROMPTS[0], {"temperature": 0.0, "max_new_tokens": 400},
+                                               stream=True, rid="dspark-abort-me")
+        last = None
+        async for chunk in gen:
+            last, chunks = chunk, chunks + 1
+            if chunks == 3:
+                tm.abort_request("dspark-abort-me")
+        return last
+
+    async def main():
+        return await asyncio.gather(*(one(p, s) for p, s in requests), aborted())
+
+    outs = asyncio.get_event_loop().run_until_complete(main())
+    greedy_short, sampled_outs, eos_out, abort_out = outs[:3], outs[3:6], outs[6], outs[7]
+    for i, (n, out) in enumerate(zip((1, 2, 3), greedy_short)):
+        assert out["output_ids"] == reference["parity"][i % 4][:n]
+        assert out["meta_info"]["finish_reason"]["type"] == "length"
+    for out in sampled_outs:
+        assert len(out["output_ids"]) == 24 and all(0 <= t < 49152 for t in out["output_ids"])
+    assert eos_out["output_ids"] == reference["eos"]
+    assert eos_out["meta_info"]["finish_reason"]["type"] == "stop"
+    assert abort_out["meta_info"]["finish_reason"]["type"] == "abort"
+    assert len(abort_out["output_ids"]) < 400
+    # The engine still serves exactly after the abort.
+    assert spec_engine.generate(PROMPTS[2], GREEDY)["output_ids"] == reference["parity"][2]

@@ -1,0 +1,112 @@
+"""The batched training forwards of examples/training equal the product drafters' inference paths.
+
+Training runs many anchors per sequence through one dense forward (DeepSpec's block mask) and
+Eagle3's training-time test over every row at once; serving runs `append_context` + `score_block`
+/ `score_chain` per request. They must compute the same function (float32, <= 1e-5), or the saved
+checkpoint would not be the model that was trained.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from dspark_sglang.drafters.interface import TargetSpec  # noqa: E402
+from examples.training.export import build_modules, drafter_config, state_dict_for_checkpoint  # noqa: E402
+from examples.training.forward import block_hidden_train, block_scores, eagle3_logits, eagle3_ttt_train  # noqa: E402
+
+ATOL = 1e-5
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """|a - b| <= 1e-5, relative to the scale for quantities of magnitude > 1 (logits are O(10):
+    float32 rounding alone is ~1e-6 of them)."""
+    a, b = a.detach(), b.detach()
+    return bool((a - b).abs().max() <= ATOL * max(1.0, float(b.abs().max())))
+V, H, L = 96, 32, 6
+
+
+class _TinyTargetConfig:
+    """The attributes drafter_config reads from a transformers config (a Llama-like target)."""
+
+    hidden_size, num_attention_heads, num_key_value_heads, head_dim = H, 4, 2, 8
+    num_hidden_layers, vocab_size, rms_norm_eps, max_position_embeddings = L, V, 1e-5, 256
+    rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
+    bos_token_id, eos_token_id, pad_token_id, model_type = 1, 2, 2, "llama"
+
+
+def _target() -> TargetSpec:
+    g = torch.Generator().manual_seed(0)
+    return TargetSpec(H, V, L, torch.randn(V, H, generator=g), torch.randn(V, H, generator=g))
+
+
+def _build(family: str, head: str = "vanilla", layers: int = 2):
+    cfg = drafter_config(family, _TinyTargetConfig, num_layers=layers if family != "eagle3" else 1,
+                         intermediate_size=48, layer_ids=[0, 2, 4], block_size=5, mask_token_id=V - 1,
+                         markov_rank=8, markov_head_type=head, ttt_length=4, target_name="tiny")
+    drafter = build_modules(family, cfg, _target(), seed=1)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # move every weight off its init (norms 1, biases 0) so each one matters
+        for p in drafter.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return drafter
+
+
+def _data(S: int, T: int, width: int):
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(S, T, width, generator=g), torch.randint(0, V - 1, (S, T), generator=g)
+
+
+@pytest.mark.parametrize("family,head", [("dspark", "vanilla"), ("dspark", "gated"), ("dspark", "rnn"), ("dflash", None)])
+def test_block_training_forward_equals_score_block(family, head):
+    drafter = _build(family, head or "vanilla").eval()
+    G = drafter.config.block_size
+    S, T = 2, 24
+    feats, tokens = _data(S, T, drafter.config.context_width)
+    valid = torch.ones(S, T, dtype=torch.bool)
+    valid[1, 18:] = False  # the second sequence is right-padded
+    anchors = torch.tensor([[1, 7, 12, 19], [3, 4, 9, 13]])
+    hidden = block_hidden_train(drafter, feats, valid, tokens, anchors)  # [S, A, G, H]
+    prev = torch.stack([tokens[s, a : a + G] for s in range(S) for a in anchors[s].tolist()])  # [S*A, G]
+    logits, conf = block_scores(drafter, hidden.reshape(-1, G, H), prev)
+    for s in range(S):
+        for i, a in enumerate(anchors[s].tolist()):
+            slot = 10 * s + i
+            drafter.append_context([slot], [feats[s, :a]], [torch.arange(a)], [tokens[s, :a]])
+            ref_hidden = drafter.block_hidden([slot], tokens[s, a : a + 1], torch.tensor([a]))
+            ref_logits, ref_conf = drafter.score_block([slot], tokens[s, a : a + 1], torch.tensor([a]), prev[None, s * 4 + i])
+            drafter.release(slot)
+            assert close(hidden[s, i], ref_hidden[0])
+            assert close(logits[s * 4 + i], ref_logits[0])
+            if conf is None:
+                assert ref_conf is None
+            else:
+                assert close(conf[s * 4 + i], ref_conf[0])
+
+
+def test_eagle3_ttt_equals_score_chain():
+    drafter = _build("eagle3").eval()
+    steps, T = 4, 20
+    feats, tokens = _data(1, T, len(drafter.info.target_layer_ids) * H)
+    outs = eagle3_ttt_train(drafter, feats, tokens, steps)  # steps x [1, T-1, H]
+    logits = [eagle3_logits(drafter, x)[0] for x in outs]  # steps x [T-1, V]
+    for a in (1, 2, 7, 15):  # anchor position a <-> training row t = a - 1
+        drafter.append_context([0], [feats[0, :a]], [torch.arange(a)], [tokens[0, :a]])
+        ref_logits, ref_hidden = drafter.score_chain([0], tokens[0, a : a + 1], torch.tensor([a]),
+                                                     tokens[None, 0, a + 1 : a + steps])
+        drafter.release(0)
+        for k in range(steps):
+            assert close(outs[k][0, a - 1], ref_hidden[0, k])
+            assert close(logits[k][a - 1], ref_logits[0, k])
+
+
+@pytest.mark.parametrize("family", ["dspark", "dflash", "eagle3"])
+def test_checkpoint_omits_the_borrowed_copies(family):
+    sd = state_dict_for_checkpoint(family, _build(family))
+    assert "embed_tokens.weight" not in sd and "lm_head.weight" not in sd
+    assert all(t.dtype == torch.bfloat16 for t in sd.values())
