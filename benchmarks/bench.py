@@ -257,7 +257,7 @@ def _progress(disabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    disable=disabled, transient=True)
+                    disable=disabled, transient=True, console=report.make_console())
 
 
 def _use_cpu(choice: str) -> bool:

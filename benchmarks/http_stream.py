@@ -161,19 +161,19 @@ def send_streaming(endpoint: Endpoint, body: dict, record: RequestRecord,
 
 
 def _apportion(char_counts: list[int], total_tokens: Optional[int]) -> list[int]:
-    """Cumulative tokens per chunk: one per chunk without a usage count, else the usage total
-    split in proportion to characters (each chunk at least one token, strictly increasing)."""
+    """Cumulative tokens per chunk from cumulative characters: one token per chunk when the server
+    gave no usage count (or as many tokens as chunks), else the usage total split in proportion to
+    characters, each chunk at least one token while tokens remain."""
     n = len(char_counts)
-    if total_tokens is None or total_tokens <= n:
-        return list(range(1, n + 1)) if total_tokens is None or total_tokens == n else \
-            [min(i + 1, total_tokens) for i in range(n)]
+    if total_tokens is None or total_tokens == n:
+        return list(range(1, n + 1))
     chars = char_counts[-1] or 1
     out, prev = [], 0
     for i, c in enumerate(char_counts):
-        remaining_chunks = n - 1 - i
-        value = round(total_tokens * c / chars)
-        value = max(value, prev + 1)
-        value = min(value, total_tokens - remaining_chunks)
+        left_after = n - 1 - i  # chunks still to come, each wanting a token
+        value = max(round(total_tokens * c / chars), prev + 1)
+        value = min(value, max(total_tokens - left_after, prev))
         out.append(value)
         prev = value
+    out[-1] = total_tokens
     return out

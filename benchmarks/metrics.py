@@ -17,9 +17,16 @@ Per level (closed loop, C clients sending back to back):
   work (the earliest end over the clients' last requests). Throughout it all C clients are active.
   Open loop (no clients): from the arrival of the 10th-percentile request to the last arrival.
 - aggregate throughput = output tokens delivered inside the window / window length;
-- per-user speed = mean decode speed of the requests whose decode lies inside the window (all
-  successful requests if none does; ``window`` then says ``"full"``);
-- TTFT and ITL percentiles over the same requests; spec metrics from ``meta_info`` when present
+- per-user speed (the curve's y) = the decode speed of every request while inside the window,
+  pooled: each request contributes the tokens of its chunks after its first chunk in the window,
+  up to its last chunk in the window, and the time between those two chunks (chunk to chunk, so
+  a window edge cutting a gap biases nothing); per-user = Σ tokens / Σ time. This uses every
+  request that decodes inside the window, not only those wholly inside it;
+- ``per_user_request_mean`` / ``per_user_p50``: mean and median of the per-request decode speed
+  over the requests whose decode lies wholly inside the window (``num_steady``);
+- with too few requests for a window (or no request decoding inside it) the whole run is used and
+  ``window`` says ``"full"``;
+- TTFT and ITL percentiles over the steady requests; spec metrics from ``meta_info`` when present
   (accept length = Σ output tokens / Σ ``spec_verify_ct``, SGLang's definition).
 """
 
@@ -99,7 +106,8 @@ class LevelSummary:
     window: str  # "steady" or "full"
     window_seconds: float
     throughput: float  # aggregate output tokens/s in the window
-    per_user: float  # mean decode tokens/s of the steady requests
+    per_user: float  # pooled in-window decode tokens/s (module doc)
+    per_user_request_mean: float  # mean per-request decode tokens/s of the steady requests
     per_user_p50: float
     ttft_p50: float
     ttft_p99: float
@@ -158,6 +166,17 @@ def _tokens_in(record: RequestRecord, start: float, stop: float) -> int:
     return total
 
 
+def _windowed_decode(record: RequestRecord, start: float, stop: float) -> tuple[int, float]:
+    """(tokens, seconds) of the record's decode between its first and last chunk inside
+    [start, stop], after its first chunk overall."""
+    inside = [i for i, t in enumerate(record.chunk_times) if max(start, record.t_first) <= t <= stop]
+    if len(inside) < 2:
+        return 0, 0.0
+    first, last = inside[0], inside[-1]
+    return (record.chunk_tokens[last] - record.chunk_tokens[first],
+            record.chunk_times[last] - record.chunk_times[first])
+
+
 def summarize_level(records: Sequence[RequestRecord]) -> LevelSummary:
     """Summarize one level (one concurrency or rate, one repeat). See the module doc."""
     ok = [r for r in records if r.ok]
@@ -166,7 +185,7 @@ def summarize_level(records: Sequence[RequestRecord]) -> LevelSummary:
     start, stop, kind = _window(records)
     if not ok:
         nan = math.nan
-        return LevelSummary(len(records), len(errors), 0, kind, nan, nan, nan, nan, nan, nan, nan, nan,
+        return LevelSummary(len(records), len(errors), 0, kind, nan, nan, nan, nan, nan, nan, nan, nan, nan,
                             nan, None, None, None, None, distinct_errors)
     seconds = stop - start
     if kind == "steady":
@@ -175,9 +194,13 @@ def summarize_level(records: Sequence[RequestRecord]) -> LevelSummary:
         tokens = sum(r.output_tokens for r in ok)
     throughput = tokens / seconds if seconds > _EPS else math.nan
     steady = [r for r in ok if r.t_first >= start - _EPS and r.t_end <= stop + _EPS]
-    chosen = steady if steady else ok
-    if not steady:
+    pooled = [_windowed_decode(r, start, stop) for r in ok]
+    pooled_tokens, pooled_seconds = sum(p[0] for p in pooled), sum(p[1] for p in pooled)
+    if not steady or pooled_seconds <= _EPS:
         kind = "full"
+        pooled = [_windowed_decode(r, -math.inf, math.inf) for r in ok]
+        pooled_tokens, pooled_seconds = sum(p[0] for p in pooled), sum(p[1] for p in pooled)
+    chosen = steady if steady else ok
     speeds = [s for s in (r.decode_tokens_per_s for r in chosen) if math.isfinite(s)]
     itls = [v for r in chosen for v in r.itls()]
     ttfts = [r.ttft for r in chosen]
@@ -189,7 +212,8 @@ def summarize_level(records: Sequence[RequestRecord]) -> LevelSummary:
     return LevelSummary(
         num_requests=len(records), num_errors=len(errors), num_steady=len(steady), window=kind,
         window_seconds=seconds, throughput=throughput,
-        per_user=sum(speeds) / len(speeds) if speeds else math.nan,
+        per_user=pooled_tokens / pooled_seconds if pooled_seconds > _EPS else math.nan,
+        per_user_request_mean=sum(speeds) / len(speeds) if speeds else math.nan,
         per_user_p50=percentile(speeds, 50),
         ttft_p50=percentile(ttfts, 50), ttft_p99=percentile(ttfts, 99),
         itl_p50=percentile(itls, 50), itl_p99=percentile(itls, 99),

@@ -127,13 +127,9 @@ def preset_configs(drafter: Optional[str], fixed_lens: Sequence[int] = (), cost_
 def _fallback_shim_dir() -> str:
     """The plugin's sgl_kernel shim directory; until it ships ``common_ops.py``, a private temporary
     directory with an empty one (enough for plain serving, cpu-dev-recipe.md §3)."""
-    shim = Path(__file__).resolve().parents[1] / "dspark_sglang" / "cpu_shim"
-    try:
-        import dspark_sglang
+    import dspark_sglang
 
-        shim = Path(dspark_sglang.__file__).parent / "cpu_shim"
-    except ImportError:
-        pass
+    shim = Path(dspark_sglang.__file__).parent / "cpu_shim"
     if (shim / "common_ops.py").is_file():
         return str(shim)
     tmp = Path(tempfile.gettempdir()) / f"dspark-bench-shim-{os.getuid()}"

@@ -83,8 +83,9 @@ class HFStepRunner:
             torch.cuda.synchronize()
 
     @torch.inference_mode()
-    def step(self, widths: Sequence[int]) -> float:
-        """One verify-shaped step (all widths equal). Returns seconds."""
+    def step(self, widths: Sequence[int]) -> tuple[float, float]:
+        """One verify-shaped step (all widths equal). Returns (wall seconds, this thread's CPU
+        seconds)."""
         num_reqs, width = len(widths), int(widths[0])
         if any(int(w) != width for w in widths):
             raise ValueError(f"the transformers backend needs equal widths per step, got {list(widths)}")
@@ -95,10 +96,10 @@ class HFStepRunner:
         positions = torch.arange(self.context_len, self.context_len + width,
                                  device=self.device).expand(num_reqs, width)  # [B, n]
         self._synchronize()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.thread_time()
         self.model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True)
         self._synchronize()
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.thread_time() - cpu_start
 
     def describe(self) -> str:
         return f"transformers {type(self.model).__name__} ({self.model.dtype}, {self.device})"

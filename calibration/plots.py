@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Optional
 
@@ -26,6 +27,9 @@ def plot_profile(profile, path: Path, title: str = "") -> None:
     for p in probes:
         ax_t.scatter([p.shape.batch_tokens] * len(p.seconds), [1e3 * s for s in p.seconds],
                      s=8, color="0.65", zorder=1)
+    if probes and probes[0].clock != "wall":  # the wall clock, for comparison
+        ax_t.scatter(xs, [1e3 * statistics.median(p.wall_seconds) for p in probes], marker="x",
+                     color="0.4", zorder=2, label="wall-clock median (incl. time preempted)")
     ax_t.errorbar(xs, med, yerr=[lo, hi], fmt="o", color="C0", capsize=3, zorder=3,
                   label="median (bars: min-max over repeats)")
     ax_r.plot(xs, [x / (m / 1e3) for x, m in zip(xs, med)], "o-", color="C0",
@@ -43,7 +47,7 @@ def plot_profile(profile, path: Path, title: str = "") -> None:
         ax_t.annotate(f"knee = {fit.knee} tokens", (fit.knee, 1e3 * fit.flat_seconds),
                       textcoords="offset points", xytext=(6, -14), color="C3")
     ax_t.set_xlabel("batch tokens per step (Σ requests × width)")
-    ax_t.set_ylabel("step time (ms)")
+    ax_t.set_ylabel(f"step time (ms, {probes[0].clock} clock)" if probes else "step time (ms)")
     ax_t.set_ylim(bottom=0)
     ax_t.legend(fontsize=8, loc="lower right")
     ax_r.set_xlabel("batch tokens per step")

@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="committed tokens per request before each step (default: %(default)s)")
     s.add_argument("--warmup", type=int, default=2, help="discarded steps per probe (default: %(default)s)")
     s.add_argument("--repeats", type=int, default=7, help="timed steps per probe (default: %(default)s)")
+    s.add_argument("--clock", choices=["auto", "wall", "cpu"], default="auto",
+                   help="which step time goes into the table: wall clock, or the stepping thread's "
+                        "CPU time (CPU device with one torch thread only: the step's cost without "
+                        "time lost to other processes on a shared machine); auto = cpu there, wall "
+                        "otherwise (default: %(default)s). Both are kept in OUT.samples.json")
     s.add_argument("--seed", type=int, default=0, help="random tokens and visiting order (default: %(default)s)")
     o = p.add_argument_group("output")
     o.add_argument("--out", type=Path, default=Path("sps.json"), help="SPS table path (default: %(default)s)")
@@ -108,9 +113,13 @@ def _resolve_device(device: str | None) -> str:
 
 
 def _default_model() -> str:
+    from dspark_sglang._wheels import MissingWheelError
     from dspark_sglang.models import ensure_target
 
-    return str(ensure_target())
+    try:
+        return str(ensure_target())
+    except (MissingWheelError, ValueError) as exc:
+        raise UsageError(f"the bundled target is not available ({exc}); pass --model") from None
 
 
 def make_runner(args, max_requests: int, max_width: int):
@@ -141,12 +150,17 @@ def profile(args) -> Profile:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    single_cpu_thread = args.device == "cpu" and torch.get_num_threads() == 1
+    if args.clock == "cpu" and not single_cpu_thread:
+        raise UsageError("--clock cpu needs --device cpu and one torch thread (OMP_NUM_THREADS=1 or "
+                         f"--threads 1; now {args.device}, {torch.get_num_threads()} threads)")
+    clock = args.clock if args.clock != "auto" else ("cpu" if single_cpu_thread else "wall")
     tokens = args.batch_tokens or staircase(args.min_tokens, args.max_tokens)
     shapes = [shape_for(b, args.width) for b in tokens]
     meta = {"backend": args.backend, "model": args.model, "device": args.device, "dtype": args.dtype,
             "context_len": args.context_len, "width": args.width, "warmup": args.warmup,
             "repeats": args.repeats, "seed": args.seed, "torch_threads": torch.get_num_threads(),
-            "sglang_plugins_loaded": args.backend == "sglang" and not args.no_plugins,
+            "clock": clock, "sglang_plugins_loaded": args.backend == "sglang" and not args.no_plugins,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "host_before": host_meta()}
     start = time.perf_counter()
     runner = make_runner(args, max(s.num_reqs for s in shapes), max(s.width for s in shapes))
@@ -155,7 +169,7 @@ def profile(args) -> Profile:
     total = len(shapes) * (args.warmup + args.repeats)
     with tqdm(total=total, desc="profiling", unit="step", disable=args.quiet, file=sys.stderr) as bar:
         probes = run_sweep(runner.step, shapes, warmup=args.warmup, repeats=args.repeats,
-                           seed=args.seed, progress=bar.update)
+                           seed=args.seed, clock=clock, progress=bar.update)
     runner.close()
     meta["host_after"] = host_meta()
     meta["sweep_seconds"] = round(time.perf_counter() - start - meta["load_seconds"], 2)
@@ -167,14 +181,16 @@ def print_profile(prof: Profile) -> None:
     from rich.table import Table
 
     table = Table(title=f"{prof.meta['runner']}, context {prof.meta['context_len']}, "
-                        f"median of {prof.meta['repeats']}")
-    for col in ("batch tokens", "reqs × width", "median ms", "min–max ms", "steps/s", "tokens/s"):
+                        f"median of {prof.meta['repeats']} ({prof.meta['clock']} clock)")
+    for col in ("batch tokens", "reqs × width", "median ms", "min–max ms", "steps/s", "tokens/s",
+                "preempted"):
         table.add_column(col, justify="right")
     for p in sorted(prof.probes, key=lambda q: q.shape.batch_tokens):
         m = p.median_seconds
         table.add_row(str(p.shape.batch_tokens), f"{p.shape.num_reqs} × {p.shape.width}",
                       f"{1e3 * m:.1f}", f"{1e3 * min(p.seconds):.1f}–{1e3 * max(p.seconds):.1f}",
-                      f"{1 / m:.2f}", f"{p.shape.batch_tokens / m:.0f}")
+                      f"{1 / m:.2f}", f"{p.shape.batch_tokens / m:.0f}",
+                      f"{100 * p.preempted_fraction:.0f}%")
     console = Console()
     console.width = max(console.width, 100)
     console.print(table)
@@ -224,7 +240,7 @@ def main_inner(argv=None) -> int:
 
         png = args.plot or args.out.with_suffix(".png")
         title = (f"{Path(args.model).name}: {prof.meta['runner']}, "
-                 f"context {args.context_len}, width ≤ {args.width}")
+                 f"context {args.context_len}, width ≤ {args.width}, {prof.meta['clock']} clock")
         plot_profile(prof, png, title=title)
         written.append(str(png))
     if not args.quiet:

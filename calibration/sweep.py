@@ -6,6 +6,13 @@ largest divisor of B not above `--width` (so B ≤ width is one request verifyin
 larger B spreads over more requests of width up to `--width`; `--width 1` gives decode-shaped
 steps).
 
+Clocks: each step is timed on the wall clock and on the stepping thread's CPU clock. On a GPU,
+or with several torch threads, only the wall clock means anything. On a CPU with one torch thread
+every op runs on the stepping thread, so its CPU time is the step's cost without the time the OS
+gave other processes: on a shared machine that is the stable measure (`--clock cpu`); the wall
+clock measures the step as this machine runs it right now. Both are kept in the samples file,
+with the share of wall time the thread spent preempted.
+
 Timing: one warm-up pass over every shape (`warmup` steps each, discarded), then `repeats`
 rounds; each round visits every shape once in a freshly shuffled order, so slow drift and a busy
 neighbour spread over all shapes instead of biasing whichever shape ran during them. Each probe's
@@ -64,36 +71,58 @@ def staircase(low: int, high: int) -> list[int]:
     return sorted(values)
 
 
+CLOCKS = ("wall", "cpu")
+
+
 @dataclass
 class Probe:
+    """One shape's timed repeats on both clocks; ``seconds`` is the one the table uses."""
+
     shape: Shape
-    seconds: list[float] = field(default_factory=list)  # one per repeat
+    clock: str = "wall"
+    wall_seconds: list[float] = field(default_factory=list)  # one per repeat
+    cpu_seconds: list[float] = field(default_factory=list)  # the stepping thread's CPU time
+
+    @property
+    def seconds(self) -> list[float]:
+        return self.wall_seconds if self.clock == "wall" else self.cpu_seconds
 
     @property
     def median_seconds(self) -> float:
         return statistics.median(self.seconds)
 
+    @property
+    def preempted_fraction(self) -> float:
+        """Median share of wall time the stepping thread was off the CPU (contention)."""
+        return statistics.median(max(0.0, 1.0 - c / w) for w, c in zip(self.wall_seconds, self.cpu_seconds))
 
-def run_sweep(step: Callable[[Sequence[int]], float], shapes: Sequence[Shape], *, warmup: int,
-              repeats: int, seed: int = 0, progress=None) -> list[Probe]:
-    """Time ``step(widths)`` for every shape: warm-up pass, then ``repeats`` shuffled rounds.
+
+def run_sweep(step: Callable[[Sequence[int]], tuple[float, float]], shapes: Sequence[Shape], *,
+              warmup: int, repeats: int, seed: int = 0, clock: str = "wall",
+              progress=None) -> list[Probe]:
+    """Time ``step(widths) -> (wall, cpu seconds)`` for every shape: warm-up pass, then
+    ``repeats`` shuffled rounds. ``clock`` picks which of the two the probes report.
 
     ``progress``, if given, is called with no arguments after every step (a tqdm ``update``).
     """
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
     tick = progress or (lambda: None)
     for shape in shapes:
         for _ in range(warmup):
             step(shape.widths)
             tick()
-    probes = [Probe(shape) for shape in shapes]
+    probes = [Probe(shape, clock) for shape in shapes]
     order = list(range(len(shapes)))
     rng = random.Random(seed)
     for _ in range(repeats):
         rng.shuffle(order)
         for i in order:
-            probes[i].seconds.append(step(probes[i].shape.widths))
+            wall, cpu = step(probes[i].shape.widths)
+            probes[i].wall_seconds.append(wall)
+            probes[i].cpu_seconds.append(cpu)
             tick()
     return probes
 
@@ -120,7 +149,9 @@ class Profile:
 
     def summary(self) -> dict:
         out = {"meta": self.meta, "table": self.table.to_dict(), "probes": [
-            {**asdict(p.shape), "seconds": p.seconds, "median_seconds": p.median_seconds}
+            {**asdict(p.shape), "clock": p.clock, "seconds": p.seconds,
+             "median_seconds": p.median_seconds, "wall_seconds": p.wall_seconds,
+             "cpu_seconds": p.cpu_seconds, "preempted_fraction": p.preempted_fraction}
             for p in self.probes
         ]}
         if self.fit is not None:

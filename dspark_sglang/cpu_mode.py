@@ -6,16 +6,22 @@
 It sets `SGLANG_USE_CPU_ENGINE=1` (SGLang's CPU platform; without it RoPE falls through to vLLM ops),
 keeps everything offline, defaults to one OpenMP thread (two threads on a shared 2-core box can be
 100x slower), and puts the `sgl_kernel` CPU fallback (`dspark_sglang/cpu_shim/common_ops.py`) on
-PYTHONPATH, which SGLang's spawned scheduler processes inherit. Call it before importing sglang.
+PYTHONPATH, which SGLang's spawned scheduler processes inherit. Call it before importing sglang:
+SGLang reads the platform at import time (`_is_cpu = is_cpu()` in many modules).
 """
 
 from __future__ import annotations
 
+import argparse
+import logging
 import os
+import shlex
 import sys
 from typing import MutableMapping
 
 from dspark_sglang.cpu_shim import shim_dir
+
+logger = logging.getLogger(__name__)
 
 CPU_ENV = {
     "SGLANG_USE_CPU_ENGINE": "1",
@@ -30,7 +36,10 @@ def _with_shim(pythonpath: str) -> str:
 
 
 def cpu_environment(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
-    """The variables CPU mode sets, given the current environment."""
+    """The variables CPU mode sets, given `environ` (default: this process's environment).
+
+    OMP_NUM_THREADS keeps an explicit value; PYTHONPATH gets the shim directory in front.
+    """
     environ = os.environ if environ is None else environ
     env = dict(CPU_ENV)
     env["OMP_NUM_THREADS"] = environ.get("OMP_NUM_THREADS", "1")
@@ -38,23 +47,34 @@ def cpu_environment(environ: MutableMapping[str, str] | None = None) -> dict[str
     return env
 
 
-def enable_cpu_mode(environ: MutableMapping[str, str] | None = None) -> None:
-    """Turn CPU mode on for `environ` (default: this process) and this interpreter's sys.path.
-    Idempotent."""
+def enable_cpu_mode(environ: MutableMapping[str, str] | None = None) -> MutableMapping[str, str]:
+    """Turn CPU mode on for `environ` (default: `os.environ`) and return it. Idempotent.
+
+    For `os.environ` it also puts the shim directory on this interpreter's `sys.path` (spawned
+    children inherit both). Pass another mapping to prepare the environment of a subprocess.
+    """
     environ = os.environ if environ is None else environ
     environ.update(cpu_environment(environ))
-    if environ is os.environ and shim_dir() not in sys.path:
-        sys.path.insert(0, shim_dir())
+    if environ is os.environ:
+        if shim_dir() not in sys.path:
+            sys.path.insert(0, shim_dir())
+        if "sglang.srt.utils" in sys.modules:
+            logger.warning("enable_cpu_mode() after sglang was imported: modules imported earlier "
+                           "already decided their platform; call it before importing sglang")
+    return environ
 
 
-def cpu_engine_kwargs(speculative: bool = False) -> dict:
+def cpu_engine_kwargs(speculative: bool = False, **overrides) -> dict:
     """`sglang.Engine` / server arguments that work on a CPU without AMX.
 
-    torch_native attention is the fast CPU backend (~39 ms/step for SmolLM2-135M). float32 keeps
-    greedy speculative decoding token-exact against plain decoding: in bfloat16 the decode and
-    extend kernels round differently, so parity tests would flake on near-ties.
+    torch_native attention is the fast CPU backend (~39 ms/step for SmolLM2-135M in bfloat16;
+    float32 is about 2x slower). float32 keeps greedy output token-exact against plain decoding and
+    against transformers: in bfloat16 the decode and extend kernels round differently, so parity
+    tests would flake on near-ties. Hence float32 when `speculative`, bfloat16 otherwise; pass
+    `dtype=` (or any other argument) to override. 8192 KV slots keep the cache at a few hundred MB
+    (the default sizing takes ~14.5 GB of RAM on CPU).
     """
-    return {
+    kwargs = {
         "device": "cpu",
         "attention_backend": "torch_native",
         "dtype": "float32" if speculative else "bfloat16",
@@ -62,15 +82,22 @@ def cpu_engine_kwargs(speculative: bool = False) -> dict:
         "disable_cuda_graph": True,
         "log_level": "error",
     }
+    kwargs.update(overrides)
+    return kwargs
 
 
-def main_env() -> None:
+def main_env(argv=None) -> int:
     """`dspark-cpu-env`: print `export` lines for a POSIX shell."""
-    import shlex
-
-    if any(arg in ("-h", "--help") for arg in sys.argv[1:]):
-        print('usage: eval "$(dspark-cpu-env)"\n\nPrint the environment that runs SGLang on a CPU-only '
-              "machine with this project's sgl_kernel fallback.")
-        return
+    parser = argparse.ArgumentParser(
+        prog="dspark-cpu-env",
+        description="Print the environment that runs SGLang on a CPU-only machine with this project's "
+                    'sgl_kernel fallback. Use: eval "$(dspark-cpu-env)"',
+    )
+    parser.parse_args(argv)
     for key, value in cpu_environment().items():
         print(f"export {key}={shlex.quote(value)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_env())

@@ -25,6 +25,8 @@ from pathlib import Path
 
 from dspark_sglang._wheels import MissingWheelError, wheel_file
 
+__all__ = ["MissingWheelError", "TARGETS", "ensure_target", "target_path", "load_target_hf", "gguf_path", "main"]
+
 MARKER = ".dspark-materialized.json"
 
 

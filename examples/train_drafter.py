@@ -77,16 +77,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("data")
     g.add_argument("--target-path", type=str, default=None, help="target HF dir (default: dspark_sglang.models.ensure_target())")
     g.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("DSPARK_CACHE", Path.home() / ".cache" / "dspark-sglang")) / "train")
-    g.add_argument("--num-prompts", type=int, default=640, help="ShareGPT prompts answered by the target")
+    g.add_argument("--num-prompts", type=int, default=512, help="ShareGPT prompts answered by the target")
     g.add_argument("--max-prompt-tokens", type=int, default=256)
-    g.add_argument("--max-new-tokens", type=int, default=320)
-    g.add_argument("--gen-batch", type=int, default=32, help="prompts per generate() batch")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--gen-batch", type=int, default=16, help="prompts per generate() batch")
     g.add_argument("--greedy-fraction", type=float, default=0.5, help="share of prompts answered greedily (rest: sampled)")
     g.add_argument("--gen-temperature", type=float, default=0.7)
     g.add_argument("--gen-top-p", type=float, default=0.9)
-    g.add_argument("--max-len", type=int, default=640, help="training sequence length cap (prompt + response)")
+    g.add_argument("--max-len", type=int, default=512, help="training sequence length cap (prompt + response)")
     g.add_argument("--topk", type=int, default=64, help="target log-probs kept per position for the L1/TV loss")
     g.add_argument("--eval-seqs", type=int, default=32, help="held-out sequences for the final metrics")
+    g.add_argument("--prepare-only", action="store_true", help="stop after building the cached data (stages 1-3)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=1200)
@@ -317,6 +318,9 @@ def main(argv=None) -> None:
     fs, feat_file = build_features(target, samples, args.cache_dir, gen_root.name, tuple(layer_ids), args.topk, args.max_len)
     feat_manifest = json.loads(feat_file.with_suffix(".json").read_text())
     mask_id = args.mask_token_id if args.mask_token_id is not None else pick_mask_token(tokenizer, samples)
+    if args.prepare_only:
+        print(f"[data] {gen_root} ({gen_manifest['num_samples']} samples), {feat_file} ({feat_manifest['num_tokens']} tokens)")
+        return
 
     order = list(range(fs.num_seqs))
     random.Random(args.seed).shuffle(order)
@@ -329,7 +333,7 @@ def main(argv=None) -> None:
                             markov_rank=args.markov_rank, markov_head_type=args.markov_head, ttt_length=args.ttt_length,
                             target_name=target_name)
     spec = target_spec(target)
-    drafter = build_modules(args.family, config, spec, args.seed)
+    drafter = build_modules(args.family, config, spec, args.seed, final_norm=target.model.norm.weight.detach())
     del target
     drafter.train()
     params = [p for p in drafter.parameters() if p.requires_grad]

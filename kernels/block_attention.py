@@ -64,12 +64,12 @@ def _block_attention_kernel(
     head_dim,
     group,
     qk_scale,
-    sq_r, sq_b, sq_h,
-    sck_r, sck_n, sck_h,
-    scv_r, scv_n, scv_h,
-    sbk_r, sbk_b, sbk_h,
-    sbv_r, sbv_b, sbv_h,
-    so_r, so_b, so_h,
+    stride_q_r, stride_q_b, stride_q_h,
+    stride_ck_r, stride_ck_n, stride_ck_h,
+    stride_cv_r, stride_cv_n, stride_cv_h,
+    stride_bk_r, stride_bk_b, stride_bk_h,
+    stride_bv_r, stride_bv_b, stride_bv_h,
+    stride_o_r, stride_o_b, stride_o_h,
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -83,29 +83,29 @@ def _block_attention_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     in_d = cols < head_dim
     q_mask = (rows[:, None] < block) & in_d[None, :]
-    q = tl.load(q_ptr + req * sq_r + rows[:, None] * sq_b + head * sq_h + cols[None, :], mask=q_mask, other=0.0)
+    q = tl.load(q_ptr + req * stride_q_r + rows[:, None] * stride_q_b + head * stride_q_h + cols[None, :], mask=q_mask, other=0.0)
 
     m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_Q], tl.float32)
     acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
     ctx_len = tl.load(ctx_lens_ptr + req).to(tl.int32)
-    ck_base = ctx_k_ptr + req * sck_r + kv_head * sck_h
-    cv_base = ctx_v_ptr + req * scv_r + kv_head * scv_h
+    ck_base = ctx_k_ptr + req * stride_ck_r + kv_head * stride_ck_h
+    cv_base = ctx_v_ptr + req * stride_cv_r + kv_head * stride_cv_h
     for n0 in range(0, ctx_len, BLOCK_N):
         n = n0 + offs_n
         keep = n < ctx_len
-        k_ptrs = ck_base + n[:, None].to(tl.int64) * sck_n + cols[None, :]
-        v_ptrs = cv_base + n[:, None].to(tl.int64) * scv_n + cols[None, :]
+        k_ptrs = ck_base + n[:, None].to(tl.int64) * stride_ck_n + cols[None, :]
+        v_ptrs = cv_base + n[:, None].to(tl.int64) * stride_cv_n + cols[None, :]
         m_i, l_i, acc = _attend_tile(q, k_ptrs, v_ptrs, keep, in_d, m_i, l_i, acc, qk_scale, DOT_PRECISION)
     # The block's own keys (bidirectional): one [BLOCK_Q, BLOCK_D] tile, since B <= BLOCK_Q.
     b = tl.arange(0, BLOCK_Q)
     keep = b < block
-    k_ptrs = blk_k_ptr + req * sbk_r + b[:, None] * sbk_b + kv_head * sbk_h + cols[None, :]
-    v_ptrs = blk_v_ptr + req * sbv_r + b[:, None] * sbv_b + kv_head * sbv_h + cols[None, :]
+    k_ptrs = blk_k_ptr + req * stride_bk_r + b[:, None] * stride_bk_b + kv_head * stride_bk_h + cols[None, :]
+    v_ptrs = blk_v_ptr + req * stride_bv_r + b[:, None] * stride_bv_b + kv_head * stride_bv_h + cols[None, :]
     m_i, l_i, acc = _attend_tile(q, k_ptrs, v_ptrs, keep, in_d, m_i, l_i, acc, qk_scale, DOT_PRECISION)
 
     out = acc / l_i[:, None]
-    o_ptrs = out_ptr + req * so_r + rows[:, None] * so_b + head * so_h + cols[None, :]
+    o_ptrs = out_ptr + req * stride_o_r + rows[:, None] * stride_o_b + head * stride_o_h + cols[None, :]
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
 
 

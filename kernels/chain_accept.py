@@ -43,7 +43,7 @@ from dspark_sglang.kernels._common import (
 __all__ = ["chain_accept", "chain_accept_ref"]
 
 _WHERE = "kernels/chain_accept.py"
-_FLT_MAX = 3.4028234663852886e38
+_FLT_MAX = tl.constexpr(3.4028234663852886e38)  # a constexpr: jit code may read only those
 
 
 @triton.jit
@@ -95,9 +95,10 @@ def _draw_next(p_row_ptr, q_row_ptr, use_q, u, vocab, BLOCK_V: tl.constexpr):
     last = tl.maximum(tl.where(use_res, tl.max(last_r, 0), tl.max(last_p, 0)), 0)
     target = tl.minimum(tl.maximum(u.to(tl.float64), 0.0), 1.0) * total
     # Pass 2: running float64 CDF until it first exceeds the target (early exit).
+    # Loop-carried values must be Triton tensors when compiled (the interpreter accepts ints).
     found = vocab
     carry = tl.zeros([], tl.float64)
-    start = 0
+    start = tl.zeros([], tl.int32)
     while (start < vocab) & (found == vocab):
         idx = start + offs
         in_row = idx < vocab

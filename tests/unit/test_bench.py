@@ -124,9 +124,12 @@ def test_level_window_two_clients():
     # 1 @3.5, 4 @4.0 = 26 tokens in 3 s.
     assert s.window == "steady" and s.window_seconds == pytest.approx(3.0)
     assert s.throughput == pytest.approx(26 / 3)
-    # Steady requests (decode within [1, 4]): #1 (8 tok / 2 s) and #2 (8 / 1.5).
+    # Per-user, pooled chunk to chunk inside [1, 4] after each request's first chunk: #0 1.0->2.0
+    # (4 tokens, 1 s), #1 1.0->3.0 (8, 2 s), #2 2.5->4.0 (8, 1.5 s), #3 3.5->4.0 (4, 0.5 s).
+    assert s.per_user == pytest.approx(24 / 5.0)
+    # Steady requests (decode wholly within [1, 4]): #1 (8 tok / 2 s) and #2 (8 / 1.5).
     assert s.num_steady == 2
-    assert s.per_user == pytest.approx((4.0 + 8 / 1.5) / 2)
+    assert s.per_user_request_mean == pytest.approx((4.0 + 8 / 1.5) / 2)
     assert s.mean_output_tokens == 9 and s.spec_accept_length is None
 
 

@@ -161,13 +161,18 @@ def test_run_sweep_warms_up_and_repeats_every_shape():
 
     def step(widths):
         calls.append(sum(widths))
-        return 0.01 * sum(widths)
+        return 0.01 * sum(widths), 0.005 * sum(widths)  # (wall, cpu): preempted half the time
 
     shapes = [shape_for(b, 4) for b in (1, 4, 8)]
     probes = run_sweep(step, shapes, warmup=2, repeats=3, seed=0)
     assert calls[:6] == [1, 1, 4, 4, 8, 8]  # warm-up pass, in order
     assert sorted(calls[6:]) == [1, 1, 1, 4, 4, 4, 8, 8, 8]
     assert [p.seconds for p in probes] == [[0.01] * 3, [0.04] * 3, [0.08] * 3]
+    assert probes[1].preempted_fraction == pytest.approx(0.5)
+    on_cpu = run_sweep(step, shapes, warmup=0, repeats=1, clock="cpu")
+    assert [p.median_seconds for p in on_cpu] == [0.005, 0.02, 0.04]
+    with pytest.raises(ValueError):
+        run_sweep(step, shapes, warmup=0, repeats=1, clock="gpu")
 
 
 @pytest.fixture(scope="module")
@@ -206,6 +211,8 @@ def test_profile_transformers_backend_end_to_end(tmp_path, tiny_llama, capsys):
     assert samples["fit"]["knee_batch_tokens"] in table.sample_batch_tokens
     assert samples["fit"]["slope_seconds_per_token"] >= 0
     assert samples["meta"]["backend"] == "transformers" and "loadavg" in samples["meta"]["host_before"]
+    assert samples["meta"]["clock"] == "cpu"  # auto: one torch thread on a CPU
+    assert all(len(p["wall_seconds"]) == len(p["cpu_seconds"]) == 3 for p in samples["probes"])
     assert is_png(out.with_suffix(".png"))
     assert "wrote" in capsys.readouterr().out
 
