@@ -80,6 +80,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     target.add_argument("--cpu", choices=["auto", "yes", "no"], default="auto",
                         help="CPU engine environment and flags (" + " ".join(CPU_SERVER_ARGS) + ")")
     target.add_argument("--health-timeout", type=float, default=900.0, help="seconds to wait for /health")
+    target.add_argument("--interleave", action="store_true",
+                        help="--launch: run repeat r of every configuration before repeat r+1 (restarts servers; "
+                             "spreads machine-load drift over configurations)")
 
     load = run.add_argument_group("load")
     load.add_argument("--api", choices=["generate", "chat", "completions"], default="generate")
@@ -134,7 +137,10 @@ def load_prompt_pool(sets: str, num_prompts: int) -> list:
     except ImportError as exc:
         raise SystemExit(f"dspark-bench: cannot import dspark_sglang.prompts ({exc})") from None
     names = [s.strip() for s in sets.split(",") if s.strip()]
-    per_set = [load_prompts(name, limit=num_prompts) for name in names]
+    try:
+        per_set = [load_prompts(name, limit=num_prompts) for name in names]
+    except ImportError as exc:  # a prompt set's wheel is missing; the message names the pip command
+        raise SystemExit(f"dspark-bench: {exc}") from None
     pool = []
     for i in range(max(len(p) for p in per_set)):
         pool.extend(p[i] for p in per_set if i < len(p))
@@ -202,8 +208,10 @@ def server_description(host: str, port: int) -> dict:
     return {k: info.get(k) for k in _SERVER_INFO_KEYS if k in info}
 
 
-def sweep_server(host: str, port: int, cfg_entry: dict, prompts: list, args, doc: dict, save: Callable[[], None],
-                 progress) -> None:
+def sweep_server(host: str, port: int, cfg_entry: dict, prompts: list, args, repeats: Sequence[int],
+                 save: Callable[[], None], progress) -> None:
+    """Warm the server up, then run every concurrency level once per repeat in ``repeats``,
+    appending to ``cfg_entry['levels']``."""
     info = {}
     try:
         info = get_json(host, port, "/model_info", timeout=30.0) or {}
@@ -223,9 +231,10 @@ def sweep_server(host: str, port: int, cfg_entry: dict, prompts: list, args, doc
         if record.error:
             raise ServerError(f"{cfg_entry['name']}: warm-up request failed: {record.error}")
 
-    levels = {c: {"load": c, "repeats": []} for c in args.concurrency}
-    cfg_entry["levels"] = list(levels.values())
-    for rep in range(args.repeats):
+    if not cfg_entry["levels"]:
+        cfg_entry["levels"] = [{"load": c, "repeats": []} for c in args.concurrency]
+    levels = {lvl["load"]: lvl for lvl in cfg_entry["levels"]}
+    for rep in repeats:
         for conc in args.concurrency:
             n = requests_for(conc, args)
             task = progress.add_task(f"{cfg_entry['name']} C={conc} rep {rep + 1}/{args.repeats}", total=n)
@@ -292,7 +301,7 @@ def cmd_run(args) -> dict:
             host, port = parse_url(args.url, allow_remote=args.allow_remote)
             entry = {"name": args.name, "url": args.url, "launched": False, "speculative": None, "levels": []}
             doc["configs"].append(entry)
-            sweep_server(host, port, entry, prompts, args, doc, save, progress)
+            sweep_server(host, port, entry, prompts, args, range(args.repeats), save, progress)
             entry["speculative"] = bool(entry.get("server_info", {}).get("speculative_algorithm"))
         else:
             model_path = args.model_path or _default_model()
@@ -300,18 +309,23 @@ def cmd_run(args) -> dict:
             environ = cpu_environment(os.environ) if cpu else dict(os.environ)
             common = [*(CPU_SERVER_ARGS if cpu else ()), *shlex.split(args.server_args)]
             doc["args"]["model_path"] = model_path
-            for cfg in _configs(args):
-                entry = {**cfg.to_dict(), "launched": True, "speculative": cfg.speculative, "common_args": common,
-                         "levels": []}
-                doc["configs"].append(entry)
-                log = out_dir / f"server_{cfg.name}.log"
-                progress.console.print(f"starting {cfg.name}: {' '.join(cfg.args) or '(no extra args)'} "
-                                       f"{' '.join(f'{k}={v}' for k, v in cfg.env.items())} (log {log})")
-                with ManagedServer(model_path, cfg, common_args=common, environ=environ, log_path=log,
-                                   health_timeout=args.health_timeout) as server:
-                    entry["startup_seconds"] = server.startup_seconds
-                    sweep_server(server.host, server.port, entry, prompts, args, doc, save, progress)
-                progress.console.print(f"stopped {cfg.name}")
+            configs = _configs(args)
+            entries = [{**cfg.to_dict(), "launched": True, "speculative": cfg.speculative, "common_args": common,
+                        "startup_seconds": [], "levels": []} for cfg in configs]
+            doc["configs"].extend(entries)
+            # --interleave: one repeat of every configuration, then the next repeat (servers restart),
+            # so slow drifts in machine load spread over all configurations instead of biasing one.
+            rounds = [[r] for r in range(args.repeats)] if args.interleave else [list(range(args.repeats))]
+            for reps in rounds:
+                for cfg, entry in zip(configs, entries):
+                    log = out_dir / f"server_{cfg.name}.log"
+                    progress.console.print(f"starting {cfg.name}: {' '.join(cfg.args) or '(no extra args)'} "
+                                           f"{' '.join(f'{k}={v}' for k, v in cfg.env.items())} (log {log})")
+                    with ManagedServer(model_path, cfg, common_args=common, environ=environ, log_path=log,
+                                       health_timeout=args.health_timeout) as server:
+                        entry["startup_seconds"].append(server.startup_seconds)
+                        sweep_server(server.host, server.port, entry, prompts, args, reps, save, progress)
+                    progress.console.print(f"stopped {cfg.name}")
     return finish(doc, out_dir, args.points)
 
 

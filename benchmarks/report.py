@@ -18,6 +18,7 @@ import json
 import math
 import os
 import platform
+import textwrap
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -208,7 +209,7 @@ def plot_document(doc: dict, path: str | Path, title: Optional[str] = None) -> P
     ax2.grid(alpha=0.3)
     if ax2.get_legend_handles_labels()[0]:
         ax2.legend(fontsize=8)
-    fig.suptitle(title or doc.get("summary", "")[:160], fontsize=8)
+    fig.suptitle(textwrap.fill(title or doc.get("summary", ""), 200), fontsize=8)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)

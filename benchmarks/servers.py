@@ -27,7 +27,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,38 +123,13 @@ def preset_configs(drafter: Optional[str], fixed_lens: Sequence[int] = (), cost_
     return configs
 
 
-def _fallback_shim_dir() -> str:
-    """The plugin's sgl_kernel shim directory; until it ships ``common_ops.py``, a private temporary
-    directory with an empty one (enough for plain serving, cpu-dev-recipe.md §3)."""
-    import dspark_sglang
-
-    shim = Path(dspark_sglang.__file__).parent / "cpu_shim"
-    if (shim / "common_ops.py").is_file():
-        return str(shim)
-    tmp = Path(tempfile.gettempdir()) / f"dspark-bench-shim-{os.getuid()}"
-    tmp.mkdir(exist_ok=True)
-    (tmp / "common_ops.py").write_text('"""Empty sgl_kernel common_ops (plain CPU serving)."""\n')
-    return str(tmp)
-
-
 def cpu_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    """The environment for a CPU SGLang server: ``dspark_sglang.cpu_mode.enable_cpu_mode`` when
-    available, else the recipe's variables (cpu-dev-recipe.md §5)."""
+    """A copy of ``environ`` prepared for a CPU SGLang server (``dspark_sglang.cpu_mode``: the CPU
+    engine switch, offline hub, one OpenMP thread, the sgl_kernel shim on PYTHONPATH)."""
+    from dspark_sglang.cpu_mode import enable_cpu_mode
+
     env = dict(environ)
-    try:
-        from dspark_sglang.cpu_mode import enable_cpu_mode
-    except ImportError:
-        enable_cpu_mode = None
-    if enable_cpu_mode is not None:
-        result = enable_cpu_mode(env)
-        return dict(result) if isinstance(result, Mapping) else env
-    env["SGLANG_USE_CPU_ENGINE"] = "1"
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TRANSFORMERS_OFFLINE", "1")
-    shim = _fallback_shim_dir()
-    parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env["PYTHONPATH"] = os.pathsep.join([shim, *[p for p in parts if p != shim]])
+    enable_cpu_mode(env)
     return env
 
 

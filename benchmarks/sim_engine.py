@@ -5,7 +5,8 @@ Each decode round of the simulated engine:
    records: the drafter's confidence logits for γ drafts, how many were verified and how many were
    accepted); its calibrated confidences c = sigmoid(logit / T_sts) go to the scheduler;
 2. the scheduler (``dspark_sglang.schedulers.make_scheduler``: the same code the worker runs)
-   returns verify lengths ℓ_r; the round costs 1 / SPS(R, Σ_r (1 + ℓ_r)) seconds on the cost table,
+   returns verify lengths ℓ_r; the round costs 1 / SPS(R, Σ_r (1 + ℓ_r)) seconds on the cost table
+   (beyond its last probe: step time extended linearly, ``step_seconds``),
    plus the optional drafter cost (``draft_seconds + draft_seconds_per_req · R``) for speculative
    configurations;
 3. request r commits min(a, ℓ_r) + 1 tokens, where a is the recorded round's accepted count — the
@@ -45,7 +46,8 @@ from dspark_sglang.confidence import CalibrationRecords, apply_sts
 from dspark_sglang.cost_table import CostTable
 from dspark_sglang.schedulers import make_scheduler
 
-__all__ = ["SchedulerSpec", "parse_scheduler_spec", "RoundPool", "SimSetup", "simulate_level", "SPEC_KINDS"]
+__all__ = ["SchedulerSpec", "parse_scheduler_spec", "RoundPool", "SimSetup", "simulate_level", "step_seconds",
+           "SPEC_KINDS"]
 
 SPEC_KINDS = ("none", "fixed", "verify-all", "lagged", "algorithm1")
 
@@ -215,8 +217,26 @@ class _State:
     next_slot: int = 0
 
 
+def step_seconds(table: CostTable, num_reqs: int, tokens: int) -> float:
+    """Seconds of one step: 1 / SPS, except beyond the last probe of a plain SPS table, where the
+    step TIME of the last two probes is extended linearly (never falling). Step time grows
+    linearly with tokens past the knee (peers-and-demand.md §3), so this is the physical
+    extrapolation; the table's own lookup (clamped, or linear in rate) is what a scheduler sees,
+    not what the hardware does. Prefill batches of hundreds of tokens need it."""
+    probes = getattr(table, "sample_batch_tokens", None)
+    if probes and len(probes) >= 2 and tokens > probes[-1]:
+        x0, x1 = probes[-2], probes[-1]
+        t0 = 1.0 / float(table.steps_per_second(num_reqs, x0))
+        t1 = 1.0 / float(table.steps_per_second(num_reqs, x1))
+        return t1 + max((t1 - t0) / (x1 - x0), 0.0) * (tokens - x1)
+    rate = float(table.steps_per_second(num_reqs, int(tokens)))
+    if not (rate > 0 and math.isfinite(rate)):
+        raise ValueError(f"cost table gave a non-positive rate {rate} at {num_reqs} requests, {tokens} tokens")
+    return 1.0 / rate
+
+
 class _Rates:
-    """Memoised SPS lookups (a level repeats the same (requests, tokens) shapes many times)."""
+    """Memoised ``step_seconds`` (a level repeats the same (requests, tokens) shapes many times)."""
 
     def __init__(self, table: CostTable):
         self.table, self.memo = table, {}
@@ -225,10 +245,7 @@ class _Rates:
         key = (num_reqs, tokens)
         hit = self.memo.get(key)
         if hit is None:
-            rate = float(self.table.steps_per_second(num_reqs, int(tokens)))
-            if not (rate > 0 and math.isfinite(rate)):
-                raise ValueError(f"cost table gave a non-positive rate {rate} at {num_reqs} requests, {tokens} tokens")
-            hit = self.memo[key] = 1.0 / rate
+            hit = self.memo[key] = step_seconds(self.table, num_reqs, tokens)
         return hit
 
 

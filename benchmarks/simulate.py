@@ -68,7 +68,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sps-interpolation", choices=["step", "linear"], default="linear",
                    help="lookup between probes of a plain SPS table (step: SGLang's floor rule)")
     g.add_argument("--scheduler-cost-table", default=None,
-                   help="the table the schedulers believe (default: --sps); to study a mis-profiled table")
+                   help="the table the schedulers believe (default: --sps; in validate, a configuration's "
+                        "DSPARK_COST_TABLE when that file exists); to study a mis-profiled table")
+    g.add_argument("--scheduler-interpolation", choices=["step", "linear"], default="step",
+                   help="how the schedulers read their table (step: what the worker and SGLang do)")
     g.add_argument("--draft-ms", type=float, default=0.0, help="drafter cost per speculative round, ms")
     g.add_argument("--draft-ms-per-req", type=float, default=0.0, help="drafter cost per request per round, ms")
     g.add_argument("--prompt-len", type=int, default=0, help="prefill tokens per request (0: free prefill)")
@@ -194,9 +197,10 @@ def load_pools(args) -> list[RoundPool]:
     return pools
 
 
-def make_setup(args, pools: list[RoundPool], output_len, prompt_len: int) -> SimSetup:
+def make_setup(args, pools: list[RoundPool], output_len, prompt_len: int,
+               scheduler_table: Optional[str] = None) -> SimSetup:
     sps = load_sps(args.sps, args.sps_interpolation)
-    sched = load_sps(args.scheduler_cost_table, args.sps_interpolation) if args.scheduler_cost_table else None
+    sched = load_sps(scheduler_table or args.scheduler_cost_table or args.sps, args.scheduler_interpolation)
     return SimSetup(sps, pools, output_len=output_len, prompt_len=prompt_len, draft_seconds=args.draft_ms / 1e3,
                     draft_seconds_per_req=args.draft_ms_per_req / 1e3, max_running=args.max_running,
                     replay=args.replay, scheduler_cost_table=sched)
@@ -344,7 +348,9 @@ def cmd_validate(args) -> dict:
     for cfg in measured["configs"]:
         spec = spec_for_config(cfg, mapping)
         outs, prompt_len = _measured_lengths(cfg)
-        setup = make_setup(args, pools, outs, args.prompt_len or prompt_len)
+        table = (cfg.get("env") or {}).get("DSPARK_COST_TABLE")
+        table = table if table and Path(table).is_file() and not args.scheduler_cost_table else None
+        setup = make_setup(args, pools, outs, args.prompt_len or prompt_len, scheduler_table=table)
         counts = {lvl["load"]: max(r["num_requests"] for r in lvl["repeats"]) for lvl in cfg["levels"]}
         sweep(setup, [spec], list(counts), kind="concurrency", repeats=args.repeats,
               requests_for=lambda load: counts[load], max_seconds=math.inf, seed=args.seed, doc=doc)

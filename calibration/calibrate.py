@@ -6,8 +6,9 @@ into a fit part and a held-out part, fits sequential temperature scaling per pos
 (`dspark_sglang.confidence.fit_sts`, censoring unverified positions) on the fit part, and reports
 ECE / AUC of the cumulative survival Π_{i≤k} c_i before and after on the held-out part. Writes:
 
-- OUT (default sts.json): SGLang 0.5.23's STS JSON (`temperatures`, `dataset`, `num_samples`,
-  `ece_before`, `ece_after` — the last two on the fit part, as SGLang's fitter reports them);
+- OUT (default sts.json): SGLang 0.5.23's STS JSON for `--speculative-dspark-confidence-sts-path`
+  (`temperatures`, `dataset`, `num_samples`, `ece_before`, `ece_after` — the last two on the fit
+  part, as SGLang's fitter reports them);
 - OUT.report.json: the held-out metrics per position;
 - OUT.png: reliability diagram (predicted survival vs observed frequency, per position and
   pooled, before/after), on the held-out part.
@@ -44,6 +45,7 @@ PROG = "dspark-calibrate"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("records", type=Path, nargs="+",
                    help="calibration records (.safetensors or .npz); several files are concatenated "
@@ -105,6 +107,17 @@ def split(records: CalibrationRecords, fraction: float, seed: Optional[int]):
                                   records.verify_lens[rows], path=records.path)
 
     return take(fit_rows), take(held_rows)
+
+
+def _json_safe(obj):
+    """NaN (a position never verified in the held-out part) -> null, so the report is strict JSON."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_safe(v) for v in obj]
+    return obj
 
 
 def _mean(values) -> float:
@@ -190,7 +203,7 @@ def main_inner(argv=None) -> int:
               "holdout_fraction": args.holdout_fraction, "split_seed": args.seed,
               "temperatures": sts.temperatures, "held_out": rows}
     report_path = args.out.with_name(args.out.stem + ".report.json")
-    report_path.write_text(json.dumps(report, indent=1), encoding="utf-8")
+    report_path.write_text(json.dumps(_json_safe(report), indent=1, allow_nan=False), encoding="utf-8")
     written.append(str(report_path))
     if not args.no_plot:
         from .plots import plot_reliability

@@ -45,8 +45,9 @@ def _int_list(text: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG, description=__doc__.split("\n\n")[0],
-        epilog="Run with OMP_NUM_THREADS set (1 on a shared CPU) and as little else running as "
-               "possible; the load average is recorded next to the table.",
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]) + "\n\nRun with OMP_NUM_THREADS set (1 on a "
+               "shared CPU) and as little else running as possible; the load average is recorded "
+               "next to the table.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     g = p.add_argument_group("target")

@@ -6,8 +6,8 @@
 Pipeline (each stage cached under --cache-dir, outside the repository, so reruns skip it):
   1. prompts: ShareGPT first human turns (training-only; never the evaluation sets), stratified
      into code / math / chat;
-  2. self-distillation text: the target's own responses (batched generate, bf16, part greedy and
-     part sampled);
+  2. self-distillation text: the target's own responses (batched generate, float32 like the serving
+     target, part greedy and part sampled), plus a cheap part that keeps ShareGPT's own answers;
   3. target features: teacher-forced float32 target forwards -> outputs of decoder layers
      `--layer-ids` + the target's top-K next-token log-probs;
   4. training: the product's drafter modules (dspark_sglang.drafters) trained with DeepSpec's loss
@@ -44,7 +44,7 @@ from dspark_sglang.drafters.config import zlab_default_layer_ids  # noqa: E402
 from dspark_sglang.drafters.loader import describe_drafter, load_drafter  # noqa: E402
 from examples.training import data as data_mod  # noqa: E402
 from examples.training.export import build_modules, drafter_config, save_checkpoint, target_spec  # noqa: E402
-from examples.training.features import FeatureSet, build_features  # noqa: E402
+from examples.training.features import FeatureSet, build_features, build_part  # noqa: E402
 from examples.training.forward import block_hidden_train, block_scores, eagle3_logits, eagle3_ttt_train  # noqa: E402
 from examples.training.losses import dspark_loss, eagle3_loss  # noqa: E402
 from examples.training.target import load_target, target_path  # noqa: E402
@@ -77,16 +77,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("data")
     g.add_argument("--target-path", type=str, default=None, help="target HF dir (default: dspark_sglang.models.ensure_target())")
     g.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("DSPARK_CACHE", Path.home() / ".cache" / "dspark-sglang")) / "train")
-    g.add_argument("--num-prompts", type=int, default=512, help="ShareGPT prompts answered by the target")
+    g.add_argument("--num-generated", type=int, default=160, help="ShareGPT prompts answered by the target (self-distillation)")
+    g.add_argument("--num-answers", type=int, default=240,
+                   help="further ShareGPT prompts kept with ShareGPT's own first answer (no generation cost)")
     g.add_argument("--max-prompt-tokens", type=int, default=256)
-    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--max-new-tokens", type=int, default=192)
     g.add_argument("--gen-batch", type=int, default=16, help="prompts per generate() batch")
     g.add_argument("--greedy-fraction", type=float, default=0.5, help="share of prompts answered greedily (rest: sampled)")
     g.add_argument("--gen-temperature", type=float, default=0.7)
     g.add_argument("--gen-top-p", type=float, default=0.9)
     g.add_argument("--max-len", type=int, default=512, help="training sequence length cap (prompt + response)")
     g.add_argument("--topk", type=int, default=64, help="target log-probs kept per position for the L1/TV loss")
-    g.add_argument("--eval-seqs", type=int, default=32, help="held-out sequences for the final metrics")
+    g.add_argument("--eval-seqs", type=int, default=24, help="held-out self-distilled sequences for the final metrics")
     g.add_argument("--prepare-only", action="store_true", help="stop after building the cached data (stages 1-3)")
 
     g = p.add_argument_group("optimisation")
@@ -293,39 +295,30 @@ def main(argv=None) -> None:
     target_name = "SmolLM2-135M-Instruct" if "smollm2" in str(path).lower() else path.name
     layer_ids = [int(x) for x in args.layer_ids.split(",")] if args.layer_ids else list(zlab_default_layer_ids(tcfg.num_hidden_layers, 5))
 
-    # 1-2. prompts and the target's own responses (bf16 copy for speed; cached)
-    gen_model = None
-
-    def generator_model():
-        nonlocal gen_model
-        if gen_model is None:
-            gen_model = load_target(path, torch.bfloat16)[0]
-        return gen_model
-
-    class _Lazy:  # build_samples only touches the model when the cache is cold
-        def __getattr__(self, name):
-            return getattr(generator_model(), name)
-
-    samples, gen_root = data_mod.build_samples(
-        _Lazy(), tokenizer, args.cache_dir, num_prompts=args.num_prompts, seed=args.seed,
-        max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch,
-        greedy_fraction=args.greedy_fraction, temperature=args.gen_temperature, top_p=args.gen_top_p,
-        target_name=target_name)
-    gen_model = None
+    # 1-2. prompts and the target's own responses (float32, the serving target; cached)
+    sample_kw = dict(num_generated=args.num_generated, num_answers=args.num_answers, seed=args.seed,
+                     max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch,
+                     greedy_fraction=args.greedy_fraction, temperature=args.gen_temperature, top_p=args.gen_top_p,
+                     target_name=target_name)
+    # the cheap part first (ShareGPT answers: features only), then the self-distilled part
+    _, answers, _ = data_mod.build_samples(None, tokenizer, args.cache_dir, generate=False, **sample_kw)
+    build_part(target, answers, args.cache_dir, tuple(layer_ids), args.topk, args.max_len)
+    generated, answers, gen_root = data_mod.build_samples(target, tokenizer, args.cache_dir, **sample_kw)
     gen_manifest = json.loads((gen_root / "manifest.json").read_text())
 
-    # 3. target features (float32 target; cached)
-    fs, feat_file = build_features(target, samples, args.cache_dir, gen_root.name, tuple(layer_ids), args.topk, args.max_len)
-    feat_manifest = json.loads(feat_file.with_suffix(".json").read_text())
-    mask_id = args.mask_token_id if args.mask_token_id is not None else pick_mask_token(tokenizer, samples)
+    # 3. target features (float32 target; cached per part). Held-out sequences: self-distilled only
+    # (the serving distribution), taken first; the rest of both parts trains.
+    fs, feat_manifests = build_features(target, [generated, answers], args.cache_dir, tuple(layer_ids), args.topk, args.max_len)
+    mask_id = args.mask_token_id if args.mask_token_id is not None else pick_mask_token(tokenizer, generated + answers)
     if args.prepare_only:
-        print(f"[data] {gen_root} ({gen_manifest['num_samples']} samples), {feat_file} ({feat_manifest['num_tokens']} tokens)")
+        print(f"[data] {gen_root}: {len(generated)} self-distilled + {len(answers)} ShareGPT-answer sequences, "
+              f"{fs.tokens.numel()} tokens")
         return
 
-    order = list(range(fs.num_seqs))
-    random.Random(args.seed).shuffle(order)
-    eval_ids, train_ids = order[: args.eval_seqs], order[args.eval_seqs:]
-    train_ids = [s for s in train_ids if anchor_candidates(fs.seq(s))]
+    gen_ids = list(range(len(generated)))
+    random.Random(args.seed).shuffle(gen_ids)
+    eval_ids = gen_ids[: args.eval_seqs]
+    train_ids = [s for s in gen_ids[args.eval_seqs:] + list(range(len(generated), fs.num_seqs)) if anchor_candidates(fs.seq(s))]
 
     # 4. the product's modules, built from the config that will be saved
     config = drafter_config(args.family, tcfg, num_layers=args.layers, intermediate_size=args.intermediate_size,
@@ -382,13 +375,14 @@ def main(argv=None) -> None:
     metrics = evaluate(args.family, reloaded, fs, eval_ids, args)
     print("[eval] held-out, reloaded bf16 checkpoint:", json.dumps(metrics), flush=True)
     size_mb = (args.out / "model.safetensors").stat().st_size / 2**20
-    write_training_md(args, config, desc, n_saved, size_mb, gen_manifest, feat_manifest, history, metrics,
-                      train_seconds, time.time() - t0, len(train_ids), len(eval_ids))
+    write_training_md(args, config, desc, n_saved, size_mb, gen_manifest, feat_manifests, history, metrics,
+                      train_seconds, time.time() - t0, len(train_ids), len(eval_ids), len(answers))
     print(f"[done] {args.out} ({size_mb:.1f} MB, {n_saved / 1e6:.2f}M saved parameters), "
           f"train {train_seconds / 60:.1f} min, total {(time.time() - t0) / 60:.1f} min", flush=True)
 
 
-def write_training_md(args, config, desc, n_saved, size_mb, gen, feat, history, metrics, train_s, total_s, n_train, n_eval):
+def write_training_md(args, config, desc, n_saved, size_mb, gen, feats, history, metrics, train_s, total_s, n_train, n_eval,
+                      n_answers):
     argv = " ".join(shlex.quote(a) for a in sys.argv[1:])
     last = history[-1] if history else {}
     fam = {"dspark": "DSpark (DeepSpec `Qwen3DSparkModel`, Markov head + confidence head)",
@@ -431,14 +425,18 @@ def write_training_md(args, config, desc, n_saved, size_mb, gen, feat, history, 
         "",
         "## Data",
         "",
-        f"- {gen['num_samples']} ShareGPT V3 first human turns (code/math/chat-stratified, training-only source; no "
-        "evaluation-set prompts), answered by the target itself (self-distillation): "
+        f"- Prompts: ShareGPT V3 first human turns only (code/math/chat-stratified, seeded; a training-only source: "
+        "no prompt of GSM8K, AIME25, HumanEval, MT-Bench, Arena-Hard or AlpacaEval).",
+        f"- Self-distilled part: {gen['num_samples']} prompts answered by the target itself: "
         f"{int(args.greedy_fraction * 100)}% greedy, the rest sampled at T={args.gen_temperature}, top-p {args.gen_top_p}; "
-        f"max {args.max_new_tokens} new tokens, bf16 generation. {gen['response_tokens']} response + {gen['prompt_tokens']} "
-        f"prompt tokens; generation took {gen['seconds'] / 60:.1f} min.",
+        f"max {args.max_new_tokens} new tokens, float32 generation; {gen['response_tokens']} response + "
+        f"{gen['prompt_tokens']} prompt tokens; generation took {gen['seconds'] / 60:.1f} min.",
+        f"- ShareGPT-answer part: {n_answers} further prompts with ShareGPT's own first answer (no generation; "
+        "the loss still matches the target's distributions on that text).",
         f"- Target features: float32 teacher-forced target forwards, fp16 storage, top-{args.topk} next-token "
-        f"log-probs; {feat['num_tokens']} tokens, {feat['seconds'] / 60:.1f} min. Sequences capped at {args.max_len} tokens.",
-        f"- {n_train} training / {n_eval} held-out sequences (seeded split).",
+        f"log-probs; {sum(f['num_tokens'] for f in feats)} tokens, {sum(f['seconds'] for f in feats) / 60:.1f} min. "
+        f"Sequences capped at {args.max_len} tokens.",
+        f"- {n_train} training sequences; {n_eval} held-out self-distilled sequences (seeded split).",
         "",
         "## Training",
         "",

@@ -1,8 +1,11 @@
-"""Training text: prompts from training-only sources, answered by the target itself.
+"""Training text: prompts from training-only sources, answered by the target itself (and by ShareGPT).
 
-Self-distillation: the drafter learns to predict the *target's* continuations, so the training
+Self-distillation: the drafter learns to predict the *target's* continuations, so the best training
 sequences are `chat_template(prompt) + target response`, generated here with the target (batched HF
 `generate` with a KV cache) and cached under `<cache>/gen/<key>/` with a manifest, so reruns skip it.
+Generation is the expensive stage on a CPU (decode is ~15-100 tok/s on a shared 2-core machine), so
+a second, cheap part of the corpus keeps ShareGPT's own first answers: no generation, only a
+teacher-forced target forward, whose next-token distributions are what the L1/TV loss matches.
 
 Sources (never the evaluation sets: GSM8K *test*, AIME25, HumanEval, MT-Bench, Arena-Hard and
 AlpacaEval are what `dspark-eval` measures on):
@@ -73,36 +76,37 @@ def _eval_prompt_texts() -> set[str]:
 
 
 def select_prompts(tokenizer, num_prompts: int, seed: int, max_prompt_tokens: int,
-                   mix: tuple[float, float, float] = (0.3, 0.2, 0.5)) -> list[tuple[str, str, list[int]]]:
-    """`[(id, domain, prompt ids)]`: ShareGPT first human turns, mostly English, of a bounded
-    length, stratified (code, math, chat) by `mix`, seeded."""
+                   mix: tuple[float, float, float] = (0.3, 0.2, 0.5)) -> list[tuple[str, str, list[int], str]]:
+    """`[(id, domain, prompt ids, ShareGPT's own first answer)]`: ShareGPT first human turns with a
+    first assistant answer, mostly English, of a bounded length, stratified (code, math, chat) by
+    `mix`, seeded and shuffled."""
     banned = _eval_prompt_texts()
-    pools: dict[str, list[tuple[str, str]]] = {"code": [], "math": [], "chat": []}
+    pools: dict[str, list[tuple[str, str, str]]] = {"code": [], "math": [], "chat": []}
     seen = set()
     for conv in islice(iter_sharegpt(), 20000):  # the first 20k conversations, in file order
         turns = conv.get("conversations") or []
-        if not turns or turns[0].get("from") != "human":
+        if len(turns) < 2 or turns[0].get("from") != "human" or turns[1].get("from") != "gpt":
             continue
-        text = (turns[0].get("value") or "").strip()
-        if not 16 <= len(text) <= 1500 or text in seen or text in banned:
+        text, answer = (turns[0].get("value") or "").strip(), (turns[1].get("value") or "").strip()
+        if not 16 <= len(text) <= 1500 or len(answer) < 32 or text in seen or text in banned:
             continue
-        if sum(ch.isascii() for ch in text) < 0.97 * len(text):  # keep it English-ish
+        if sum(ch.isascii() for ch in text + answer) < 0.97 * len(text + answer):  # keep it English-ish
             continue
         seen.add(text)
-        pools[_domain(text)].append((str(conv.get("id")), text))
+        pools[_domain(text)].append((str(conv.get("id")), text, answer))
     rng = random.Random(seed)
     chosen = []
     for domain, frac in zip(("code", "math", "chat"), mix):
         pool = pools[domain]
         rng.shuffle(pool)
         want, taken = int(round(frac * num_prompts)), 0
-        for pid, text in pool:
+        for pid, text, answer in pool:
             if taken >= want:
                 break
             ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": text}])
             if len(ids) > max_prompt_tokens:
                 continue
-            chosen.append((f"sharegpt:{pid}", domain, ids))
+            chosen.append((f"sharegpt:{pid}", domain, ids, answer))
             taken += 1
     rng.shuffle(chosen)
     return chosen
@@ -157,32 +161,46 @@ def generate_responses(model, tokenizer, prompts, out_file: Path, *, max_new_tok
     bar.close()
 
 
-def build_samples(model, tokenizer, cache_dir: Path, *, num_prompts: int, seed: int, max_prompt_tokens: int,
-                  max_new_tokens: int, batch_size: int, greedy_fraction: float, temperature: float, top_p: float,
-                  target_name: str) -> tuple[list[Sample], Path]:
-    """Prompts + target responses, generated once per configuration and cached with a manifest."""
-    payload = dict(target=target_name, num_prompts=num_prompts, seed=seed, max_prompt_tokens=max_prompt_tokens,
-                   max_new_tokens=max_new_tokens, greedy_fraction=greedy_fraction, temperature=temperature, top_p=top_p,
-                   source="sharegpt-v3-first-human-turns", version=1)
+def build_samples(model, tokenizer, cache_dir: Path, *, num_generated: int, num_answers: int, seed: int,
+                  max_prompt_tokens: int, max_new_tokens: int, batch_size: int, greedy_fraction: float,
+                  temperature: float, top_p: float, target_name: str, generate: bool = True
+                  ) -> tuple[list[Sample], list[Sample], Path]:
+    """(self-distilled samples, ShareGPT-answer samples, cache folder).
+
+    One seeded pool of num_generated + num_answers prompts; the first num_generated are answered by
+    the target (generated once per configuration and cached with a manifest; `model` is only touched
+    when the cache is cold), the rest keep ShareGPT's own first answer (no generation: the target's
+    distributions on that text are still what the drafter learns from, see features.py).
+    With generate=False an uncached generation is skipped and the self-distilled list is empty."""
+    payload = dict(target=target_name, num_generated=num_generated, pool=num_generated + num_answers, seed=seed,
+                   max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens, greedy_fraction=greedy_fraction,
+                   temperature=temperature, top_p=top_p, source="sharegpt-v3-first-human-turns", version=2)
     root = cache_dir / "gen" / _key(payload)
     root.mkdir(parents=True, exist_ok=True)
-    manifest, out_file = root / "manifest.json", root / "responses.jsonl"
-    if not manifest.exists():
-        prompts_file = root / "prompts.json"
-        if prompts_file.exists():
-            prompts = [tuple(p) for p in json.loads(prompts_file.read_text())]
-        else:
-            prompts = select_prompts(tokenizer, num_prompts, seed, max_prompt_tokens)
-            prompts_file.write_text(json.dumps(prompts))
+    manifest, out_file, prompts_file = root / "manifest.json", root / "responses.jsonl", root / "prompts.json"
+    if prompts_file.exists():
+        pool = [tuple(p) for p in json.loads(prompts_file.read_text())]
+    else:
+        pool = select_prompts(tokenizer, num_generated + num_answers, seed, max_prompt_tokens)
+        prompts_file.write_text(json.dumps(pool))
+    to_generate = [p[:3] for p in pool[:num_generated]]
+    if not manifest.exists() and not generate:
+        to_generate = []
+    elif not manifest.exists():
         start = time.time()
-        generate_responses(model, tokenizer, prompts, out_file, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                           greedy_fraction=greedy_fraction, temperature=temperature, top_p=top_p, seed=seed)
-        rows = [json.loads(l) for l in out_file.read_text().splitlines()]
+        if to_generate:
+            generate_responses(model, tokenizer, to_generate, out_file, max_new_tokens=max_new_tokens,
+                               batch_size=batch_size, greedy_fraction=greedy_fraction, temperature=temperature,
+                               top_p=top_p, seed=seed)
+        rows = [json.loads(l) for l in out_file.read_text().splitlines()] if out_file.exists() else []
         manifest.write_text(json.dumps(dict(payload, num_samples=len(rows), seconds=round(time.time() - start, 1),
                                             response_tokens=sum(len(r["response_ids"]) for r in rows),
                                             prompt_tokens=sum(len(r["prompt_ids"]) for r in rows)), indent=2))
-    rows = [json.loads(l) for l in out_file.read_text().splitlines()]
-    order = {pid: i for i, (pid, _, _) in enumerate(json.loads((root / "prompts.json").read_text()))}
-    rows.sort(key=lambda r: order.get(r["prompt_id"], len(order)))  # prompt order, independent of batching
-    samples = [Sample(r["prompt_id"], r["domain"], r["prompt_ids"], r["response_ids"], r["mode"]) for r in rows if r["response_ids"]]
-    return samples, root
+    rows = [json.loads(l) for l in out_file.read_text().splitlines()] if out_file.exists() and manifest.exists() else []
+    order = {p[0]: i for i, p in enumerate(pool)}
+    rows.sort(key=lambda r: order.get(r["prompt_id"], len(order)))  # pool order, independent of batching
+    generated = [Sample(r["prompt_id"], r["domain"], r["prompt_ids"], r["response_ids"], r["mode"]) for r in rows if r["response_ids"]]
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    answers = [Sample(pid, domain, ids, tokenizer.encode(answer, add_special_tokens=False) + [eos], "sharegpt")
+               for pid, domain, ids, answer in pool[num_generated:]]
+    return generated, answers, root

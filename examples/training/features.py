@@ -26,6 +26,8 @@ from tqdm import tqdm
 
 from examples.training.data import Sample
 
+_FP16_MAX = 65504.0
+
 
 @dataclass
 class FeatureSet:
@@ -57,6 +59,7 @@ def extract(model, samples: list[Sample], layer_ids: tuple[int, ...], topk: int,
     tk_ids: list[torch.Tensor | None] = [None] * len(seqs)
     tk_lp: list[torch.Tensor | None] = [None] * len(seqs)
     bar = tqdm(total=sum(map(len, seqs)), desc="target features", unit="tok", unit_scale=True)
+    clamped = 0
     i = 0
     while i < len(order):
         width = len(seqs[order[i]])
@@ -75,9 +78,8 @@ def extract(model, samples: list[Sample], layer_ids: tuple[int, ...], topk: int,
         for r, b in enumerate(batch):
             n = len(seqs[b])
             f = torch.cat([hs[l + 1][r, :n] for l in layer_ids], dim=-1)  # [n, 5H]
-            if f.abs().max() > 6e4:
-                raise ValueError("a target feature exceeds the float16 range; store bfloat16 instead")
-            feats[b] = f.to(torch.float16)
+            clamped += int((f.abs() > _FP16_MAX).sum())  # SmolLM2's massive activations peak near 2.5e4
+            feats[b] = f.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)
             logp = torch.log_softmax(model.lm_head(hs[-1][r, :n]).float(), dim=-1)  # [n, V]
             lp, ix = logp.topk(topk, dim=-1)
             tk_ids[b], tk_lp[b] = ix.to(torch.int32), lp
@@ -86,6 +88,8 @@ def extract(model, samples: list[Sample], layer_ids: tuple[int, ...], topk: int,
     bar.close()
     lengths = torch.tensor([len(s) for s in seqs])
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    if clamped:
+        print(f"[features] {clamped} feature values clamped to the float16 range", flush=True)
     return dict(
         tokens=torch.tensor([t for s in seqs for t in s], dtype=torch.int32),
         offsets=offsets,
@@ -96,19 +100,42 @@ def extract(model, samples: list[Sample], layer_ids: tuple[int, ...], topk: int,
     )
 
 
-def build_features(model, samples: list[Sample], cache_dir: Path, gen_key: str, layer_ids: tuple[int, ...],
-                   topk: int, max_len: int) -> tuple[FeatureSet, Path]:
-    payload = dict(gen=gen_key, layer_ids=list(layer_ids), topk=topk, max_len=max_len, dtype="float32", version=1)
-    key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+def _content_key(samples: list[Sample], payload: dict) -> str:
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode())
+    for sample in samples:
+        digest.update(json.dumps([sample.prompt_ids, sample.response_ids]).encode())
+    return digest.hexdigest()[:16]
+
+
+def build_part(model, samples: list[Sample], cache_dir: Path, layer_ids: tuple[int, ...], topk: int,
+               max_len: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """Features of one list of samples, cached under a key of their exact token ids + settings."""
+    payload = dict(layer_ids=list(layer_ids), topk=topk, max_len=max_len, dtype="float32", version=1)
+    key = _content_key(samples, payload)
     root = cache_dir / "features"
     root.mkdir(parents=True, exist_ok=True)
     file, manifest = root / f"{key}.safetensors", root / f"{key}.json"
     if not (file.exists() and manifest.exists()):
+        if model is None:
+            raise RuntimeError("target features are not cached and no target model was given")
         start = time.time()
         tensors = extract(model, samples, layer_ids, topk, max_len)
         save_file(tensors, str(file))
-        manifest.write_text(json.dumps(dict(payload, num_seqs=len(samples), num_tokens=int(tensors["tokens"].numel()),
+        manifest.write_text(json.dumps(dict(payload, key=key, num_seqs=len(samples), num_tokens=int(tensors["tokens"].numel()),
                                             seconds=round(time.time() - start, 1)), indent=2))
-    t = load_file(str(file))
-    return FeatureSet(t["tokens"].long(), t["offsets"], t["prompt_lens"], t["features"], t["topk_ids"].long(),
-                      t["topk_logp"].float()), file
+    return load_file(str(file)), json.loads(manifest.read_text())
+
+
+def build_features(model, parts: list[list[Sample]], cache_dir: Path, layer_ids: tuple[int, ...], topk: int,
+                   max_len: int) -> tuple[FeatureSet, list[dict]]:
+    """One FeatureSet over all parts (each cached on its own), in part order."""
+    loaded = [build_part(model, samples, cache_dir, layer_ids, topk, max_len) for samples in parts if samples]
+    tensors = [t for t, _ in loaded]
+    offsets, base = [torch.zeros(1, dtype=torch.int64)], 0
+    for t in tensors:
+        offsets.append(t["offsets"][1:] + base)
+        base += int(t["offsets"][-1])
+    cat = lambda name: torch.cat([t[name] for t in tensors])  # noqa: E731
+    fs = FeatureSet(cat("tokens").long(), torch.cat(offsets), cat("prompt_lens"), cat("features"),
+                    cat("topk_ids").long(), cat("topk_logp").float())
+    return fs, [m for _, m in loaded]

@@ -26,7 +26,7 @@ from dspark_sglang.benchmarks.metrics import RequestRecord, percentile, summariz
 from dspark_sglang.benchmarks.servers import (
     ManagedServer, ServerConfig, ServerError, cpu_environment, load_configs, preset_configs,
 )
-from dspark_sglang.benchmarks.sim_engine import RoundPool, SimSetup, parse_scheduler_spec, simulate_level
+from dspark_sglang.benchmarks.sim_engine import RoundPool, SimSetup, parse_scheduler_spec, simulate_level, step_seconds
 from dspark_sglang.confidence import CalibrationRecords
 from dspark_sglang.cost_table import SpsTable
 
@@ -351,7 +351,9 @@ def test_configs_from_file_and_preset(tmp_path):
 
 
 def test_cpu_environment_sets_engine_and_shim():
-    env = cpu_environment({"PYTHONPATH": "/x"})
+    src = {"PYTHONPATH": "/x"}
+    env = cpu_environment(src)
+    assert src == {"PYTHONPATH": "/x"}  # a copy is prepared; the caller's mapping is untouched
     assert env["SGLANG_USE_CPU_ENGINE"] == "1"
     first = env["PYTHONPATH"].split(os.pathsep)[0]
     assert (Path(first) / "common_ops.py").is_file() and "/x" in env["PYTHONPATH"].split(os.pathsep)
@@ -488,6 +490,15 @@ def test_sim_censored_rounds_continue_with_measured_acceptance():
     rng = np.random.default_rng(0)
     acc = pool.outcome(np.array([0, 1, 2, 3, 2]), np.array([2, 4, 1, 4, 2]), rng)
     assert acc.tolist() == [2, 1, 1, 4, 2]  # row 3 verified to 4: continues with P = 1, 1
+
+
+def test_step_time_extends_linearly_beyond_the_table():
+    table = SpsTable([1, 64, 128], [100.0, 100.0, 50.0], 128, interpolation="linear")
+    assert step_seconds(table, 1, 32) == pytest.approx(0.01)
+    assert step_seconds(table, 1, 128) == pytest.approx(0.02)
+    # Past the last probe the step time keeps its last slope, (0.02 - 0.01) / 64 s per token:
+    # 256 tokens -> 0.04 s (a rate-linear extension would have hit the rate floor instead).
+    assert step_seconds(table, 1, 256) == pytest.approx(0.04)
 
 
 def test_parse_scheduler_spec():

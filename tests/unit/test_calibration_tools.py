@@ -252,3 +252,9 @@ def test_profile_refuses_malformed_tables(tmp_path, tiny_llama, capsys):
                         "notjson.json")
     _expect_input_error(capsys, profile.main(["--backend", "transformers", "--model",
                                               str(tmp_path / "no-such-model")]), "not a directory")
+    try:  # the CPU clock is only meaningful with one torch thread
+        _expect_input_error(capsys, profile.main(["--backend", "transformers", "--model", str(tiny_llama),
+                                                  "--device", "cpu", "--clock", "cpu", "--threads", "2"]),
+                            "--clock cpu needs")
+    finally:
+        torch.set_num_threads(1)
