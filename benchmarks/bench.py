@@ -318,7 +318,8 @@ def cmd_run(args) -> dict:
             rounds = [[r] for r in range(args.repeats)] if args.interleave else [list(range(args.repeats))]
             for reps in rounds:
                 for cfg, entry in zip(configs, entries):
-                    log = out_dir / f"server_{cfg.name}.log"
+                    log = out_dir / (f"server_{cfg.name}_rep{reps[0] + 1}.log" if args.interleave
+                                     else f"server_{cfg.name}.log")
                     progress.console.print(f"starting {cfg.name}: {' '.join(cfg.args) or '(no extra args)'} "
                                            f"{' '.join(f'{k}={v}' for k, v in cfg.env.items())} (log {log})")
                     with ManagedServer(model_path, cfg, common_args=common, environ=environ, log_path=log,

@@ -64,12 +64,41 @@ def _sanitize(x):
 
 
 @triton.jit
-def _matvec(w_ptr, stride_w, row0, col0, n_rows, n_cols, x, rows, cols):
-    """sum_j W[row0 + i, col0 + j] * x[j] for a [BLOCK_ROWS, BLOCK_COLS] tile, float32."""
+def _matvec(w_ptr, stride_w, row0, col0, n_rows, x_ptr, n_cols, rows, BLOCK_C: tl.constexpr):
+    """sum_j W[row0 + i, col0 + j] * x[j], i < n_rows, j < n_cols, in float32. The input vector is
+    streamed from memory in BLOCK_C chunks, so no tile is wider than [BLOCK_ROWS, BLOCK_C] (a
+    [rank, rank] register tile would spill at rank 256)."""
+    acc = tl.zeros_like(rows).to(tl.float32)
+    offs = tl.arange(0, BLOCK_C)
+    for c0 in range(0, n_cols, BLOCK_C):
+        cols = c0 + offs
+        x = tl.load(x_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+        mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+        w = tl.load(w_ptr + (row0 + rows[:, None]).to(tl.int64) * stride_w + col0 + cols[None, :],
+                    mask=mask, other=0.0).to(tl.float32)
+        acc += tl.sum(w * x[None, :], 1)
+    return acc
+
+
+@triton.jit
+def _matvec_tile(w_ptr, stride_w, row0, n_rows, n_cols, x, rows, cols):
+    """sum_j W[row0 + i, j] * x[j] for one [BLOCK_ROWS, BLOCK_COLS] tile, ``x`` in registers."""
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    w = tl.load(w_ptr + (row0 + rows[:, None]).to(tl.int64) * stride_w + col0 + cols[None, :],
+    w = tl.load(w_ptr + (row0 + rows[:, None]).to(tl.int64) * stride_w + cols[None, :],
                 mask=mask, other=0.0).to(tl.float32)
     return tl.sum(w * x[None, :], 1)
+
+
+@triton.jit
+def _dot(w_ptr, x_ptr, n, BLOCK_C: tl.constexpr):
+    """sum_j w[j] * x[j], j < n, float32."""
+    acc = tl.zeros([BLOCK_C], tl.float32)
+    offs = tl.arange(0, BLOCK_C)
+    for c0 in range(0, n, BLOCK_C):
+        cols = c0 + offs
+        acc += (tl.load(w_ptr + cols, mask=cols < n, other=0.0).to(tl.float32)
+                * tl.load(x_ptr + cols, mask=cols < n, other=0.0).to(tl.float32))
+    return tl.sum(acc, 0)
 
 
 @triton.jit(do_not_specialize=["gamma", "vocab", "hidden_size", "rank"])
@@ -86,6 +115,7 @@ def _sequential_head_kernel(
     mix_b_ptr,  # gated: [r]; rnn: [3r]
     conf_w_ptr,  # [H (+ r)]
     conf_b_ptr,  # [1]
+    state_ptr,  # [R, r] float32 rnn state scratch, zero on entry (s_{-1} = 0)
     tokens_ptr,  # [R, G] int64 out
     probs_ptr,  # [R, G, V] float32 out
     token_probs_ptr,  # [R, G] float32 out
@@ -96,80 +126,68 @@ def _sequential_head_kernel(
     hidden_size,
     rank,
     stride_u_r, stride_u_k, stride_h_r, stride_h_k, stride_un_r,
-    stride_w1, stride_w2, stride_mix,
+    stride_w1, stride_w2, stride_mix, stride_s_r,
     stride_p_r, stride_p_k, stride_l_r, stride_l_k, stride_o_r,
     KIND: tl.constexpr,  # 0 none, 1 vanilla, 2 gated, 3 rnn
     HAS_CONF: tl.constexpr,
     CONF_MARKOV: tl.constexpr,
     BLOCK_V: tl.constexpr,  # elementwise passes
     BLOCK_VW: tl.constexpr,  # bias pass ([BLOCK_VW, BLOCK_RANK] W2 tiles)
-    BLOCK_H: tl.constexpr,
+    BLOCK_H: tl.constexpr,  # column chunk of the [rank, *] matvecs
     BLOCK_RANK: tl.constexpr,
 ):
     req = tl.program_id(0).to(tl.int64)
     offs_v = tl.arange(0, BLOCK_V)
     offs_vw = tl.arange(0, BLOCK_VW)
-    offs_h = tl.arange(0, BLOCK_H)
     ranks_i = tl.arange(0, BLOCK_RANK)  # output index of rank-sized matvecs
     in_rank = ranks_i < rank
     onehot = tl.load(onehot_ptr + req) != 0
     temp = tl.load(temps_ptr + req).to(tl.float32)
     temp = tl.where(onehot, 1.0, temp)  # the reference's safe_t
     prev = tl.load(anchors_ptr + req).to(tl.int64)
-    state = tl.zeros([BLOCK_RANK], tl.float32)  # rnn s_{-1} = 0
+    s_row = state_ptr + req * stride_s_r
 
     for k in range(0, gamma):
         h_row = hidden_ptr + req * stride_h_r + k * stride_h_k
         # Clamp a bad id rather than read out of bounds (the reference's embedding would raise).
         prev = tl.minimum(tl.maximum(prev, 0), vocab - 1)
+        w1_row = w1_ptr + prev * stride_w1  # W1[p_k]
         if KIND > 0:
-            rows = tl.load(w1_ptr + prev * stride_w1 + ranks_i, mask=in_rank, other=0.0).to(tl.float32)
+            rows = tl.load(w1_row + ranks_i, mask=in_rank, other=0.0).to(tl.float32)
         else:
             rows = tl.zeros([BLOCK_RANK], tl.float32)
 
-        # Hidden-dim matvecs (confidence, gate, joint), sharing each loaded h tile.
-        conf_acc = tl.zeros([BLOCK_H], tl.float32)
-        acc_a = tl.zeros([BLOCK_RANK], tl.float32)  # gated: gate; rnn: g
-        acc_c = tl.zeros([BLOCK_RANK], tl.float32)  # rnn: c
-        acc_o = tl.zeros([BLOCK_RANK], tl.float32)  # rnn: o
-        for h0 in range(0, hidden_size, BLOCK_H):
-            cols = h0 + offs_h
-            hv = tl.load(h_row + cols, mask=cols < hidden_size, other=0.0).to(tl.float32)
-            if HAS_CONF:
-                conf_acc += tl.load(conf_w_ptr + cols, mask=cols < hidden_size, other=0.0).to(tl.float32) * hv
-            if KIND == 2:
-                acc_a += _matvec(mix_w_ptr, stride_mix, 0, h0, rank, hidden_size - h0, hv, ranks_i, offs_h)
-            if KIND == 3:
-                col0 = 2 * rank + h0
-                acc_a += _matvec(mix_w_ptr, stride_mix, 0, col0, rank, hidden_size - h0, hv, ranks_i, offs_h)
-                acc_c += _matvec(mix_w_ptr, stride_mix, rank, col0, rank, hidden_size - h0, hv, ranks_i, offs_h)
-                acc_o += _matvec(mix_w_ptr, stride_mix, 2 * rank, col0, rank, hidden_size - h0, hv, ranks_i, offs_h)
-        if HAS_CONF:
-            conf = tl.sum(conf_acc, 0) + tl.load(conf_b_ptr).to(tl.float32)
+        if HAS_CONF:  # c_k = w . [h_k ; W1[p_k]] + b
+            conf = _dot(conf_w_ptr, h_row, hidden_size, BLOCK_H) + tl.load(conf_b_ptr).to(tl.float32)
             if CONF_MARKOV:
                 wr = tl.load(conf_w_ptr + hidden_size + ranks_i, mask=in_rank, other=0.0).to(tl.float32)
                 conf += tl.sum(wr * rows, 0)
             tl.store(conf_ptr + req * stride_o_r + k, conf)
 
-        if KIND == 1:
-            vec = rows
-        elif KIND == 2:
-            acc_a += _matvec(mix_w_ptr, stride_mix, 0, hidden_size, rank, rank, rows, ranks_i, ranks_i)
-            acc_a += tl.load(mix_b_ptr + ranks_i, mask=in_rank, other=0.0).to(tl.float32)
-            vec = tl.sigmoid(acc_a) * rows
-        elif KIND == 3:
-            acc_a += _matvec(mix_w_ptr, stride_mix, 0, 0, rank, rank, state, ranks_i, ranks_i)
-            acc_a += _matvec(mix_w_ptr, stride_mix, 0, rank, rank, rank, rows, ranks_i, ranks_i)
-            acc_c += _matvec(mix_w_ptr, stride_mix, rank, 0, rank, rank, state, ranks_i, ranks_i)
-            acc_c += _matvec(mix_w_ptr, stride_mix, rank, rank, rank, rank, rows, ranks_i, ranks_i)
-            acc_o += _matvec(mix_w_ptr, stride_mix, 2 * rank, 0, rank, rank, state, ranks_i, ranks_i)
-            acc_o += _matvec(mix_w_ptr, stride_mix, 2 * rank, rank, rank, rank, rows, ranks_i, ranks_i)
-            acc_a += tl.load(mix_b_ptr + ranks_i, mask=in_rank, other=0.0).to(tl.float32)
+        if KIND == 2:  # gate = sigmoid(Wg [h ; W1[p]] + bg)
+            acc = _matvec(mix_w_ptr, stride_mix, 0, 0, rank, h_row, hidden_size, ranks_i, BLOCK_H)
+            acc += _matvec(mix_w_ptr, stride_mix, 0, hidden_size, rank, w1_row, rank, ranks_i, BLOCK_H)
+            acc += tl.load(mix_b_ptr + ranks_i, mask=in_rank, other=0.0).to(tl.float32)
+            vec = tl.sigmoid(acc) * rows
+        elif KIND == 3:  # [g; c; o] = Wj [s ; W1[p] ; h] + bj, chunk j at rows j*r
+            acc_g = _matvec(mix_w_ptr, stride_mix, 0, 0, rank, s_row, rank, ranks_i, BLOCK_H)
+            acc_g += _matvec(mix_w_ptr, stride_mix, 0, rank, rank, w1_row, rank, ranks_i, BLOCK_H)
+            acc_g += _matvec(mix_w_ptr, stride_mix, 0, 2 * rank, rank, h_row, hidden_size, ranks_i, BLOCK_H)
+            acc_c = _matvec(mix_w_ptr, stride_mix, rank, 0, rank, s_row, rank, ranks_i, BLOCK_H)
+            acc_c += _matvec(mix_w_ptr, stride_mix, rank, rank, rank, w1_row, rank, ranks_i, BLOCK_H)
+            acc_c += _matvec(mix_w_ptr, stride_mix, rank, 2 * rank, rank, h_row, hidden_size, ranks_i, BLOCK_H)
+            acc_o = _matvec(mix_w_ptr, stride_mix, 2 * rank, 0, rank, s_row, rank, ranks_i, BLOCK_H)
+            acc_o += _matvec(mix_w_ptr, stride_mix, 2 * rank, rank, rank, w1_row, rank, ranks_i, BLOCK_H)
+            acc_o += _matvec(mix_w_ptr, stride_mix, 2 * rank, 2 * rank, rank, h_row, hidden_size, ranks_i, BLOCK_H)
+            acc_g += tl.load(mix_b_ptr + ranks_i, mask=in_rank, other=0.0).to(tl.float32)
             acc_c += tl.load(mix_b_ptr + rank + ranks_i, mask=in_rank, other=0.0).to(tl.float32)
             acc_o += tl.load(mix_b_ptr + 2 * rank + ranks_i, mask=in_rank, other=0.0).to(tl.float32)
-            gate = tl.sigmoid(acc_a)
+            gate = tl.sigmoid(acc_g)
             tanh_c = 2.0 * tl.sigmoid(2.0 * acc_c) - 1.0
-            state = tl.where(in_rank, gate * state + (1.0 - gate) * tanh_c, 0.0)
+            state = tl.load(s_row + ranks_i, mask=in_rank, other=0.0)
+            tl.debug_barrier()  # every thread has read s_{k-1} before any writes s_k
+            tl.store(s_row + ranks_i, gate * state + (1.0 - gate) * tanh_c, mask=in_rank)
+            tl.debug_barrier()  # s_k visible to the next step's matvecs
             vec = 2.0 * tl.sigmoid(2.0 * acc_o) - 1.0  # tanh(o)
         else:
             vec = rows
@@ -186,7 +204,7 @@ def _sequential_head_kernel(
             in_v = idx < vocab
             logit = tl.load(u_row + idx, mask=in_v, other=0.0).to(tl.float32)
             if KIND > 0:
-                logit += _matvec(w2_ptr, stride_w2, v0, 0, vocab - v0, rank, vec, offs_vw, ranks_i)
+                logit += _matvec_tile(w2_ptr, stride_w2, v0, vocab - v0, rank, vec, offs_vw, ranks_i)
             tl.store(l_row + idx, logit.to(logits_ptr.dtype.element_ty), mask=in_v)
             clean = _sanitize(logit.to(logits_ptr.dtype.element_ty).to(tl.float32))
             better = in_v & (clean > best)
@@ -334,18 +352,21 @@ def sequential_head(
     interp = interpreting()
     block_rank = max(16, next_pow2(rank))
     block_v = block_v or max(16, min(next_pow2(vocab), 16384 if interp else 2048))
+    # Register tiles: W2 [BLOCK_VW, BLOCK_RANK] and matvec [BLOCK_RANK, BLOCK_H] of ~8k / ~4k elements.
     block_vw = block_v if interp else max(16, min(block_v, 8192 // block_rank))
-    block_h = max(16, min(next_pow2(hidden_size), 1 << 14 if interp else max(16, 4096 // block_rank)))
+    block_h = max(16, min(next_pow2(max(hidden_size, rank)), 1 << 14 if interp else 4096 // block_rank))
     dummy = probs  # never read: behind constexpr flags
+    state = torch.zeros(num_reqs, rank, dtype=torch.float32, device=device) if code == 3 else dummy
     _sequential_head_kernel[(num_reqs,)](
         base_logits, hidden, anchors, uniforms, temperatures, onehot,
         w1 if code else dummy, w2 if code else dummy,
         mix_w if code >= 2 else dummy, mix_b if code >= 2 else dummy,
-        conf_w if has_conf else dummy, conf_b if has_conf else dummy,
+        conf_w if has_conf else dummy, conf_b if has_conf else dummy, state,
         tokens, probs, token_probs, conf if has_conf else token_probs, logits,
         gamma, vocab, hidden_size, max(rank, 1),
         base_logits.stride(0), base_logits.stride(1), hidden.stride(0), hidden.stride(1), uniforms.stride(0),
         w1.stride(0) if code else 0, w2.stride(0) if code else 0, mix_w.stride(0) if code >= 2 else 0,
+        state.stride(0),
         probs.stride(0), probs.stride(1), logits.stride(0), logits.stride(1), tokens.stride(0),
         KIND=code, HAS_CONF=has_conf, CONF_MARKOV=conf_markov,
         BLOCK_V=block_v, BLOCK_VW=block_vw, BLOCK_H=block_h, BLOCK_RANK=block_rank,

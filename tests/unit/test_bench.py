@@ -327,6 +327,41 @@ def test_bench_run_and_report_end_to_end(tmp_path, monkeypatch):
     assert "slow 0.50–0.50x" in merged["summary"]
 
 
+def test_bench_launch_interleaves_configurations(tmp_path, monkeypatch):
+    """--launch --interleave: repeat 1 of every configuration, then repeat 2 (servers restarted)."""
+    class P:
+        id, messages, meta = "p", [{"role": "user", "content": "q"}], {}
+
+    starts = []
+
+    class InProcessServer:  # stands in for ManagedServer: a fake SGLang in this process
+        def __init__(self, model_path, config, **kw):
+            self.config, self.kw, self.fake = config, kw, FakeServer(chunks=2, first_delay=0.002, delay=0.004)
+            self.host, self.port, self.startup_seconds = "127.0.0.1", self.fake.port, 0.1
+
+        def __enter__(self):
+            starts.append((self.config.name, self.kw["log_path"].name, self.kw["environ"]["SGLANG_USE_CPU_ENGINE"]))
+            self.fake.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            self.fake.__exit__()
+
+    monkeypatch.setattr(bench, "load_prompt_pool", lambda sets, n: [P()])
+    monkeypatch.setattr(bench, "ManagedServer", InProcessServer)
+    args = ["run", "--launch", "--model-path", "m", "--drafter", "D", "--fixed-lens", "2", "--cpu", "yes",
+            "--api", "chat", "--concurrency", "1", "--repeats", "2", "--min-requests", "2", "--warmup", "0",
+            "--interleave", "--out", str(tmp_path), "--no-progress"]
+    assert bench.main(args) == 0
+    assert starts == [("no-spec", "server_no-spec_rep1.log", "1"), ("fixed-2", "server_fixed-2_rep1.log", "1"),
+                      ("no-spec", "server_no-spec_rep2.log", "1"), ("fixed-2", "server_fixed-2_rep2.log", "1")]
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    for cfg in doc["configs"]:
+        assert [r["repeat"] for r in cfg["levels"][0]["repeats"]] == [0, 1]
+        assert cfg["startup_seconds"] == [0.1, 0.1] and "--device" in cfg["common_args"]
+    assert doc["configs"][1]["env"] == {"DSPARK_SCHEDULER": "fixed", "DSPARK_FIXED_LEN": "2"}
+
+
 # ------------------------------------------------------------------------------------------------
 # Server configurations and launch/stop
 
