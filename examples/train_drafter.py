@@ -185,7 +185,7 @@ def block_targets(b: dict, G: int):
     return labels, prev, valid, tk_ids, tk_lp
 
 
-def block_step(drafter, b: dict, lm_w, args):
+def block_step(drafter, b: dict, lm_w, args, fused: bool = False):
     G = drafter.config.block_size
     hidden = block_hidden_train(drafter, b["feats"], b["valid"], b["tokens"], b["anchors"])  # [S, A, G, H]
     labels, prev, valid, tk_ids, tk_lp = block_targets(b, G)
@@ -194,7 +194,8 @@ def block_step(drafter, b: dict, lm_w, args):
     hidden = hidden.reshape(-1, G, H)[keep]
     logits, conf = block_scores(drafter, hidden, prev.reshape(-1, G)[keep], lm_w)
     sel = lambda x: x.reshape(-1, *x.shape[2:])[keep]  # noqa: E731
-    return dspark_loss(logits, conf, sel(labels), sel(valid), sel(tk_ids), sel(tk_lp), decay=args.loss_decay), sel(valid)
+    return dspark_loss(logits, conf, sel(labels), sel(valid), sel(tk_ids), sel(tk_lp), decay=args.loss_decay,
+                       fused=fused), sel(valid)
 
 
 def eagle3_rows(b: dict, steps: int):
@@ -209,24 +210,25 @@ def eagle3_rows(b: dict, steps: int):
     return out
 
 
-def eagle3_step(drafter, b: dict, lm_w, args):
+def eagle3_step(drafter, b: dict, lm_w, args, fused: bool = False):
     steps = args.ttt_length
-    xs = eagle3_ttt_train(drafter, b["feats"], b["tokens"], steps)  # steps x [S, T-1, H]
     S, T = b["tokens"].shape
+    xs = eagle3_ttt_train(drafter, b["feats"], b["tokens"], steps, rows=(b["anchors"] - 1).clamp(0, T - 2))  # steps x [S, A, H]
     K = b["tk_ids"].shape[-1]
-    logits, labels, valids, tk_ids, tk_lp = [], [], [], [], []
-    for k, (rows, label_pos, valid) in enumerate(eagle3_rows(b, steps)):
+    per_step = eagle3_rows(b, steps)
+    xv = [xs[k].reshape(-1, xs[k].shape[-1])[valid.reshape(-1)] for k, (_, _, valid) in enumerate(per_step)]
+    # one LM-head call for all steps (a large GEMM is much faster than seven small ones on CPU)
+    logits = list(eagle3_logits(drafter, torch.cat(xv), lm_w).split([x.shape[0] for x in xv]))
+    labels, valids, tk_ids, tk_lp = [], [], [], []
+    for k, (rows, label_pos, valid) in enumerate(per_step):
         v = valid.reshape(-1)
-        r = rows.clamp(max=T - 2)
-        x = xs[k].gather(1, r[:, :, None].expand(-1, -1, xs[k].shape[-1])).reshape(-1, xs[k].shape[-1])[v]
-        logits.append(eagle3_logits(drafter, x, lm_w))
         lp = label_pos.clamp(max=T - 1)
         labels.append(b["tokens"].gather(1, lp).reshape(-1)[v])
         tpos = (label_pos - 1).clamp(max=T - 1)  # the target row describing the label's token
         tk_ids.append(b["tk_ids"].gather(1, tpos[:, :, None].expand(-1, -1, K)).reshape(-1, K)[v])
         tk_lp.append(b["tk_lp"].gather(1, tpos[:, :, None].expand(-1, -1, K)).reshape(-1, K)[v])
         valids.append(torch.ones(int(v.sum()), dtype=torch.bool))
-    return eagle3_loss(logits, labels, valids, tk_ids, tk_lp, step_decay=args.step_decay), valid
+    return eagle3_loss(logits, labels, valids, tk_ids, tk_lp, step_decay=args.step_decay, fused=fused), valid
 
 
 # ---- evaluation ------------------------------------------------------------------------------------
@@ -353,7 +355,7 @@ def main(argv=None) -> None:
         b = collate(fs, batch, rng, args.anchors)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
-        (loss, stats, _), _ = step_fn(drafter, b, lm_w, args)
+        (loss, stats, _), _ = step_fn(drafter, b, lm_w, args, fused=True)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)

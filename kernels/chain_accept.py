@@ -5,8 +5,8 @@ drafts, stopping at the first rejection, then the next token: greedy argmax, or 
 draw with the given uniform from norm(max(p - q, 0)) (correction) or p (bonus). Same inputs,
 outputs and conventions (p = target, q = draft) as the reference, whose docstring is the spec.
 
-Exactness. Everything but the inverse-CDF draw is bit-exact (float32 ratio test, first-index
-argmax, the same cleaning of NaN/inf/negative entries). The draw follows
+Exactness. Everything but the inverse-CDF draw is bit-exact (float32 ratio test with an IEEE
+division, first-index argmax, the same cleaning of NaN/inf/negative entries). The draw follows
 `sampling.sample_from_probs`: float64 CDF, ``u`` clamped to [0, 1] and scaled by the total, the first
 index whose CDF exceeds it, clamped to the last positive weight. The only difference is the order
 of the float64 additions (torch's CPU cumsum is sequential; here a per-tile scan plus a carry), so
@@ -148,7 +148,7 @@ def _chain_accept_kernel(
     n = tl.zeros([], tl.int32)
     go = verify_len > 0
     while go:
-        x = tl.load(d_base + n).to(tl.int64)
+        x = tl.load(d_base + n, mask=n < gamma, other=-1).to(tl.int64)  # n < verify_len <= gamma
         valid = (x >= 0) & (x < vocab)  # an out-of-range draft is rejected, never dereferenced
         x = tl.where(valid, x, 0)
         t_row = t_base + n.to(tl.int64) * stride_t_k
@@ -157,9 +157,10 @@ def _chain_accept_kernel(
         else:
             p = _clean(tl.load(t_row + x, mask=valid, other=0.0).to(tl.float32))
             q = _clean(tl.load(q_base + n.to(tl.int64) * stride_q_k + x, mask=valid, other=0.0).to(tl.float32))
-            u = tl.load(accept_u_ptr + req * stride_au_r + n).to(tl.float32)
+            u = tl.load(accept_u_ptr + req * stride_au_r + n, mask=n < gamma, other=1.0).to(tl.float32)
             # q(x) == 0 rejects (ratio 0) rather than dividing 0 by 0.
-            ok = u < tl.where(q > 0.0, p / tl.where(q > 0.0, q, 1.0), 0.0)
+            # div_rn: IEEE round-to-nearest like torch; `/` compiles to the approximate div.full.f32.
+            ok = u < tl.where(q > 0.0, tl.div_rn(p, tl.where(q > 0.0, q, 1.0)), 0.0)
         n += ok.to(tl.int32)
         go = ok & (n < verify_len)
 

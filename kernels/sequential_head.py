@@ -23,10 +23,14 @@ with the reference (a host check, as `process_logits` itself makes) and writes t
 
 Agreement with the reference: logits, q and confidences agree to float32 rounding (different
 summation order in the matvecs, exp, and the reference's extra renormalisation q / Σq, which the
-kernel skips: its softmax already sums to 1 within rounding). Tokens agree exactly except when a
-uniform lands within that rounding of a CDF step, or two logits tie within it under greedy; the
-chain is sequential, so such a flip changes the rest of that request's block. Losslessness does
-not depend on agreement: each token is drawn from exactly the q the kernel stores.
+kernel skips: its softmax already sums to 1 within rounding). One batch-level quirk is not
+reproduced: when any row of a batch filters, `process_logits` sorts every row, and its top-p test
+``exclusive cumsum > 1.0`` then drops tail tokens of unfiltered rows whose float32 prefix sum
+rounds above 1 (mass ~1e-8; SGLang's torch sampler does the same). The kernel's unfiltered rows
+keep them. Tokens agree exactly except when a uniform lands within that rounding of a CDF step,
+or two logits tie within it under greedy; the chain is sequential, so such a flip changes the
+rest of that request's block. Losslessness does not depend on agreement: each token is drawn
+from exactly the q the kernel stores, and acceptance reads that q.
 
 Memory traffic per request and step (V = vocab, r = rank, H = hidden, 4-byte activations, b-byte
 weights): W2 V*r*b (dominant: 78 MB for V = 151936, r = 256, bf16), U 4V, logits written 4V and
@@ -34,6 +38,10 @@ re-read 4V, q written 4V and re-read ~2V (early exit), gate/joint weights (r or 
 W1 row r*b, h_k 4H. W2 is re-read by every request's program; concurrent programs stream it at
 about the same pace, so L2 serves part of it. At large R (R*r >> 1k) a split design (bias GEMM
 per step across requests, then the sampling passes) reads W2 once per step instead.
+
+Registers (ptxas -v, sm_90, r = 256, 8 warps, default tiles; checked by compiling without a GPU,
+tests/interp/_compile_kernels.py): vanilla 249, no spills; gated ~200 B spilled; rnn ~1 KB spilled,
+in the per-step matvec prologue (nine [r, BLOCK_H] streams), not in the vocabulary passes.
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ import triton.language as tl
 from dspark_sglang.drafters.heads import ConfidenceHead, MarkovHead, sample_sequential_with_uniforms
 from dspark_sglang.drafters.interface import DraftBlock
 from dspark_sglang.kernels._common import FLOAT_DTYPES, INDEX_DTYPES, check, check_tensor, interpreting, next_pow2
-from dspark_sglang.sampling import GREEDY_EPS, SamplingBatch, is_greedy
+from dspark_sglang.sampling import SamplingBatch, is_greedy
 
 __all__ = ["sequential_head", "sample_sequential", "sample_sequential_ref", "filtered_rows", "KINDS"]
 
@@ -53,12 +61,11 @@ sample_sequential_ref = sample_sequential_with_uniforms  # the reference (CPU pa
 
 _WHERE = "kernels/sequential_head.py"
 KINDS = {"none": 0, "vanilla": 1, "gated": 2, "rnn": 3}
-_SENTINEL = 1e30  # sampling._LOGIT_SENTINEL
 
 
 @triton.jit
 def _sanitize(x):
-    """sampling.sanitize_logits: NaN, -inf -> -1e30; +inf -> +1e30."""
+    """sampling.sanitize_logits: NaN, -inf -> -1e30; +inf -> +1e30 (its _LOGIT_SENTINEL)."""
     x = tl.where(x != x, -1e30, x)
     return tl.minimum(tl.maximum(x, -1e30), 1e30)
 
@@ -170,25 +177,25 @@ def _sequential_head_kernel(
             acc += tl.load(mix_b_ptr + ranks_i, mask=in_rank, other=0.0).to(tl.float32)
             vec = tl.sigmoid(acc) * rows
         elif KIND == 3:  # [g; c; o] = Wj [s ; W1[p] ; h] + bj, chunk j at rows j*r
-            acc_g = _matvec(mix_w_ptr, stride_mix, 0, 0, rank, s_row, rank, ranks_i, BLOCK_H)
-            acc_g += _matvec(mix_w_ptr, stride_mix, 0, rank, rank, w1_row, rank, ranks_i, BLOCK_H)
-            acc_g += _matvec(mix_w_ptr, stride_mix, 0, 2 * rank, rank, h_row, hidden_size, ranks_i, BLOCK_H)
-            acc_c = _matvec(mix_w_ptr, stride_mix, rank, 0, rank, s_row, rank, ranks_i, BLOCK_H)
-            acc_c += _matvec(mix_w_ptr, stride_mix, rank, rank, rank, w1_row, rank, ranks_i, BLOCK_H)
-            acc_c += _matvec(mix_w_ptr, stride_mix, rank, 2 * rank, rank, h_row, hidden_size, ranks_i, BLOCK_H)
-            acc_o = _matvec(mix_w_ptr, stride_mix, 2 * rank, 0, rank, s_row, rank, ranks_i, BLOCK_H)
-            acc_o += _matvec(mix_w_ptr, stride_mix, 2 * rank, rank, rank, w1_row, rank, ranks_i, BLOCK_H)
-            acc_o += _matvec(mix_w_ptr, stride_mix, 2 * rank, 2 * rank, rank, h_row, hidden_size, ranks_i, BLOCK_H)
-            acc_g += tl.load(mix_b_ptr + ranks_i, mask=in_rank, other=0.0).to(tl.float32)
-            acc_c += tl.load(mix_b_ptr + rank + ranks_i, mask=in_rank, other=0.0).to(tl.float32)
-            acc_o += tl.load(mix_b_ptr + 2 * rank + ranks_i, mask=in_rank, other=0.0).to(tl.float32)
-            gate = tl.sigmoid(acc_g)
-            tanh_c = 2.0 * tl.sigmoid(2.0 * acc_c) - 1.0
+            # One chunk at a time, each finished before the next starts (register pressure).
+            acc = _matvec(mix_w_ptr, stride_mix, 0, 0, rank, s_row, rank, ranks_i, BLOCK_H)
+            acc += _matvec(mix_w_ptr, stride_mix, 0, rank, rank, w1_row, rank, ranks_i, BLOCK_H)
+            acc += _matvec(mix_w_ptr, stride_mix, 0, 2 * rank, rank, h_row, hidden_size, ranks_i, BLOCK_H)
+            gate = tl.sigmoid(acc + tl.load(mix_b_ptr + ranks_i, mask=in_rank, other=0.0).to(tl.float32))
+            acc = _matvec(mix_w_ptr, stride_mix, rank, 0, rank, s_row, rank, ranks_i, BLOCK_H)
+            acc += _matvec(mix_w_ptr, stride_mix, rank, rank, rank, w1_row, rank, ranks_i, BLOCK_H)
+            acc += _matvec(mix_w_ptr, stride_mix, rank, 2 * rank, rank, h_row, hidden_size, ranks_i, BLOCK_H)
+            acc += tl.load(mix_b_ptr + rank + ranks_i, mask=in_rank, other=0.0).to(tl.float32)
+            tanh_c = 2.0 * tl.sigmoid(2.0 * acc) - 1.0
+            acc = _matvec(mix_w_ptr, stride_mix, 2 * rank, 0, rank, s_row, rank, ranks_i, BLOCK_H)
+            acc += _matvec(mix_w_ptr, stride_mix, 2 * rank, rank, rank, w1_row, rank, ranks_i, BLOCK_H)
+            acc += _matvec(mix_w_ptr, stride_mix, 2 * rank, 2 * rank, rank, h_row, hidden_size, ranks_i, BLOCK_H)
+            acc += tl.load(mix_b_ptr + 2 * rank + ranks_i, mask=in_rank, other=0.0).to(tl.float32)
+            vec = 2.0 * tl.sigmoid(2.0 * acc) - 1.0  # tanh(o)
             state = tl.load(s_row + ranks_i, mask=in_rank, other=0.0)
             tl.debug_barrier()  # every thread has read s_{k-1} before any writes s_k
             tl.store(s_row + ranks_i, gate * state + (1.0 - gate) * tanh_c, mask=in_rank)
             tl.debug_barrier()  # s_k visible to the next step's matvecs
-            vec = 2.0 * tl.sigmoid(2.0 * acc_o) - 1.0  # tanh(o)
         else:
             vec = rows
 
@@ -210,7 +217,7 @@ def _sequential_head_kernel(
             better = in_v & (clean > best)
             best = tl.where(better, clean, best)
             best_idx = tl.where(better, idx, best_idx)
-            x = tl.where(in_v, clean / temp, float("-inf"))
+            x = tl.where(in_v, tl.div_rn(clean, temp), float("-inf"))  # IEEE, as torch's l / T
             m_new = tl.maximum(m_lane, x)
             safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a lane with no entry yet: no -inf - -inf
             s_lane = s_lane * tl.exp(m_lane - safe) + tl.exp(x - safe)
@@ -232,7 +239,7 @@ def _sequential_head_kernel(
                 q = tl.where(idx == argmax, 1.0, 0.0)
             else:
                 clean = _sanitize(tl.load(l_row + idx, mask=in_v, other=0.0).to(tl.float32))
-                q = tl.exp(clean / temp - x_max) / x_sum
+                q = tl.div_rn(tl.exp(tl.div_rn(clean, temp) - x_max), x_sum)
             q = tl.where(in_v, q, 0.0)
             tl.store(p_row + idx, q, mask=in_v)
             acc_q += q.to(tl.float64)
@@ -257,21 +264,21 @@ def _sequential_head_kernel(
                 carry = tl.max(cdf, 0)
                 pos += BLOCK_V
             token = tl.minimum(found, tl.maximum(tl.max(last_q, 0), 0))
-        token_prob = tl.load(p_row + token)
+        token_prob = tl.load(p_row + token, mask=token < vocab, other=0.0)  # token < vocab by construction
         tl.store(tokens_ptr + req * stride_o_r + k, token.to(tl.int64))
         tl.store(token_probs_ptr + req * stride_o_r + k, token_prob)
         prev = token.to(tl.int64)
 
 
-def _weights(markov: MarkovHead | None, confidence: ConfidenceHead | None):
-    """The raw tensors of the head modules (checkpoint names), or None."""
-    if markov is None:
-        return dict(kind="none", w1=None, w2=None, mix_w=None, mix_b=None,
-                    conf_w=None if confidence is None else confidence.proj.weight[0],
-                    conf_b=None if confidence is None else confidence.proj.bias)
-    mix = markov.gate_proj if markov.kind == "gated" else markov.joint_proj if markov.kind == "rnn" else None
+def _weights(markov: MarkovHead | None, confidence: ConfidenceHead | None) -> dict:
+    """The head modules' raw tensors (checkpoint names), as `sequential_head` keywords."""
+    kind = "none" if markov is None else markov.kind
+    mix = {"gated": "gate_proj", "rnn": "joint_proj"}.get(kind)
+    mix = None if mix is None else getattr(markov, mix)
     return dict(
-        kind=markov.kind, w1=markov.markov_w1.weight, w2=markov.markov_w2.weight,
+        kind=kind,
+        w1=None if markov is None else markov.markov_w1.weight,
+        w2=None if markov is None else markov.markov_w2.weight,
         mix_w=None if mix is None else mix.weight, mix_b=None if mix is None else mix.bias,
         conf_w=None if confidence is None else confidence.proj.weight[0],
         conf_b=None if confidence is None else confidence.proj.bias,
@@ -421,5 +428,3 @@ def sample_sequential(
         logits[index] = ref_logits.to(logits.dtype)
     return block, logits
 
-
-assert GREEDY_EPS > 0 and _SENTINEL > 0  # the constants the kernel mirrors (sampling.py)

@@ -17,10 +17,11 @@ Decode round (DECODE batch, KV slots already reserved by the scheduler):
 The scheduler consumes `next_token_ids` ([bs * stride], first accept_len of each row valid),
 `accept_lens`, `new_seq_lens`, and handles EOS / stop / max_new_tokens inside an accepted run.
 
-Not supported yet (documented, not silently wrong for the common path): logprobs, penalties,
-logit_bias, grammar and custom logit processors in decode rounds (their requests are served, but
-the target distribution used for acceptance ignores them); return_hidden_states; radix-cache
-prefix hits feed zero features for the cached prefix (lossless, lower acceptance).
+Not supported yet (requests are served, but the acceptance target ignores them, so the output
+distribution differs from SGLang's own sampler there): penalties, logit_bias, grammar and custom
+logit processors in decode rounds. Decode-round logprobs are the raw-logit logprobs of committed
+tokens (no top-k / token-id logprobs). return_hidden_states is not served. A radix-cache prefix
+hit gives the drafter zero features for the cached prefix (lossless, lower acceptance).
 """
 
 from __future__ import annotations

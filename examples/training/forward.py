@@ -98,10 +98,14 @@ def eagle3_ttt_train(
     features: torch.Tensor,  # [S, T, F]
     tokens: torch.Tensor,  # [S, T] int64 (right padding allowed: rows only look left)
     steps: int,
+    rows: torch.Tensor | None = None,  # [S, A] int64 rows t (0 <= t <= T-2) to unroll; None = all T-1 rows
 ) -> list[torch.Tensor]:
-    """Pre-norm outputs x_k [S, T-1, H] of rows 0..T-2 at steps k = 0..steps-1 (see module doc).
-    Row t at step k needs the token at t + k + 1; beyond the end the pad id 0 is fed (those rows are
-    never supervised)."""
+    """Pre-norm outputs x_k [S, A, H] of the selected rows at steps k = 0..steps-1 (see module doc).
+
+    Step 0 runs over every row (each row's step-0 K/V is context for the later rows); steps >= 1 of a
+    row depend only on step 0's K/V of rows <= t and on that row's own earlier steps, so they run for
+    the selected rows only. Row t at step k is fed the token at t + k + 1; beyond the end the pad id 0
+    is fed (those rows are never supervised)."""
     model = drafter.model
     layer, dims = model.layer, model.layer.dims
     attn = layer.self_attn
@@ -111,37 +115,45 @@ def eagle3_ttt_train(
     R = T - 1
     dev = tokens.device
     scale = d**-0.5
+    if rows is None:
+        rows = torch.arange(R, device=dev).expand(S, R)
+    A = rows.shape[1]
     padded = torch.cat([tokens, tokens.new_zeros(S, steps)], dim=1)
-    g = model.fc(features[:, :R].to(model.fc.weight.dtype))  # [S, R, H]
-    causal = torch.ones(R, R, dtype=torch.bool, device=dev).tril()  # [R (query), R (key)]
-    k0 = v0 = None
-    diag_k, diag_v, outs = [], [], []
-    for k in range(steps):
-        emb = drafter.embed(padded[:, k + 1 : k + 1 + R])  # [S, R, H]
-        u = layer._input(emb, g).reshape(S * R, -1)  # [S*R, 2H]
-        pos = (torch.arange(R, device=dev) + k).expand(S, R)
-        q = _rotate(attn.project_q(u).view(S, R, nh, d), pos, dims.rope_theta)
-        kk, vv = attn.project_kv(u)
-        kk = _rotate(kk.view(S, R, nkv, d), pos, dims.rope_theta)
-        vv = vv.view(S, R, nkv, d)
-        qh = q.transpose(1, 2)  # [S, nh, R, d]
-        if k == 0:
-            k0, v0 = _heads(kk, groups), _heads(vv, groups)  # [S, nh, R, d]
-        else:
-            diag_k.append(_heads(kk, groups))
-            diag_v.append(_heads(vv, groups))
-        s0 = (qh @ k0.transpose(-1, -2)) * scale  # [S, nh, R, R]
-        s0 = s0.masked_fill(~causal, float("-inf"))
-        if diag_k:
-            sd = torch.stack([(qh * kj).sum(-1) for kj in diag_k], dim=-1) * scale  # [S, nh, R, k]
-            probs = torch.softmax(torch.cat([s0, sd], dim=-1), dim=-1)
-            out = probs[..., :R] @ v0 + (probs[..., R:, None] * torch.stack(diag_v, dim=-2)).sum(-2)
-        else:
-            out = torch.softmax(s0, dim=-1) @ v0  # [S, nh, R, d]
-        x = g + attn.o_proj(out.transpose(1, 2).reshape(S, R, nh * d))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-        outs.append(x)
-        g = x
+
+    def project(emb, g, pos):  # [S, n, H] x2, [S, n] -> q [S, nh, n, d], k, v [S, nh, n, d]
+        n = emb.shape[1]
+        u = layer._input(emb, g).reshape(S * n, -1)  # [S*n, 2H]
+        q = _rotate(attn.project_q(u).view(S, n, nh, d), pos, dims.rope_theta)
+        k, v = attn.project_kv(u)
+        k = _rotate(k.view(S, n, nkv, d), pos, dims.rope_theta)
+        return q.transpose(1, 2), _heads(k, groups), _heads(v.view(S, n, nkv, d), groups)
+
+    def finish(g, out):  # out [S, nh, n, d] -> pre-norm x [S, n, H]
+        x = g + attn.o_proj(out.transpose(1, 2).reshape(S, out.shape[2], nh * d))
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+
+    # step 0: every row, causal over rows
+    g0 = model.fc(features[:, :R].to(model.fc.weight.dtype))  # [S, R, H]
+    q, k0, v0 = project(drafter.embed(padded[:, 1 : 1 + R]), g0, torch.arange(R, device=dev).expand(S, R))
+    causal = torch.ones(R, R, dtype=torch.bool, device=dev).tril()
+    s0 = (q @ k0.transpose(-1, -2)) * scale
+    x0 = finish(g0, torch.softmax(s0.masked_fill(~causal, float("-inf")), dim=-1) @ v0)  # [S, R, H]
+    H = x0.shape[-1]
+    g = x0.gather(1, rows[:, :, None].expand(S, A, H))  # [S, A, H]
+    outs = [g]
+    visible = torch.arange(R, device=dev)[None, None, :] <= rows[:, :, None]  # [S, A, R] step-0 keys <= t
+    diag_k, diag_v = [], []
+    for k in range(1, steps):
+        emb = drafter.embed(padded.gather(1, rows + k + 1))  # token at t + k + 1
+        q, kk, vv = project(emb, g, rows + k)  # [S, nh, A, d]
+        diag_k.append(kk)
+        diag_v.append(vv)
+        sc = ((q @ k0.transpose(-1, -2)) * scale).masked_fill(~visible[:, None], float("-inf"))  # [S, nh, A, R]
+        sd = torch.stack([(q * kj).sum(-1) for kj in diag_k], dim=-1) * scale  # [S, nh, A, k]
+        probs = torch.softmax(torch.cat([sc, sd], dim=-1), dim=-1)
+        out = probs[..., :R] @ v0 + (probs[..., R:, None] * torch.stack(diag_v, dim=-2)).sum(-2)
+        g = finish(g, out)
+        outs.append(g)
     return outs
 
 

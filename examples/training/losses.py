@@ -39,6 +39,45 @@ def distill_terms(
     return dict(ce=ce, l1=l1, accept=accept, agree=agree)
 
 
+class _FusedDistill(torch.autograd.Function):
+    """sum_r (w_ce[r] * CE_r + w_l1[r] * L1_r) over rows, with a hand-written backward.
+
+    The same quantities as `distill_terms`, but without autograd's full-vocabulary intermediates
+    (log-softmax output, two scattered gather gradients and their sum): forward keeps the logits and
+    the row log-sum-exp; backward is one dense pass, softmax * c_r, plus sparse corrections at the
+    label and the top-K ids. With p = softmax(z), P = sum_topK p, T = sum_topK t,
+    a_i = sign(p_i - t_i) - sign(T - P) for i in topK:
+        dCE/dz = p - onehot(label),   dL1/dz_j = [j in topK] a_j p_j - p_j * sum_i a_i p_i.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, topk_ids, topk_p, w_ce, w_l1):
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # [N, 1]
+        z_top = logits.gather(-1, topk_ids)
+        p_top = (z_top - lse).exp()  # [N, K]
+        ce = lse.squeeze(-1) - logits.gather(-1, labels[:, None]).squeeze(-1)
+        tail = topk_p.sum(-1) - p_top.sum(-1)  # T - P
+        l1 = (p_top - topk_p).abs().sum(-1) + tail.abs()
+        ctx.save_for_backward(logits, lse, labels, topk_ids, p_top, topk_p, tail, w_ce, w_l1)
+        return (w_ce * ce + w_l1 * l1).sum(), ce.detach(), l1.detach()
+
+    @staticmethod
+    def backward(ctx, grad_out, _g_ce, _g_l1):
+        logits, lse, labels, topk_ids, p_top, topk_p, tail, w_ce, w_l1 = ctx.saved_tensors
+        a = torch.sign(p_top - topk_p) - torch.sign(tail)[:, None]  # [N, K]
+        ap = a * p_top
+        dense = (w_ce - w_l1 * ap.sum(-1))[:, None] * grad_out  # [N, 1]
+        grad = (logits - lse).exp_().mul_(dense)  # [N, V]
+        grad.scatter_add_(-1, topk_ids, (w_l1[:, None] * grad_out) * ap)
+        grad.scatter_add_(-1, labels[:, None], -(w_ce * grad_out)[:, None])
+        return grad, None, None, None, None, None
+
+
+def fused_distill(logits, labels, topk_ids, topk_logp, w_ce, w_l1):
+    """(sum_r w_ce CE + w_l1 L1, CE [N], L1 [N]) for rows of float32 logits [N, V]; see _FusedDistill."""
+    return _FusedDistill.apply(logits.float(), labels, topk_ids, topk_logp.exp(), w_ce, w_l1)
+
+
 def weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (values * weights).sum() / weights.sum().clamp_min(1e-6)
 
@@ -52,13 +91,30 @@ def dspark_loss(
     topk_logp: torch.Tensor,  # [N, G, K]
     decay: float = 4.0,
     alphas: tuple[float, float, float] = (0.1, 0.9, 1.0),
+    fused: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float], dict[str, torch.Tensor]]:
-    """Total loss, scalar stats, and per-slot tensors for metrics."""
-    G = logits.shape[1]
+    """Total loss, scalar stats, and per-slot tensors for metrics (`fused`: the hand-written
+    backward of `_FusedDistill`, for training speed; the per-slot tensors then have no `agree`)."""
+    N, G, V = logits.shape
     w = torch.exp(-torch.arange(G, dtype=torch.float32) / decay)[None, :] * valid.float()  # [N, G]
-    t = distill_terms(logits, labels, topk_ids, topk_logp)
-    ce, l1 = weighted_mean(t["ce"], w), weighted_mean(t["l1"], w)
-    loss = alphas[0] * ce + alphas[1] * l1
+    den = w.sum().clamp_min(1e-6)
+    if fused:
+        rows = (w > 0).reshape(-1)  # only supervised rows reach the vocabulary-wide math
+        wr = w.reshape(-1)[rows]
+        total, ce_r, l1_r = fused_distill(logits.reshape(-1, V)[rows], labels.reshape(-1)[rows],
+                                          topk_ids.reshape(-1, topk_ids.shape[-1])[rows],
+                                          topk_logp.reshape(-1, topk_logp.shape[-1])[rows],
+                                          alphas[0] * wr / den, alphas[1] * wr / den)
+        loss = total
+        t = {name: torch.zeros(N * G) for name in ("ce", "l1")}
+        t["ce"][rows], t["l1"][rows] = ce_r, l1_r
+        t = {k: v.view(N, G) for k, v in t.items()}
+        t["accept"] = (1.0 - 0.5 * t["l1"]).clamp(0.0, 1.0)
+        ce, l1 = weighted_mean(t["ce"], w), weighted_mean(t["l1"], w)
+    else:
+        t = distill_terms(logits, labels, topk_ids, topk_logp)
+        ce, l1 = weighted_mean(t["ce"], w), weighted_mean(t["l1"], w)
+        loss = alphas[0] * ce + alphas[1] * l1
     stats = dict(ce=ce.item(), l1=l1.item())
     if conf_logits is not None:
         bce = F.binary_cross_entropy_with_logits(conf_logits.float(), t["accept"], reduction="none")
@@ -79,20 +135,25 @@ def eagle3_loss(
     topk_logp: list[torch.Tensor],  # per step [n, K]
     step_decay: float = 0.8,
     alphas: tuple[float, float] = (0.1, 0.9),
+    fused: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float], list[dict[str, torch.Tensor]]]:
     """The same CE + L1 distillation per TTT step, step k weighted by step_decay^k."""
     num = logits[0].new_zeros(())
-    den = logits[0].new_zeros(())
     ce_num = l1_num = 0.0
     per_step = []
+    den = sum(((step_decay**k) * v.float()).sum() for k, v in enumerate(valid)).clamp_min(1e-6)
     for k, (lg, lb, v, ti, tl) in enumerate(zip(logits, labels, valid, topk_ids, topk_logp)):
-        t = distill_terms(lg, lb, ti, tl)
         w = (step_decay**k) * v.float()
-        num = num + (w * (alphas[0] * t["ce"] + alphas[1] * t["l1"])).sum()
-        den = den + w.sum()
+        if fused:
+            part, ce_r, l1_r = fused_distill(lg, lb, ti, tl, alphas[0] * w / den, alphas[1] * w / den)
+            t = dict(ce=ce_r, l1=l1_r)
+        else:
+            t = distill_terms(lg, lb, ti, tl)
+            part = (w * (alphas[0] * t["ce"] + alphas[1] * t["l1"])).sum() / den
+        num = num + part
         ce_num += (w * t["ce"]).sum().item()
         l1_num += (w * t["l1"]).sum().item()
         per_step.append(t)
-    d = den.clamp_min(1e-6)
-    loss = num / d
+    d = den
+    loss = num
     return loss, dict(loss=loss.item(), ce=ce_num / d.item(), l1=l1_num / d.item()), per_step

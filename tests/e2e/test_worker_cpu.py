@@ -13,8 +13,6 @@ speculative one shared by every test.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import os
 import sys
 from pathlib import Path
 
@@ -38,37 +36,22 @@ CHAT_2P2 = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, tr
 GREEDY = {"temperature": 0.0, "max_new_tokens": MAX_NEW}
 
 
-def _enable_cpu_engine() -> None:
-    if importlib.util.find_spec("dspark_sglang.cpu_mode") is not None:
-        from dspark_sglang.cpu_mode import enable_cpu_mode
-
-        enable_cpu_mode()
-    elif importlib.util.find_spec("common_ops") is None:
-        pytest.skip("no sgl_kernel CPU fallback (dspark_sglang.cpu_mode / common_ops)")
-    os.environ["SGLANG_USE_CPU_ENGINE"] = "1"
-
-
-def _target_dir() -> Path:
-    override = os.environ.get("DSPARK_E2E_TARGET")  # a converted SmolLM2 folder, skips materializing
-    if override:
-        return Path(override)
-    models = pytest.importorskip("dspark_sglang.models")
-    return Path(models.ensure_target())
-
-
 def _engine(target: Path, **extra):
     import sglang as sgl
 
-    return sgl.Engine(
-        model_path=str(target), device="cpu", attention_backend="torch_native", dtype="float32",
-        max_total_tokens=8192, disable_cuda_graph=True, log_level="warning", **extra,
-    )
+    from dspark_sglang.cpu_mode import cpu_engine_kwargs
+
+    # float32 for both engines: decode and extend then round alike, so parity is exact.
+    return sgl.Engine(model_path=str(target), **cpu_engine_kwargs(speculative=True, dtype="float32", **extra))
 
 
 @pytest.fixture(scope="module")
 def target() -> Path:
-    _enable_cpu_engine()
-    return _target_dir()
+    from dspark_sglang.cpu_mode import enable_cpu_mode
+    from dspark_sglang.models import ensure_target
+
+    enable_cpu_mode()  # before sglang is imported (engines import it lazily)
+    return Path(ensure_target(progress=False))
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +85,10 @@ def test_dspark_is_served_by_the_plugin_worker(spec_engine):
     # cap_lens (per-request verify windows) is reported by our worker only, not by SGLang's EAGLE/NGRAM.
     assert meta["spec_verify_ct"] > 0 and "spec_cap_length" in meta
     assert 1.0 <= meta["spec_cap_length"] <= info["speculative_num_draft_tokens"]
+    # Decode rounds commit several tokens at once; each still gets its (raw) target logprob.
+    lp = spec_engine.generate(PROMPTS[1], {"temperature": 0.0, "max_new_tokens": 12}, return_logprob=True)
+    logprobs = lp["meta_info"]["output_token_logprobs"]
+    assert [t for _, t, _ in logprobs] == lp["output_ids"] and all(v <= 0.0 for v, _, _ in logprobs)
 
 
 def test_greedy_parity_batched_and_one_at_a_time(spec_engine, reference):

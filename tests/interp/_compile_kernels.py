@@ -58,7 +58,7 @@ def variants():
                 sequential_head._sequential_head_kernel,
                 {"base_ptr": "*fp32", "hidden_ptr": "*bf16", "anchors_ptr": "*i64", "uniforms_ptr": "*fp32",
                  "temps_ptr": "*fp32", "onehot_ptr": "*i1", "w1_ptr": "*bf16", "w2_ptr": "*bf16",
-                 "mix_w_ptr": "*bf16", "mix_b_ptr": "*bf16", "conf_w_ptr": "*bf16", "conf_b_ptr": "*bf16",
+                 "mix_w_ptr": "*bf16", "mix_b_ptr": "*bf16", "conf_w_ptr": "*bf16", "conf_b_ptr": "*bf16", "state_ptr": "*fp32",
                  "tokens_ptr": "*i64", "probs_ptr": "*fp32", "token_probs_ptr": "*fp32", "conf_ptr": "*fp32",
                  "logits_ptr": "*bf16"},
                 {"KIND": kind, "HAS_CONF": h, "CONF_MARKOV": m, "BLOCK_V": 256, "BLOCK_VW": 16,
