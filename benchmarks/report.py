@@ -94,7 +94,7 @@ def summary_line(doc: dict) -> str:
             continue
         mid = m.points[len(m.points) // 2] if m.points else None
         parts.append(f"{m.config} {_fmt(m.min_speedup, '.2f')}–{_fmt(m.max_speedup, '.2f')}x"
-                     + (f" ({_fmt(mid.speedup, '.2f')}x at {mid.throughput:.0f} tok/s)" if mid else ""))
+                     + (f" ({_fmt(mid.speedup, '.2f')}x at {_tp(mid.throughput)} tok/s)" if mid else ""))
     loads = sorted({lvl["load"] for cfg in doc["configs"] for lvl in cfg["levels"]})
     load_txt = ",".join(f"{x:g}" for x in loads)
     what = "predicted" if doc["tool"] == "dspark-simulate" else "measured"
@@ -137,12 +137,19 @@ def print_report(doc: dict, console=None) -> None:
             if not m.overlaps:
                 t2.add_row(m.config, "no overlap", "–", "–", "–")
                 continue
-            at = "  ".join(f"{p.speedup:.2f}x@{p.throughput:.0f}" for p in m.points)
-            t2.add_row(m.config, f"{m.lo:.1f}–{m.hi:.1f}", at,
-                       f"{_fmt(m.min_speedup, '.2f')}x@{_fmt(m.min_at, '.0f')}",
-                       f"{_fmt(m.max_speedup, '.2f')}x@{_fmt(m.max_at, '.0f')}")
+            at = "  ".join(f"{p.speedup:.2f}x@{_tp(p.throughput)}" for p in m.points)
+            t2.add_row(m.config, f"{_tp(m.lo)}–{_tp(m.hi)}", at,
+                       f"{_fmt(m.min_speedup, '.2f')}x@{_tp(m.min_at)}",
+                       f"{_fmt(m.max_speedup, '.2f')}x@{_tp(m.max_at)}")
         console.print(t2)
     console.print(doc.get("summary") or summary_line(doc))
+
+
+def _tp(v: Optional[float]) -> str:
+    """A throughput, 3 significant digits below 1000 tok/s, whole numbers above."""
+    if v is None or not math.isfinite(v):
+        return "–"
+    return f"{v:.0f}" if abs(v) >= 1000 else f"{v:.3g}"
 
 
 def _mean(reps: Sequence[dict], key: str) -> Optional[float]:

@@ -18,7 +18,15 @@ SGLang's own flags that we honour: `--speculative-dspark-sps-table-path` (cost t
 | DSPARK_GAMMA           | gamma           | drafts per block; must not exceed the drafter's block          |
 | DSPARK_LAG             | lag             | rounds of lag for the budget of the `lagged` scheduler         |
 | DSPARK_SEED            | seed            | seed of the acceptance/draft random stream                     |
+| DSPARK_ESTIMATOR       | estimator       | confidence estimator JSON for head-less drafters (DFlash, Eagle3) |
+| DSPARK_STATS_EVERY     | stats_every     | log a worker summary every N rounds (0: never)                 |
+| DSPARK_KEEP_RADIX_CACHE| keep_radix_cache| 1: keep SGLang's radix cache on (see below)                    |
 | DSPARK_USE_BUILTIN     | —               | 1: leave `--speculative-algorithm DSPARK` to SGLang's built-in |
+
+Radix cache: on a prefix-cache hit the target does not recompute the cached positions, so the
+drafter gets no target features for them (output stays exact; acceptance drops on shared prefixes
+such as a chat system prompt). Until features are recomputed for cached prefixes, the plugin turns
+the radix cache off unless DSPARK_KEEP_RADIX_CACHE=1.
 
 This module is pure (no sglang import) so it is unit-testable without an engine.
 """
@@ -49,6 +57,9 @@ class PluginSettings:
     gamma: int | None = None
     lag: int = 2
     seed: int = 0
+    estimator: str | None = None
+    stats_every: int = 200
+    keep_radix_cache: bool = False
 
     def __post_init__(self) -> None:
         if self.scheduler not in SCHEDULER_KINDS:
@@ -61,7 +72,9 @@ class PluginSettings:
             raise PluginSettingsError(f"gamma: must be >= 1, got {self.gamma}")
         if self.lag < 0:
             raise PluginSettingsError(f"lag: must be >= 0, got {self.lag}")
-        for name in ("cost_table", "sts"):
+        if self.stats_every < 0:
+            raise PluginSettingsError(f"stats_every: must be >= 0, got {self.stats_every}")
+        for name in ("cost_table", "sts", "estimator"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise PluginSettingsError(f"{name}: file {path!r} does not exist")
@@ -75,13 +88,24 @@ _ENV_KEYS = {
     "gamma": "DSPARK_GAMMA",
     "lag": "DSPARK_LAG",
     "seed": "DSPARK_SEED",
+    "estimator": "DSPARK_ESTIMATOR",
+    "stats_every": "DSPARK_STATS_EVERY",
+    "keep_radix_cache": "DSPARK_KEEP_RADIX_CACHE",
 }
-_INT_FIELDS = {"fixed_len", "gamma", "lag", "seed"}
+_INT_FIELDS = {"fixed_len", "gamma", "lag", "seed", "stats_every"}
+_BOOL_FIELDS = {"keep_radix_cache"}
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
 
 def _coerce(source: str, name: str, value: Any) -> Any:
     if value is None:
         return None
+    if name in _BOOL_FIELDS:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise PluginSettingsError(f"{source}: {name}: expected true/false (1/0), got {value!r}")
     if name in _INT_FIELDS:
         if isinstance(value, bool):
             raise PluginSettingsError(f"{source}: {name}: expected an integer, got {value!r}")

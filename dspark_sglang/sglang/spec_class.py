@@ -86,6 +86,10 @@ def make_spec_class():
             server_args.speculative_num_draft_tokens = config.num_draft_tokens
             # Our worker is synchronous (it needs the accepted tokens before drafting again).
             server_args.disable_overlap_schedule = True
+            if not config.settings.keep_radix_cache:
+                # A prefix-cache hit skips the target forward over the cached positions, leaving the
+                # drafter without their features (lossless, but acceptance drops on shared prefixes).
+                server_args.disable_radix_cache = True
             logger.info(
                 "dspark-sglang: drafter %s (gamma %d), verify window %d, scheduler %s",
                 config.drafter_path, config.drafter_gamma, config.num_draft_tokens, config.settings.scheduler,

@@ -27,7 +27,6 @@ hit gives the drafter zero features for the cached prefix (lossless, lower accep
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import torch
@@ -138,12 +137,16 @@ class DSparkPluginWorker(BaseSpecWorker):
         self.sts = StsCalibration.load(settings.sts) if settings.sts else None
         if self.sts is not None and self.sts.gamma != self.gamma:
             raise ValueError(f"{settings.sts}: {self.sts.gamma} STS temperatures for a drafter of gamma {self.gamma}")
-        self.estimator = ProposalProbEstimator.identity(self.gamma)
+        self.estimator = (
+            ProposalProbEstimator.load(settings.estimator) if settings.estimator
+            else ProposalProbEstimator.identity(self.gamma)
+        )
+        if self.estimator.gamma != self.gamma:
+            raise ValueError(f"{settings.estimator}: estimator for {self.estimator.gamma} positions, drafter gamma {self.gamma}")
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(settings.seed)
         self.slots = SlotRegistry(self._release_slot)
-        # NOTE: DSPARK_STATS_EVERY is read here until settings.py carries a field for it.
-        self.stats = WorkerStats(self.gamma, log_every=int(os.environ.get("DSPARK_STATS_EVERY", "200")))
+        self.stats = WorkerStats(self.gamma, log_every=settings.stats_every)
         self._warned_prefix = False
         logger.info(
             "dspark worker: drafter %s (%s/%s, gamma %d, layers %s) loaded in %.1f s; scheduler %s, "

@@ -13,6 +13,7 @@ speculative one shared by every test.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 
@@ -72,7 +73,13 @@ def reference(target) -> dict:
 
 @pytest.fixture(scope="module")
 def spec_engine(target, drafter, reference):  # `reference` first: one engine at a time
-    engine = _engine(target, speculative_algorithm="DSPARK", speculative_draft_model_path=str(drafter))
+    # The plugin turns the radix cache off by default (cached prefixes carry no drafter features);
+    # keep it on here so the tests below exercise prefix-cache hits under speculation.
+    os.environ["DSPARK_KEEP_RADIX_CACHE"] = "1"
+    try:
+        engine = _engine(target, speculative_algorithm="DSPARK", speculative_draft_model_path=str(drafter))
+    finally:
+        del os.environ["DSPARK_KEEP_RADIX_CACHE"]
     yield engine
     engine.shutdown()
 

@@ -69,3 +69,16 @@ def test_bad_json_is_refused_with_file_and_field(tmp_path, content, message):
 def test_opt_out(value, expected):
     assert builtin_requested({"DSPARK_USE_BUILTIN": value}) is expected
     assert builtin_requested({}) is False
+
+
+def test_worker_fields(tmp_path):
+    est = tmp_path / "est.json"
+    est.write_text("{}")
+    s = load_settings(environ={"DSPARK_ESTIMATOR": str(est), "DSPARK_STATS_EVERY": "0",
+                               "DSPARK_KEEP_RADIX_CACHE": "yes"})
+    assert (s.estimator, s.stats_every, s.keep_radix_cache) == (str(est), 0, True)
+    assert PluginSettings().keep_radix_cache is False  # radix cache off unless asked (module doc)
+    with pytest.raises(PluginSettingsError, match="keep_radix_cache"):
+        load_settings(environ={"DSPARK_KEEP_RADIX_CACHE": "maybe"})
+    with pytest.raises(PluginSettingsError, match="stats_every"):
+        load_settings(environ={"DSPARK_STATS_EVERY": "-5"})
