@@ -36,7 +36,8 @@ from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode
 from sglang.srt.runtime_context import get_parallel, get_spec
 from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
 
-from dspark_sglang.acceptance import chain_accept
+# Fused Triton kernel on CUDA tensors, the torch reference otherwise (DSPARK_KERNELS=auto|triton|torch).
+from dspark_sglang.kernels.dispatch import chain_accept
 from dspark_sglang.confidence import ProposalProbEstimator, StsCalibration, top1_feature
 from dspark_sglang.cost_table import from_probes, load_cost_table
 from dspark_sglang.drafters.interface import TargetSpec
