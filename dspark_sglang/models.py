@@ -245,3 +245,17 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+ZOO_FAMILIES = ("dspark", "dflash", "eagle3")
+
+
+def zoo_drafter(family: str = "dspark", target: str = DEFAULT_TARGET) -> Path:
+    """A drafter trained for the bundled target, shipped inside this package (DeepSpec format;
+    trained by examples/train_drafter.py, see its TRAINING.md)."""
+    if family not in ZOO_FAMILIES:
+        raise ValueError(f"unknown drafter family {family!r}; the zoo has {', '.join(ZOO_FAMILIES)}")
+    folder = Path(__file__).resolve().parent / "zoo" / f"{target}-{family}"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: no zoo drafter for {target} / {family} in this installation")
+    return folder

