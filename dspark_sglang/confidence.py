@@ -257,7 +257,11 @@ def _number_list(values, name: str, path: str, error=StsFileError) -> list[float
     if not isinstance(values, list):
         raise error(path, name, f"expected a list of numbers, got {type(values).__name__}")
     for i, v in enumerate(values):
-        if not _is_number(v) or not math.isfinite(v):
+        try:  # a JSON integer like 10**400 overflows float(): not finite either
+            finite = _is_number(v) and math.isfinite(float(v))
+        except OverflowError:
+            finite = False
+        if not finite:
             raise error(path, f"{name}[{i}]", f"expected a finite number, got {v!r}")
     return [float(v) for v in values]
 
@@ -321,7 +325,7 @@ class StsCalibration:
     def from_json(cls, text: str, *, path: str = _IN_MEMORY) -> "StsCalibration":
         try:
             obj = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:  # RecursionError: absurd nesting
             raise StsFileError(path, "<root>", f"not valid JSON ({exc})") from None
         if not isinstance(obj, dict):
             raise StsFileError(path, "<root>", f"expected a JSON object, got {type(obj).__name__}")
@@ -336,6 +340,8 @@ class StsCalibration:
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise StsFileError(str(path), "<file>", f"cannot read ({exc.strerror})") from None
+        except UnicodeDecodeError as exc:
+            raise StsFileError(str(path), "<file>", f"not UTF-8 text ({exc})") from None
         return cls.from_json(text, path=str(path))
 
     def save(self, path: PathLike) -> None:
@@ -540,7 +546,7 @@ class ProposalProbEstimator:
     def from_json(cls, text: str, *, path: str = _IN_MEMORY) -> "ProposalProbEstimator":
         try:
             obj = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
             raise EstimatorFileError(path, "<root>", f"not valid JSON ({exc})") from None
         if not isinstance(obj, dict):
             raise EstimatorFileError(path, "<root>", "expected a JSON object")
@@ -562,6 +568,8 @@ class ProposalProbEstimator:
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise EstimatorFileError(str(path), "<file>", f"cannot read ({exc.strerror})") from None
+        except UnicodeDecodeError as exc:
+            raise EstimatorFileError(str(path), "<file>", f"not UTF-8 text ({exc})") from None
         return cls.from_json(text, path=str(path))
 
     def save(self, path: PathLike) -> None:

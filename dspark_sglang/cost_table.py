@@ -103,6 +103,14 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_finite_number(value) -> bool:
+    """A number that is finite as a float (a JSON integer like 10**400 is not: float() overflows)."""
+    try:
+        return _is_number(value) and math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
 def _int_list(obj: dict, name: str, path: str) -> list[int]:
     values = obj.get(name)
     if isinstance(values, tuple):
@@ -137,7 +145,7 @@ def _float_list(obj: dict, name: str, path: str, length: int, length_of: str) ->
             path, name, f"length {len(values)} does not match {length_of} length {length}"
         )
     for i, v in enumerate(values):
-        if not _is_number(v) or not math.isfinite(v):
+        if not _is_finite_number(v):
             raise CostTableError(path, f"{name}[{i}]", f"expected a finite number, got {v!r}")
     return [float(v) for v in values]
 
@@ -299,7 +307,7 @@ class AdditiveSpsTable:
         ms = _int_list(raw, "m_probes", self.path)
         theta = _float_list(raw, "theta_seconds", self.path, len(ms), "m_probes")
         bias = self.bias_seconds
-        if not _is_number(bias) or not math.isfinite(bias):
+        if not _is_finite_number(bias):
             raise CostTableError(self.path, "bias_seconds", f"expected a finite number, got {bias!r}")
         if bias <= 0:
             raise CostTableError(self.path, "bias_seconds", f"must be > 0, got {bias}")
@@ -360,7 +368,7 @@ def parse_cost_table(
     SGLang; ``interpolation`` applies to the step form only."""
     try:
         obj = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
         raise CostTableError(path, "<root>", f"not valid JSON ({exc})") from None
     if isinstance(obj, dict) and "bias_seconds" in obj:
         return AdditiveSpsTable.from_dict(obj, path=path)
@@ -373,6 +381,8 @@ def load_cost_table(path: Union[str, Path], *, interpolation: str = "step"):
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise CostTableError(str(path), "<file>", f"cannot read ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise CostTableError(str(path), "<file>", f"not UTF-8 text ({exc})") from None
     return parse_cost_table(text, path=str(path), interpolation=interpolation)
 
 

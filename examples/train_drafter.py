@@ -93,8 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=1200)
-    g.add_argument("--batch-seqs", type=int, default=4, help="sequences per step")
-    g.add_argument("--anchors", type=int, default=32, help="random anchors per sequence (Eagle3: supervised rows per step)")
+    g.add_argument("--batch-seqs", type=int, default=2, help="sequences per step")
+    g.add_argument("--anchors", type=int, default=16, help="random anchors per sequence (Eagle3: supervised rows per step)")
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay floor, as a fraction of --lr")
     g.add_argument("--warmup", type=float, default=0.04, help="warmup fraction of --steps")

@@ -48,8 +48,10 @@ def read_config(path: str | os.PathLike) -> dict:
         raise DrafterConfigError(str(file), CONFIG_NAME, "file not found")
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: [[[[...
         raise DrafterConfigError(str(file), CONFIG_NAME, f"malformed JSON: {exc}") from None
+    except OSError as exc:
+        raise DrafterConfigError(str(file), CONFIG_NAME, f"cannot read ({exc})") from None
     if not isinstance(config, dict):
         raise DrafterConfigError(str(file), CONFIG_NAME, f"top level must be a JSON object, got {type(config).__name__}")
     return config
@@ -68,8 +70,10 @@ def _shard_files(root: Path) -> dict[str, list[str]]:
     try:
         index = json.loads(index_file.read_text(encoding="utf-8"))
         weight_map = index["weight_map"]
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise DrafterWeightsError(str(index_file), INDEX_NAME, f"malformed JSON: {exc}") from None
+    except OSError as exc:
+        raise DrafterWeightsError(str(index_file), INDEX_NAME, f"cannot read ({exc})") from None
     except (KeyError, TypeError):
         raise DrafterWeightsError(str(index_file), "weight_map", "missing or not an object") from None
     if not isinstance(weight_map, dict):

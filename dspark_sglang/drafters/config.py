@@ -16,6 +16,7 @@ DeepSpec allows -1 for the embedding output. Validation errors name the config f
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,9 @@ from dspark_sglang.drafters.interface import TargetSpec
 
 MARKOV_HEAD_TYPES = ("vanilla", "gated", "rnn")
 EAGLE3_DEFAULT_GAMMA = 7  # DeepSpec's ttt_length; SpecForge exports carry no step count
+# Sanity cap on drafts per block (block_size, ttt_length): real drafters use 4-16; a hostile value
+# such as 10**9 would only surface later as an absurd allocation in the worker.
+MAX_DRAFTS_PER_BLOCK = 1024
 FORMAT_FAMILY = {
     "deepspec_dspark": ("dspark", "deepspec"),
     "deepspec_dflash": ("dflash", "deepspec"),
@@ -97,10 +101,15 @@ def _get(config: dict, key: str, kind: type, path: str, default=_MISSING, where:
         return default
     value = config[key]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # a JSON integer beyond float range, e.g. 1e400 written out
+            raise DrafterConfigError(_config_file(path), where + key, "integer too large for a float") from None
     # bool is an int subclass in Python: `true` must not pass as a layer count.
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise DrafterConfigError(_config_file(path), where + key, f"expected {kind.__name__}, got {value!r}")
+    if kind is float and not math.isfinite(value):  # json accepts NaN / Infinity
+        raise DrafterConfigError(_config_file(path), where + key, f"expected a finite number, got {value!r}")
     return value
 
 
@@ -159,6 +168,9 @@ def parse_dims(config: dict, path: str) -> DecoderDims:
     for field in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size"):
         if getattr(dims, field) <= 0:
             raise DrafterConfigError(_config_file(path), field, f"must be positive, got {getattr(dims, field)}")
+    for field in ("rms_norm_eps", "rope_theta"):  # a negative RoPE base gives NaN frequencies
+        if getattr(dims, field) <= 0:
+            raise DrafterConfigError(_config_file(path), field, f"must be > 0, got {getattr(dims, field)}")
     if dims.num_heads % dims.num_kv_heads:
         raise DrafterConfigError(
             _config_file(path), "num_key_value_heads", f"{dims.num_kv_heads} does not divide num_attention_heads={heads}"
@@ -234,6 +246,8 @@ def parse_block_config(config: dict, fmt: str, path: str) -> BlockDrafterConfig:
     block = _get(config, "block_size", int, path)
     if block < 2:
         raise DrafterConfigError(_config_file(path), "block_size", f"must be >= 2 (an anchor and at least one mask), got {block}")
+    if block > MAX_DRAFTS_PER_BLOCK:
+        raise DrafterConfigError(_config_file(path), "block_size", f"{block} exceeds the sanity limit {MAX_DRAFTS_PER_BLOCK}")
     return BlockDrafterConfig(fmt, dims, block, mask, layer_ids, num_target, rank, head, conf, conf_markov)
 
 
@@ -268,6 +282,8 @@ def parse_eagle3_config(config: dict, fmt: str, path: str, target_num_layers: in
         layer_ids = _int_list(eagle, "eagle_aux_hidden_state_layer_ids", path, where="eagle_config.", default=default) or ()
         draft_vocab = _get(config, "draft_vocab_size", int, path, default=dims.vocab_size)
     gamma = _get(config, "ttt_length", int, path, default=EAGLE3_DEFAULT_GAMMA)
+    if gamma > MAX_DRAFTS_PER_BLOCK:
+        raise DrafterConfigError(_config_file(path), "ttt_length", f"{gamma} exceeds the sanity limit {MAX_DRAFTS_PER_BLOCK}")
     num_target = _get(config, "num_target_layers", int, path, default=None)
     return Eagle3Config(fmt, dims, layer_ids, num_target, draft_vocab, gamma)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -36,6 +37,7 @@ from dspark_sglang.drafters.config import (
     parse_eagle3_config,
     validate_against_target,
 )
+from dspark_sglang.drafters.errors import DrafterConfigError
 from dspark_sglang.drafters.interface import Drafter, TargetSpec
 
 
@@ -80,10 +82,19 @@ def _borrow_target_copies(fmt: str, cfg, tensors: dict[str, torch.Tensor], targe
     return filled
 
 
-def _parse(config: dict, fmt: str, path: str, target_num_layers: int | None) -> BlockDrafterConfig | Eagle3Config:
+def _parse(config: dict, fmt: str, path: str, target_num_layers: int | None, shapes: dict) -> BlockDrafterConfig | Eagle3Config:
     if FORMAT_FAMILY[fmt][0] == "eagle3":
         return parse_eagle3_config(config, fmt, path, target_num_layers)
-    return parse_block_config(config, fmt, path)
+    cfg = parse_block_config(config, fmt, path)
+    # Headers before building: modules are built per layer (on meta, but still one Python object
+    # each), so a hostile num_hidden_layers of 10**9 must be refused before anything is built.
+    stored = {name.split(".")[1] for name in shapes if name.startswith("layers.") and name.count(".") >= 2}
+    if cfg.dims.num_layers > len(stored):
+        raise DrafterConfigError(
+            str(Path(path) / "config.json"), "num_hidden_layers",
+            f"{cfg.dims.num_layers} layers, but the safetensors headers hold tensors for {len(stored)}",
+        )
+    return cfg
 
 
 def load_drafter(
@@ -97,7 +108,7 @@ def load_drafter(
     config = read_config(path)
     shapes = read_tensor_shapes(path)  # headers only: a garbage file fails before anything heavy
     fmt = detect_format(config, shapes.keys(), path)
-    cfg = _parse(config, fmt, path, target.num_hidden_layers)
+    cfg = _parse(config, fmt, path, target.num_hidden_layers, shapes)
     validate_against_target(cfg, target, path)
     tensors = _borrow_target_copies(fmt, cfg, read_tensors(path), target, path, dtype, device)
     if isinstance(cfg, Eagle3Config):
@@ -150,7 +161,7 @@ def describe_drafter(path: str | os.PathLike) -> DrafterDescription:
     shapes = read_tensor_shapes(path)
     fmt = detect_format(config, shapes.keys(), path)
     family, source = FORMAT_FAMILY[fmt]
-    cfg = _parse(config, fmt, path, None)
+    cfg = _parse(config, fmt, path, None, shapes)
     dims = cfg.dims
     borrows = [name for name in ("embed_tokens", "lm_head") if f"{name}.weight" not in shapes]
     if isinstance(cfg, BlockDrafterConfig):

@@ -72,6 +72,8 @@ class PluginSettings:
             raise PluginSettingsError(f"gamma: must be >= 1, got {self.gamma}")
         if self.lag < 0:
             raise PluginSettingsError(f"lag: must be >= 0, got {self.lag}")
+        if not -(2**63) <= self.seed < 2**64:  # torch.Generator.manual_seed's range
+            raise PluginSettingsError(f"seed: must lie in [-2**63, 2**64), got {self.seed}")
         if self.stats_every < 0:
             raise PluginSettingsError(f"stats_every: must be >= 0, got {self.stats_every}")
         for name in ("cost_table", "sts", "estimator"):
@@ -125,17 +127,23 @@ def _coerce(source: str, name: str, value: Any) -> Any:
 
 def _read_json(path: str) -> dict[str, Any]:
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise PluginSettingsError(f"{CONFIG_ENV}: file {path!r} does not exist") from None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise PluginSettingsError(f"{path}: not valid JSON ({exc})") from None
+    except (OSError, ValueError) as exc:  # unreadable, embedded NUL in the path
+        raise PluginSettingsError(f"{CONFIG_ENV}: file {path!r} cannot be read ({exc})") from None
     if not isinstance(data, dict):
         raise PluginSettingsError(f"{path}: expected a JSON object, got {type(data).__name__}")
     known = {f.name for f in fields(PluginSettings)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise PluginSettingsError(f"{path}: unknown keys {unknown}; known keys are {sorted(known)}")
+    defaults = PluginSettings.__dataclass_fields__
+    nulls = sorted(k for k, v in data.items() if v is None and defaults[k].default is not None)
+    if nulls:  # null for a field with a non-null default would reach __post_init__ as None
+        raise PluginSettingsError(f"{path}: {nulls[0]}: expected a value, got null")
     return {k: _coerce(path, k, v) for k, v in data.items()}
 
 
