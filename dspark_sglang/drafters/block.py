@@ -73,7 +73,10 @@ class BlockDecoderLayer(nn.Module):
         k = k.view(num_reqs, block, attn.num_kv_heads, attn.head_dim)
         v = v.view(num_reqs, block, attn.num_kv_heads, attn.head_dim)
         q, k = _rotate(q, positions, theta), _rotate(k, positions, theta)
-        out = context_block_attention(q, ctx_k, ctx_v, ctx_mask, k, v, attn.head_dim**-0.5)
+        # `attention_fn` is context_block_attention unless the adapter installed the fused kernel's
+        # dispatcher (`DSparkDrafter.use_kernels`); the drafters never import kernels themselves.
+        attention_fn = getattr(self, "attention_fn", context_block_attention)
+        out = attention_fn(q, ctx_k, ctx_v, ctx_mask, k, v, attn.head_dim**-0.5)
         x = x + attn.o_proj(out.reshape(num_reqs, block, -1))
         return x + self.mlp(self.post_attention_layernorm(x))
 

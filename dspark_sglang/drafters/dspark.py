@@ -27,8 +27,9 @@ from dspark_sglang.drafters.config import BlockDrafterConfig
 from dspark_sglang.drafters.heads import (
     ConfidenceHead,
     MarkovHead,
+    _uniforms as draw_uniforms,
     sample_independent,
-    sample_sequential,
+    sample_sequential_with_uniforms,
     teacher_forced_scores,
 )
 from dspark_sglang.drafters.interface import DraftBlock, DrafterInfo
@@ -122,9 +123,20 @@ class DSparkDrafter(BlockDrafterBase, nn.Module):
         base_logits = self.lm_head(hidden)  # [R, gamma, V]; slot k predicts anchor + k + 1
         if self.markov_head is None and self.confidence_head is None:  # DFlash: independent slots
             return sample_independent(base_logits, sampling, generator), base_logits
-        return sample_sequential(
-            base_logits, hidden, anchor_tokens, self.markov_head, self.confidence_head, sampling, generator
+        # The same uniforms `sample_sequential` would draw, so the kernel path samples identically.
+        uniforms = draw_uniforms(base_logits.shape[:2], base_logits, generator)  # [R, gamma]
+        sampler = getattr(self, "sequential_fn", sample_sequential_with_uniforms)
+        return sampler(
+            base_logits, hidden, anchor_tokens, self.markov_head, self.confidence_head, sampling, uniforms
         )
+
+    def use_kernels(self, attention_fn, sequential_fn) -> None:
+        """Route the block attention and the sequential head through the given functions (the
+        adapter passes `dspark_sglang.kernels.dispatch.block_attention` / `.sample_sequential`,
+        which pick the fused Triton kernel for CUDA tensors and these references otherwise)."""
+        for layer in self.backbone.layers:
+            layer.attention_fn = attention_fn
+        self.sequential_fn = sequential_fn
 
     def propose(
         self,

@@ -37,6 +37,7 @@ from sglang.srt.runtime_context import get_parallel, get_spec
 from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
 
 # Fused Triton kernel on CUDA tensors, the torch reference otherwise (DSPARK_KERNELS=auto|triton|torch).
+from dspark_sglang.kernels import dispatch as kernel_dispatch
 from dspark_sglang.kernels.dispatch import chain_accept
 from dspark_sglang.confidence import ProposalProbEstimator, StsCalibration, top1_feature
 from dspark_sglang.cost_table import from_probes, load_cost_table
@@ -130,6 +131,9 @@ class DSparkPluginWorker(BaseSpecWorker):
         )
         t0 = time.perf_counter()
         self.drafter = load_drafter(self.config.drafter_path, target, dtype=self.model_runner.dtype, device=self.device)
+        if hasattr(self.drafter, "use_kernels"):
+            # Fused Triton block attention + sequential head on CUDA tensors; torch references on CPU.
+            self.drafter.use_kernels(kernel_dispatch.block_attention, kernel_dispatch.sample_sequential)
         self._weight_load_time = time.perf_counter() - t0
         self.gamma = self.drafter.info.gamma
         capture_target_layers(model, self.drafter.info.target_layer_ids)
