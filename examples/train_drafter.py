@@ -92,7 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--prepare-only", action="store_true", help="stop after building the cached data (stages 1-3)")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=1200)
+    g.add_argument("--steps", type=int, default=2400)
     g.add_argument("--batch-seqs", type=int, default=2, help="sequences per step")
     g.add_argument("--anchors", type=int, default=16, help="random anchors per sequence (Eagle3: supervised rows per step)")
     g.add_argument("--lr", type=float, default=1e-3)
