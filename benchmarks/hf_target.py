@@ -59,7 +59,8 @@ class HFTarget:
     def truncate(self, length: int) -> None:
         """Keep only the first `length` positions (drop rejected drafts)."""
         if length < self.length:
-            self.cache.crop(length)
+            # A negative crop removes that many trailing positions (positive values are deprecated).
+            self.cache.crop(length - self.length)
             self.length = length
 
     def chat_ids(self, messages: list[dict]) -> torch.Tensor:

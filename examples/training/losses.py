@@ -27,55 +27,72 @@ def distill_terms(
     topk_ids: torch.Tensor,  # [..., K] int64 target's top-K token ids
     topk_logp: torch.Tensor,  # [..., K] float32 their log-probabilities
 ) -> dict[str, torch.Tensor]:
-    """Per-slot CE [...], L1 [...], acceptance 1 - TV [...] (detached) and top-1 agreement [...]."""
+    """Per-slot CE [...], L1 [...], tail-bucketed KL(target || draft) [...], acceptance 1 - TV [...]
+    (detached) and top-1 agreement [...]."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     ce = -logp.gather(-1, labels[..., None]).squeeze(-1)
     p_top = logp.gather(-1, topk_ids).exp()
     t_top = topk_logp.exp()
     l1 = (p_top - t_top).abs().sum(-1) + (t_top.sum(-1) - p_top.sum(-1)).abs()
+    kl = _tail_kl(t_top, p_top)[0]
     with torch.no_grad():
         accept = (1.0 - 0.5 * l1).clamp(0.0, 1.0)
         agree = (logits.argmax(-1) == topk_ids[..., 0]).float()
-    return dict(ce=ce, l1=l1, accept=accept, agree=agree)
+    return dict(ce=ce, l1=l1, kl=kl, accept=accept, agree=agree)
+
+
+def _tail_kl(topk_p: torch.Tensor, p_top: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """KL(target || draft) over the top-K tokens plus one bucket for the rest: [N], and the two
+    tail masses r = 1 - sum_topK t, Q = 1 - sum_topK p (clamped away from 0) [N]."""
+    r = (1.0 - topk_p.sum(-1)).clamp_min(0.0)
+    q_tail = (1.0 - p_top.sum(-1)).clamp_min(1e-8)
+    kl = (torch.xlogy(topk_p, topk_p) - topk_p * torch.log(p_top.clamp_min(1e-30))).sum(-1)
+    kl = kl + torch.xlogy(r, r) - r * torch.log(q_tail)
+    return kl, r, q_tail
 
 
 class _FusedDistill(torch.autograd.Function):
-    """sum_r (w_ce[r] * CE_r + w_l1[r] * L1_r) over rows, with a hand-written backward.
+    """sum_r (w_ce[r] CE_r + w_l1[r] L1_r + w_kl[r] KL_r) over rows, with a hand-written backward.
 
     The same quantities as `distill_terms`, but without autograd's full-vocabulary intermediates
-    (log-softmax output, two scattered gather gradients and their sum): forward keeps the logits and
+    (log-softmax output, scattered gather gradients and their sums): forward keeps the logits and
     the row log-sum-exp; backward is one dense pass, softmax * c_r, plus sparse corrections at the
     label and the top-K ids. With p = softmax(z), P = sum_topK p, T = sum_topK t,
-    a_i = sign(p_i - t_i) - sign(T - P) for i in topK:
-        dCE/dz = p - onehot(label),   dL1/dz_j = [j in topK] a_j p_j - p_j * sum_i a_i p_i.
+    a_i = sign(p_i - t_i) - sign(T - P) for i in topK, r = 1 - T, Q = 1 - P:
+        dCE/dz = p - onehot(label)
+        dL1/dz_j = [j in topK] a_j p_j - p_j * sum_i a_i p_i
+        dKL/dz_j = p_j (1 - r/Q) + [j in topK] (p_j r/Q - t_j)
     """
 
     @staticmethod
-    def forward(ctx, logits, labels, topk_ids, topk_p, w_ce, w_l1):
+    def forward(ctx, logits, labels, topk_ids, topk_p, w_ce, w_l1, w_kl):
         lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # [N, 1]
         z_top = logits.gather(-1, topk_ids)
         p_top = (z_top - lse).exp()  # [N, K]
         ce = lse.squeeze(-1) - logits.gather(-1, labels[:, None]).squeeze(-1)
         tail = topk_p.sum(-1) - p_top.sum(-1)  # T - P
         l1 = (p_top - topk_p).abs().sum(-1) + tail.abs()
-        ctx.save_for_backward(logits, lse, labels, topk_ids, p_top, topk_p, tail, w_ce, w_l1)
-        return (w_ce * ce + w_l1 * l1).sum(), ce.detach(), l1.detach()
+        kl, r, q_tail = _tail_kl(topk_p, p_top)
+        ctx.save_for_backward(logits, lse, labels, topk_ids, p_top, topk_p, tail, r / q_tail, w_ce, w_l1, w_kl)
+        return (w_ce * ce + w_l1 * l1 + w_kl * kl).sum(), ce.detach(), l1.detach(), kl.detach()
 
     @staticmethod
-    def backward(ctx, grad_out, _g_ce, _g_l1):
-        logits, lse, labels, topk_ids, p_top, topk_p, tail, w_ce, w_l1 = ctx.saved_tensors
+    def backward(ctx, grad_out, _g_ce, _g_l1, _g_kl):
+        logits, lse, labels, topk_ids, p_top, topk_p, tail, ratio, w_ce, w_l1, w_kl = ctx.saved_tensors
         a = torch.sign(p_top - topk_p) - torch.sign(tail)[:, None]  # [N, K]
         ap = a * p_top
-        dense = (w_ce - w_l1 * ap.sum(-1))[:, None] * grad_out  # [N, 1]
+        dense = (w_ce - w_l1 * ap.sum(-1) + w_kl * (1.0 - ratio))[:, None] * grad_out  # [N, 1]
         grad = (logits - lse).exp_().mul_(dense)  # [N, V]
-        grad.scatter_add_(-1, topk_ids, (w_l1[:, None] * grad_out) * ap)
+        sparse = w_l1[:, None] * ap + w_kl[:, None] * (p_top * ratio[:, None] - topk_p)
+        grad.scatter_add_(-1, topk_ids, sparse * grad_out)
         grad.scatter_add_(-1, labels[:, None], -(w_ce * grad_out)[:, None])
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
-def fused_distill(logits, labels, topk_ids, topk_logp, w_ce, w_l1):
-    """(sum_r w_ce CE + w_l1 L1, CE [N], L1 [N]) for rows of float32 logits [N, V]; see _FusedDistill."""
-    return _FusedDistill.apply(logits.float(), labels, topk_ids, topk_logp.exp(), w_ce, w_l1)
+def fused_distill(logits, labels, topk_ids, topk_logp, w_ce, w_l1, w_kl=None):
+    """(sum_r w_ce CE + w_l1 L1 + w_kl KL, CE [N], L1 [N], KL [N]) for float32 logits [N, V]."""
+    w_kl = torch.zeros_like(w_ce) if w_kl is None else w_kl
+    return _FusedDistill.apply(logits.float(), labels, topk_ids, topk_logp.exp(), w_ce, w_l1, w_kl)
 
 
 def weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
