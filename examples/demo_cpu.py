@@ -15,15 +15,20 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 from dspark_sglang.cpu_mode import cpu_engine_kwargs, enable_cpu_mode
 
 PROMPT_SETS = ("gsm8k", "humaneval", "mtbench")
+DEFAULT_COST_TABLE = Path(__file__).resolve().parent / "profiles" / "smollm2-135m-cpu.json"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--drafter", default=None, help="drafter checkpoint (default: the zoo DSpark drafter)")
+    parser.add_argument("--cost-table", default=str(DEFAULT_COST_TABLE),
+                        help="steps/s table the scheduler sizes verification with (default: the committed "
+                        "CPU profile of this target; '' for none, which verifies nearly every draft)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--no-compare", action="store_true", help="skip the plain-engine comparison")
     return parser.parse_args(argv)
@@ -48,6 +53,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     enable_cpu_mode()  # before sglang is imported: its scheduler processes inherit the environment
+    if args.cost_table:
+        os.environ.setdefault("DSPARK_COST_TABLE", args.cost_table)  # read by the plugin's settings
 
     from transformers import AutoTokenizer
 
@@ -62,7 +69,8 @@ def main(argv=None) -> int:
 
     outs, ready, elapsed = run(target, texts, args.max_new_tokens,
                                speculative_algorithm="DSPARK", speculative_draft_model_path=drafter)
-    print(f"target  {target}\ndrafter {drafter}\nDSPARK engine ready in {ready:.1f} s (CPU, float32)")
+    print(f"target  {target}\ndrafter {drafter}\ncost table {os.environ.get('DSPARK_COST_TABLE') or 'none'}\n"
+          f"DSPARK engine ready in {ready:.1f} s (CPU, float32)")
     total = 0
     for prompt, out in zip(prompts, outs):
         meta = out["meta_info"]

@@ -8,6 +8,12 @@ Per supervised slot k (0-based) with weight w_k = exp(-k / decay) (decay 4, Deep
 L = 0.1 * CE + 0.9 * L1 + 1.0 * conf, each term a w-weighted mean over the supervised slots
 (DeepSpec weights the confidence BCE with the same w_k).
 
+Optional addition (`kl_alpha`, not in DeepSpec's DSpark loss; the zoo drafters use 1.0): KL(target ||
+draft) over the top-K tokens plus a tail bucket, the forward-KL distillation EAGLE-style drafters
+train with. L1/TV alone has vanishing gradients where the draft puts ~0 mass on the target's tokens
+(dL1/dz_j is proportional to p_draft(j)), and the 0.1 CE term is then the only signal: fine for
+DeepSpec's GPU-days, far too slow for a CPU budget of minutes.
+
 The target distribution is stored as its top-K log-probs (K = 64 by default). The L1 distance is
 then computed over the top-K tokens exactly, plus the two tails' total masses:
     L1 ~= sum_{i in topK} |p_d(i) - p_t(i)| + |(1 - sum_topK p_d) - (1 - sum_topK p_t)|
@@ -109,6 +115,7 @@ def dspark_loss(
     decay: float = 4.0,
     alphas: tuple[float, float, float] = (0.1, 0.9, 1.0),
     fused: bool = False,
+    kl_alpha: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float], dict[str, torch.Tensor]]:
     """Total loss, scalar stats, and per-slot tensors for metrics (`fused`: the hand-written
     backward of `_FusedDistill`, for training speed; the per-slot tensors then have no `agree`)."""
@@ -118,21 +125,21 @@ def dspark_loss(
     if fused:
         rows = (w > 0).reshape(-1)  # only supervised rows reach the vocabulary-wide math
         wr = w.reshape(-1)[rows]
-        total, ce_r, l1_r = fused_distill(logits.reshape(-1, V)[rows], labels.reshape(-1)[rows],
-                                          topk_ids.reshape(-1, topk_ids.shape[-1])[rows],
-                                          topk_logp.reshape(-1, topk_logp.shape[-1])[rows],
-                                          alphas[0] * wr / den, alphas[1] * wr / den)
+        total, ce_r, l1_r, kl_r = fused_distill(logits.reshape(-1, V)[rows], labels.reshape(-1)[rows],
+                                                topk_ids.reshape(-1, topk_ids.shape[-1])[rows],
+                                                topk_logp.reshape(-1, topk_logp.shape[-1])[rows],
+                                                alphas[0] * wr / den, alphas[1] * wr / den, kl_alpha * wr / den)
         loss = total
-        t = {name: torch.zeros(N * G) for name in ("ce", "l1")}
-        t["ce"][rows], t["l1"][rows] = ce_r, l1_r
+        t = {name: torch.zeros(N * G) for name in ("ce", "l1", "kl")}
+        t["ce"][rows], t["l1"][rows], t["kl"][rows] = ce_r, l1_r, kl_r
         t = {k: v.view(N, G) for k, v in t.items()}
         t["accept"] = (1.0 - 0.5 * t["l1"]).clamp(0.0, 1.0)
         ce, l1 = weighted_mean(t["ce"], w), weighted_mean(t["l1"], w)
     else:
         t = distill_terms(logits, labels, topk_ids, topk_logp)
         ce, l1 = weighted_mean(t["ce"], w), weighted_mean(t["l1"], w)
-        loss = alphas[0] * ce + alphas[1] * l1
-    stats = dict(ce=ce.item(), l1=l1.item())
+        loss = alphas[0] * ce + alphas[1] * l1 + kl_alpha * weighted_mean(t["kl"], w)
+    stats = dict(ce=ce.item(), l1=l1.item(), kl=weighted_mean(t["kl"].detach(), w).item())
     if conf_logits is not None:
         bce = F.binary_cross_entropy_with_logits(conf_logits.float(), t["accept"], reduction="none")
         conf = weighted_mean(bce, w)
@@ -153,24 +160,27 @@ def eagle3_loss(
     step_decay: float = 0.8,
     alphas: tuple[float, float] = (0.1, 0.9),
     fused: bool = False,
+    kl_alpha: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float], list[dict[str, torch.Tensor]]]:
     """The same CE + L1 distillation per TTT step, step k weighted by step_decay^k."""
     num = logits[0].new_zeros(())
-    ce_num = l1_num = 0.0
+    ce_num = l1_num = kl_num = 0.0
     per_step = []
     den = sum(((step_decay**k) * v.float()).sum() for k, v in enumerate(valid)).clamp_min(1e-6)
     for k, (lg, lb, v, ti, tl) in enumerate(zip(logits, labels, valid, topk_ids, topk_logp)):
         w = (step_decay**k) * v.float()
         if fused:
-            part, ce_r, l1_r = fused_distill(lg, lb, ti, tl, alphas[0] * w / den, alphas[1] * w / den)
-            t = dict(ce=ce_r, l1=l1_r)
+            part, ce_r, l1_r, kl_r = fused_distill(lg, lb, ti, tl, alphas[0] * w / den, alphas[1] * w / den,
+                                                   kl_alpha * w / den)
+            t = dict(ce=ce_r, l1=l1_r, kl=kl_r)
         else:
             t = distill_terms(lg, lb, ti, tl)
-            part = (w * (alphas[0] * t["ce"] + alphas[1] * t["l1"])).sum() / den
+            part = (w * (alphas[0] * t["ce"] + alphas[1] * t["l1"] + kl_alpha * t["kl"])).sum() / den
         num = num + part
         ce_num += (w * t["ce"]).sum().item()
         l1_num += (w * t["l1"]).sum().item()
+        kl_num += (w * t["kl"]).sum().item()
         per_step.append(t)
     d = den
     loss = num
-    return loss, dict(loss=loss.item(), ce=ce_num / d.item(), l1=l1_num / d.item()), per_step
+    return loss, dict(loss=loss.item(), ce=ce_num / d.item(), l1=l1_num / d.item(), kl=kl_num / d.item()), per_step
