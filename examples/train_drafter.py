@@ -102,7 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--grad-clip", type=float, default=1.0)
     g.add_argument("--loss-decay", type=float, default=4.0, help="slot weight exp(-k/decay) (DeepSpec loss_decay_gamma)")
     g.add_argument("--step-decay", type=float, default=0.8, help="Eagle3 TTT step weight decay^k")
-    g.add_argument("--kl-alpha", type=float, default=1.0,
+    g.add_argument("--kl-alpha", type=float, default=0.0,
                    help="weight of an added KL(target || draft) term (top-K + tail bucket); 0 = DeepSpec's loss exactly. "
                         "L1/TV alone barely moves a draft that misses the target's tokens, so short runs need it")
     g.add_argument("--lm-head-dtype", choices=("bfloat16", "float32"), default="bfloat16",

@@ -3,8 +3,9 @@
 Each input, random or a mutation of a valid file, must either parse or raise the parser's
 documented error type: `DrafterLoadError` (checkpoints), `CostTableError`, `StsFileError`,
 `RecordsFileError`, `EstimatorFileError`, `PluginSettingsError`. Any other exception type fails.
-Every example also runs under a wall-clock alarm (no hangs) and the whole file under a resident
-memory bound (no huge allocation from a header that merely claims a huge tensor).
+Every example also runs under a wall-clock alarm (no hangs), and the size-claiming inputs run again
+in a fresh process under a resident-memory bound (no huge allocation from a header that merely
+claims a huge tensor), with a negative control that allocates for real.
 
 Plus two static checks: the package never calls `torch.load` nor imports pickle, and a checkpoint's
 `auto_map` / a `pytorch_model.bin` is never executed.
@@ -14,12 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import pickle
 import re
-import resource
 import shutil
 import signal
 import struct
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -49,12 +52,10 @@ PACKAGE = Path(__file__).resolve().parents[2] / "dspark_sglang"
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "drafters"
 FORMATS = sorted(p.name for p in FIXTURES.iterdir() if p.is_dir())
 SECONDS_PER_EXAMPLE = 10  # generous on a busy 2-core box; a hang is minutes, not seconds
-RSS_BUDGET_MB = 1024  # growth of the resident high-water mark over the whole file
+RSS_BUDGET_MB = 384  # growth of a fresh process's resident high-water mark over the size-claiming inputs
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow],
                 database=None)
 FUZZ_SMALL = settings(FUZZ, max_examples=100)
-
-_RSS_AT_IMPORT_MB = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
 
 
 @contextlib.contextmanager
@@ -516,7 +517,24 @@ def test_settings_unreadable_paths(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
-def test_zz_memory_stayed_bounded():
-    # Runs last in file order: no header above made the process allocate its claimed size.
-    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024 - _RSS_AT_IMPORT_MB
-    assert grown < RSS_BUDGET_MB, f"resident high-water mark grew by {grown} MB"
+def run_hostile_sizes_child(*args: str) -> dict:
+    child = Path(__file__).with_name("hostile_sizes_child.py")
+    done = subprocess.run([sys.executable, str(child), *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)
+
+
+def test_size_claiming_headers_allocate_nothing():
+    # In a fresh process (pytest's own high-water mark holds earlier files' engines): headers and
+    # configs that claim 2**40-element tensors are refused without allocating what they claim.
+    report = run_hostile_sizes_child()
+    assert report["loaded"] == [], f"load_drafter accepted {report['loaded']}"
+    assert report["refused"] >= 30
+    assert report["grown_mb"] < RSS_BUDGET_MB, f"resident high-water mark grew by {report['grown_mb']} MB"
+
+
+def test_size_claiming_headers_negative_control():
+    # The same measurement sees a real allocation of twice the budget.
+    report = run_hostile_sizes_child("--control-mb", str(2 * RSS_BUDGET_MB))
+    assert report["grown_mb"] >= RSS_BUDGET_MB
