@@ -17,9 +17,9 @@ Decode round (DECODE batch, KV slots already reserved by the scheduler):
 The scheduler consumes `next_token_ids` ([bs * stride], first accept_len of each row valid),
 `accept_lens`, `new_seq_lens`, and handles EOS / stop / max_new_tokens inside an accepted run.
 
-Not supported yet (requests are served, but the acceptance target ignores them, so the output
-distribution differs from SGLang's own sampler there): penalties, logit_bias, grammar and custom
-logit processors in decode rounds. Decode-round logprobs are the raw-logit logprobs of committed
+Per-request logit adjustments stay exact (logit_adjust.py): logit_bias applies to every verify row;
+requests with penalties, a grammar or a custom logit processor are verified with length 0 (plain
+decoding for that request, adjusted by SGLang's own code). Decode-round logprobs are the raw-logit logprobs of committed
 tokens (no top-k / token-id logprobs). return_hidden_states is not served. A radix-cache prefix
 hit gives the drafter zero features for the cached prefix (lossless, lower acceptance).
 """
@@ -45,6 +45,7 @@ from dspark_sglang.drafters.interface import TargetSpec
 from dspark_sglang.drafters.loader import load_drafter
 from dspark_sglang.sampling import GREEDY_EPS, SamplingBatch, process_logits
 from dspark_sglang.schedulers import make_scheduler
+from dspark_sglang.sglang.logit_adjust import adjust_verify_logits, has_adjustments, plain_decoding_rows
 from dspark_sglang.sglang.spec_class import resolve_plugin_config
 from dspark_sglang.sglang.state import RoundRelay, SlotRegistry, WorkerStats
 from dspark_sglang.sglang.verify import (
@@ -273,6 +274,8 @@ class DSparkPluginWorker(BaseSpecWorker):
         confidences = self._confidences(block)  # [R, gamma]
         verify_lens = self.scheduler.schedule(slots_cpu.to(confidences.device), confidences).to("cpu", torch.int64)
         verify_lens = torch.minimum(verify_lens.clamp(0, self.max_verify_len), self._remaining_budget(reqs))
+        plain = plain_decoding_rows(reqs)  # [R] penalties / grammar / custom processors: exact only unspeculated
+        verify_lens = verify_lens.masked_fill(plain, 0)
         drafts = block.tokens
         verify_lens, drafts = self._tp_agree(verify_lens, drafts)
         verify_lens = verify_lens.to("cpu")
@@ -281,6 +284,7 @@ class DSparkPluginWorker(BaseSpecWorker):
         # 3. one EXTEND forward over the ragged windows [anchor, x_1..x_len].
         layout = layout_windows(anchors, drafts.cpu(), verify_lens, seq_lens)
         return_logprob = batch.return_logprob
+        sampling_info = batch.sampling_info
         turn_into_verify_extend(batch, layout)
         with fast_verify_attention(self.model_runner.attn_backend):
             target_out = self.target_worker.forward_batch_generation(
@@ -288,6 +292,8 @@ class DSparkPluginWorker(BaseSpecWorker):
             )
         out = target_out.logits_output
         logits = all_position_logits(self.model_runner.model, out.last_hidden_states, self.vocab_size)  # [T, V]
+        if has_adjustments(sampling_info, plain):
+            adjust_verify_logits(logits, layout.starts, layout.widths, sampling_info)
         t_verify = time.perf_counter()
 
         # 4. lossless chain acceptance; rows past each request's window stay zero (never read).

@@ -35,6 +35,17 @@ PROMPTS = [
 CHAT_2P2 = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
             "<|im_start|>user\nWhat is 2+2? Answer with one number.<|im_end|>\n<|im_start|>assistant\n")
 GREEDY = {"temperature": 0.0, "max_new_tokens": MAX_NEW}
+# Requests with SGLang's logit adjustments, batched with an unadjusted one. Penalties and
+# min_new_tokens depend on the generated tokens (plain decoding for the request); logit_bias does
+# not (it speculates, with the bias on every verify row). 31069 is the "xx" token of PROMPTS[3].
+ADJUSTED = [
+    (PROMPTS[1], {**GREEDY, "frequency_penalty": 1.5}),
+    (PROMPTS[3], {**GREEDY, "presence_penalty": 2.0}),
+    (PROMPTS[1], {**GREEDY, "repetition_penalty": 1.5}),
+    (CHAT_2P2, {**GREEDY, "min_new_tokens": 12}),
+    (PROMPTS[3], {**GREEDY, "logit_bias": {"31069": -100.0}}),
+    (PROMPTS[0], GREEDY),
+]
 
 
 def _engine(target: Path, **extra):
@@ -62,13 +73,20 @@ def drafter(target, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(target) -> dict:
-    """Greedy outputs of the plain engine: the parity prompts and the EOS prompt."""
-    engine = _engine(target)
+    """Greedy outputs of the plain engine: the parity prompts, the EOS prompt, the adjusted requests.
+
+    Overlap scheduling off, like the speculative engine: with it on, SGLang cumulates penalties from
+    `req.output_ids`, which lag one token behind (the first decode step penalizes the prompt's last
+    token instead of the first output token), so penalized outputs differ from the synchronous ones.
+    """
+    engine = _engine(target, disable_overlap_schedule=True)
     try:
         outs = engine.generate(PROMPTS + [CHAT_2P2], GREEDY)
+        adjusted = engine.generate([p for p, _ in ADJUSTED], [s for _, s in ADJUSTED])
     finally:
         engine.shutdown()
-    return {"parity": [o["output_ids"] for o in outs[:-1]], "eos": outs[-1]["output_ids"]}
+    return {"parity": [o["output_ids"] for o in outs[:-1]], "eos": outs[-1]["output_ids"],
+            "adjusted": [o["output_ids"] for o in adjusted]}
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +182,21 @@ def test_concurrent_mixed_sampling_eos_and_abort(spec_engine, reference):
     assert len(abort_out["output_ids"]) < 400
     # The engine still serves exactly after the abort.
     assert spec_engine.generate(PROMPTS[2], GREEDY)["output_ids"] == reference["parity"][2]
+
+
+def test_penalties_min_new_tokens_and_logit_bias_stay_exact(spec_engine, reference):
+    outs = spec_engine.generate([p for p, _ in ADJUSTED], [s for _, s in ADJUSTED])
+    assert [o["output_ids"] for o in outs] == reference["adjusted"]
+    # The adjustments changed the outputs (the test is not vacuous): penalties broke the repetitive
+    # runs, min_new_tokens held EOS back, the bias removed the "xx" token.
+    plain_hello, plain_xx = reference["parity"][1], reference["parity"][3]
+    assert reference["adjusted"][0] != plain_hello and reference["adjusted"][2] != plain_hello
+    assert reference["adjusted"][1] != plain_xx
+    assert len(reference["adjusted"][3]) > len(reference["eos"])
+    assert 31069 not in reference["adjusted"][4]
+    # Penalized requests decode plainly (one token per round); the biased one still speculates.
+    # (the first token comes from the prefill, each decode round commits exactly one more)
+    for penalized in outs[:3]:
+        meta = penalized["meta_info"]
+        assert meta["spec_verify_ct"] == meta["completion_tokens"] - 1
+    assert outs[4]["meta_info"]["spec_verify_ct"] > 0
