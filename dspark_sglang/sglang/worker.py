@@ -19,9 +19,9 @@ The scheduler consumes `next_token_ids` ([bs * stride], first accept_len of each
 
 Per-request logit adjustments stay exact (logit_adjust.py): logit_bias applies to every verify row;
 requests with penalties, a grammar or a custom logit processor are verified with length 0 (plain
-decoding for that request, adjusted by SGLang's own code). Decode-round logprobs are the raw-logit logprobs of committed
-tokens (no top-k / token-id logprobs). return_hidden_states is not served. A radix-cache prefix
-hit gives the drafter zero features for the cached prefix (lossless, lower acceptance).
+decoding for that request, adjusted by SGLang's own code). Decode-round logprobs (committed tokens,
+top-k, token ids) are raw-logit logprobs, like SGLang's default. return_hidden_states is not served.
+A radix-cache prefix hit gives the drafter zero features for the cached prefix (lossless, lower acceptance).
 """
 
 from __future__ import annotations
@@ -284,6 +284,7 @@ class DSparkPluginWorker(BaseSpecWorker):
         # 3. one EXTEND forward over the ragged windows [anchor, x_1..x_len].
         layout = layout_windows(anchors, drafts.cpu(), verify_lens, seq_lens)
         return_logprob = batch.return_logprob
+        logprob_asks = (batch.top_logprobs_nums, batch.token_ids_logprobs) if return_logprob else None
         sampling_info = batch.sampling_info
         turn_into_verify_extend(batch, layout)
         with fast_verify_attention(self.model_runner.attn_backend):
@@ -330,7 +331,7 @@ class DSparkPluginWorker(BaseSpecWorker):
         next_tokens[:, :width] = output_tokens[:, :width].clamp_min(0)
         accept_lens = (num_accepted + 1).to(torch.int32)
         if return_logprob:
-            out.next_token_logprobs = self._output_logprobs(logits, layout, next_tokens)
+            self._output_logprobs(out, logits, layout, next_tokens, *logprob_asks)
         t_end = time.perf_counter()
         self.stats.record(verify_lens, num_accepted_cpu, {
             "draft": t_draft - start, "verify": t_verify - t_draft,
@@ -349,18 +350,37 @@ class DSparkPluginWorker(BaseSpecWorker):
 
     def _output_logprobs(
         self,
+        out,
         logits: torch.Tensor,  # [T, V] verify logits
         layout,
         next_tokens: torch.Tensor,  # [R, stride] committed tokens (padding past accept_len)
-    ) -> torch.Tensor:
-        """[R, stride] target log-probabilities (raw logits, no temperature) of the committed
-        tokens: output token j of request r was predicted by window row j. Top-k / token-id
-        logprobs are not produced."""
+        top_logprobs_nums: list[int] | None,  # [R] top-k logprobs asked per request
+        token_ids_logprobs: list[list[int] | None] | None,  # [R] token ids asked per request
+    ) -> None:
+        """Target log-probabilities (raw logits, no temperature) of the committed tokens, plus the
+        top-k and asked-for token ids of each position: output token j of request r was predicted by
+        window row j. SGLang reads the top-k / token-id lists flat, entry r * stride + j."""
         stride = next_tokens.shape[1]
         offsets = torch.arange(stride)[None, :].clamp(max=layout.widths[:, None] - 1)  # [R, stride]
         rows = (layout.starts[:, None] + offsets).to(logits.device)
         logprobs = torch.log_softmax(logits.float(), dim=-1)  # [T, V]
-        return logprobs[rows, next_tokens.to(logits.device)]
+        out.next_token_logprobs = logprobs[rows, next_tokens.to(logits.device)]  # [R, stride]
+        if top_logprobs_nums and any(top_logprobs_nums):
+            vals, idxs = [], []
+            for r, k in enumerate(top_logprobs_nums):
+                top = logprobs[rows[r]].topk(k, dim=-1) if k else None  # [stride, k]
+                for j in range(stride):
+                    vals.append(top.values[j] if k else logprobs.new_empty(0))
+                    idxs.append(top.indices[j] if k else rows.new_empty(0))
+            out.next_token_top_logprobs_val, out.next_token_top_logprobs_idx = vals, idxs
+        if token_ids_logprobs and any(ids is not None for ids in token_ids_logprobs):
+            vals, idxs = [], []
+            for r, ids in enumerate(token_ids_logprobs):
+                picked = logprobs[rows[r]][:, list(ids)] if ids else None  # [stride, n]
+                for j in range(stride):
+                    vals.append(picked[j] if ids else logprobs.new_empty(0))
+                    idxs.append(list(ids) if ids else [])
+            out.next_token_token_ids_logprobs_val, out.next_token_token_ids_logprobs_idx = vals, idxs
 
     def _tp_agree(self, *tensors: torch.Tensor):
         """With tensor parallelism, every rank must commit the same tokens: rank 0 decides

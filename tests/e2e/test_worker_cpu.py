@@ -46,6 +46,8 @@ ADJUSTED = [
     (PROMPTS[3], {**GREEDY, "logit_bias": {"31069": -100.0}}),
     (PROMPTS[0], GREEDY),
 ]
+LOGPROB_PARAMS = {"temperature": 0.0, "max_new_tokens": 12}
+LOGPROB_ASKS = {"return_logprob": True, "top_logprobs_num": 3, "token_ids_logprob": [0, 36689]}
 
 
 def _engine(target: Path, **extra):
@@ -83,10 +85,11 @@ def reference(target) -> dict:
     try:
         outs = engine.generate(PROMPTS + [CHAT_2P2], GREEDY)
         adjusted = engine.generate([p for p, _ in ADJUSTED], [s for _, s in ADJUSTED])
+        logprobs = engine.generate(PROMPTS[1], LOGPROB_PARAMS, **LOGPROB_ASKS)["meta_info"]
     finally:
         engine.shutdown()
     return {"parity": [o["output_ids"] for o in outs[:-1]], "eos": outs[-1]["output_ids"],
-            "adjusted": [o["output_ids"] for o in adjusted]}
+            "adjusted": [o["output_ids"] for o in adjusted], "logprobs": logprobs}
 
 
 @pytest.fixture(scope="module")
@@ -110,10 +113,24 @@ def test_dspark_is_served_by_the_plugin_worker(spec_engine):
     # cap_lens (per-request verify windows) is reported by our worker only, not by SGLang's EAGLE/NGRAM.
     assert meta["spec_verify_ct"] > 0 and "spec_cap_length" in meta
     assert 1.0 <= meta["spec_cap_length"] <= info["speculative_num_draft_tokens"]
-    # Decode rounds commit several tokens at once; each still gets its (raw) target logprob.
-    lp = spec_engine.generate(PROMPTS[1], {"temperature": 0.0, "max_new_tokens": 12}, return_logprob=True)
-    logprobs = lp["meta_info"]["output_token_logprobs"]
-    assert [t for _, t, _ in logprobs] == lp["output_ids"] and all(v <= 0.0 for v, _, _ in logprobs)
+
+
+
+def test_logprobs_top_k_and_token_ids_match_the_plain_engine(spec_engine, reference):
+    # Decode rounds commit several tokens at once (this prompt's drafts are accepted in runs); each
+    # token still gets its target logprob, top-3 and asked-for token ids, as the plain engine's.
+    lp = spec_engine.generate(PROMPTS[1], LOGPROB_PARAMS, **LOGPROB_ASKS)
+    meta, expected = lp["meta_info"], reference["logprobs"]
+    assert meta["spec_accept_length"] > 1.5
+    assert [t for _, t, _ in meta["output_token_logprobs"]] == lp["output_ids"]
+    for key in ("output_token_logprobs", "output_top_logprobs", "output_token_ids_logprobs"):
+        ours, theirs = meta[key], expected[key]
+        assert len(ours) == len(theirs) == len(lp["output_ids"]), key
+        for got, want in zip(ours, theirs):
+            rows_got = got if isinstance(got, list) and got and isinstance(got[0], (list, tuple)) else [got]
+            rows_want = want if isinstance(want, list) and want and isinstance(want[0], (list, tuple)) else [want]
+            assert [r[1] for r in rows_got] == [r[1] for r in rows_want], key  # token ids, in order
+            assert [r[0] for r in rows_got] == pytest.approx([r[0] for r in rows_want], abs=1e-3), key
 
 
 def test_greedy_parity_batched_and_one_at_a_time(spec_engine, reference):
