@@ -23,10 +23,11 @@ SGLang's own flags that we honour: `--speculative-dspark-sps-table-path` (cost t
 | DSPARK_KEEP_RADIX_CACHE| keep_radix_cache| 1: keep SGLang's radix cache on (see below)                    |
 | DSPARK_USE_BUILTIN     | —               | 1: leave `--speculative-algorithm DSPARK` to SGLang's built-in |
 
-Radix cache: on a prefix-cache hit the target does not recompute the cached positions, so the
-drafter gets no target features for them (output stays exact; acceptance drops on shared prefixes
-such as a chat system prompt). Until features are recomputed for cached prefixes, the plugin turns
-the radix cache off unless DSPARK_KEEP_RADIX_CACHE=1.
+Radix cache: on a prefix-cache hit the target does not recompute the cached positions. With
+DSPARK_KEEP_RADIX_CACHE=1 the worker keeps the drafter's target features per KV slot
+(sglang/feature_pool.py: len(target_layer_ids) x hidden values per KV slot, in the model dtype,
+outside SGLang's KV budget), so a hit drafts from the same features as a cold start. Because of that
+extra memory the radix cache stays off by default under DSPARK.
 
 This module is pure (no sglang import) so it is unit-testable without an engine.
 """

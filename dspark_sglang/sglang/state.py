@@ -94,6 +94,7 @@ class WorkerStats:
         self.seconds = 0.0
         self.phase_seconds: dict[str, float] = {}  # draft / verify / accept / commit
         self.prefill_fallbacks = 0  # requests whose drafter context could not be rebuilt exactly
+        self.prefix_features_reused = 0  # cached-prefix positions whose features came from the KV-slot store
         self._last_log = time.monotonic()
 
     def record(self, verify_lens: torch.Tensor, num_accepted: torch.Tensor, phases: dict[str, float]) -> None:
@@ -124,6 +125,7 @@ class WorkerStats:
             "ms_per_round": 1000.0 * self.seconds / max(self.rounds, 1),
             "ms_per_phase": {k: 1000.0 * v / max(self.rounds, 1) for k, v in self.phase_seconds.items()},
             "prefill_fallbacks": self.prefill_fallbacks,
+            "prefix_features_reused": self.prefix_features_reused,
         }
 
     def summary(self) -> str:

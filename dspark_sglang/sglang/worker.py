@@ -45,6 +45,7 @@ from dspark_sglang.drafters.interface import TargetSpec
 from dspark_sglang.drafters.loader import load_drafter
 from dspark_sglang.sampling import GREEDY_EPS, SamplingBatch, process_logits
 from dspark_sglang.schedulers import make_scheduler
+from dspark_sglang.sglang.feature_pool import KvSlotFeatures, kv_slot_count
 from dspark_sglang.sglang.logit_adjust import adjust_verify_logits, has_adjustments, plain_decoding_rows
 from dspark_sglang.sglang.spec_class import resolve_plugin_config
 from dspark_sglang.sglang.state import RoundRelay, SlotRegistry, WorkerStats
@@ -154,6 +155,11 @@ class DSparkPluginWorker(BaseSpecWorker):
         self.slots = SlotRegistry(self._release_slot)
         self.stats = WorkerStats(self.gamma, log_every=settings.stats_every)
         self._warned_prefix = False
+        # With the radix cache on, features live next to the KV they belong to (feature_pool.py).
+        self.kv_features = (
+            KvSlotFeatures(lambda: kv_slot_count(self.model_runner), self.model_runner.dtype, self.device)
+            if settings.keep_radix_cache else None
+        )
         logger.info(
             "dspark worker: drafter %s (%s/%s, gamma %d, layers %s) loaded in %.1f s; scheduler %s, "
             "max verify %d, STS %s",
@@ -202,6 +208,8 @@ class DSparkPluginWorker(BaseSpecWorker):
         result = self.target_worker.forward_batch_generation(batch, capture_hidden_mode=CaptureHiddenMode.FULL)
         out = result.logits_output
         self._append_prefill_context(batch, out.hidden_states)  # [T, k*H] packed target features
+        if self.kv_features is not None:
+            self.kv_features.write(batch.out_cache_loc, out.hidden_states)
         out.hidden_states = out.last_hidden_states = None
         bs = len(batch.reqs)
         result.accept_lens = torch.ones(bs, dtype=torch.int32, device=self.device)
@@ -214,7 +222,8 @@ class DSparkPluginWorker(BaseSpecWorker):
         """Give the drafter the target features of every position this extend computed.
 
         Chunked prefill continues a request's context chunk by chunk. A prefix the drafter has not
-        seen (a radix-cache hit) gets zero features: drafts get worse, outputs stay exact.
+        seen (a radix-cache hit) gets its features from the KV-slot store when the radix cache is
+        kept (feature_pool.py), else zeros: drafts get worse, outputs stay exact.
         """
         slots, feats, positions, tokens = [], [], [], []
         input_ids = batch.input_ids.to(torch.int64)
@@ -230,18 +239,28 @@ class DSparkPluginWorker(BaseSpecWorker):
                 self.drafter.truncate_context(slot, prefix)
                 have = prefix
             if have < prefix:
-                self.stats.prefill_fallbacks += 1
-                if not self._warned_prefix:
-                    logger.warning("dspark: cached prefix without drafter features (radix hit?); using zeros")
-                    self._warned_prefix = True
                 missing = torch.tensor(list(req.full_untruncated_fill_ids[have:prefix]), dtype=torch.int64)
-                rows = torch.cat([rows.new_zeros(prefix - have, rows.shape[1]), rows])
+                rows = torch.cat([self._cached_prefix_features(batch, slot, have, prefix, rows), rows])
                 toks = torch.cat([missing.to(toks.device), toks])
             slots.append(slot)
             feats.append(rows)
             positions.append(torch.arange(have, prefix + n, dtype=torch.int64))
             tokens.append(toks)
         self.drafter.append_context(slots, feats, positions, tokens)
+
+    def _cached_prefix_features(self, batch, slot: int, have: int, prefix: int, like: torch.Tensor) -> torch.Tensor:
+        """[prefix - have, k*H] features of cached positions have..prefix-1 of request slot `slot`."""
+        if self.kv_features is not None:
+            kv_slots = batch.req_to_token_pool.req_to_token[slot, have:prefix]
+            stored = self.kv_features.read(kv_slots)
+            if stored is not None:
+                self.stats.prefix_features_reused += prefix - have
+                return stored.to(like.dtype)
+        self.stats.prefill_fallbacks += 1
+        if not self._warned_prefix:
+            logger.warning("dspark: cached prefix without drafter features (radix hit?); using zeros")
+            self._warned_prefix = True
+        return like.new_zeros(prefix - have, like.shape[1])
 
     def _confidences(self, block) -> torch.Tensor:
         """[R, gamma] calibrated P(x_k accepted | x_<k accepted); reads x_<k only."""
@@ -316,6 +335,8 @@ class DSparkPluginWorker(BaseSpecWorker):
 
         # 5. commit: drafter context grows by the target features of [anchor, accepted drafts].
         features = out.hidden_states  # [T, k*H]
+        if self.kv_features is not None:
+            self.kv_features.write(batch.out_cache_loc, features)  # the window's KV slots, same order
         commit = num_accepted_cpu + 1
         self.drafter.append_context(
             slots,
