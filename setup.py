@@ -54,6 +54,7 @@ setup(
             "dspark-calibrate = dspark_sglang.calibration.calibrate:main",
             "dspark-bench = dspark_sglang.benchmarks.bench:main",
             "dspark-simulate = dspark_sglang.benchmarks.simulate:main",
+            "dspark-soak = dspark_sglang.benchmarks.soak:main",
         ],
     },
 )

@@ -24,6 +24,11 @@ Hook points, and why these:
    `CustomSpecAlgo` lacks in 0.5.23 (`carries_draft_hidden_states`, `create_future_map`,
    `need_topk`).
 
+4. An AFTER hook (HookRegistry) on `SchedulerInternalStateController._add_speculative` adds the
+   worker's counters (accept lengths, verify histogram, fault fallbacks: `WorkerStats.as_dict`) to
+   `/server_info` as `internal_states[i]["dspark_plugin"]`. SGLang adds a worker's records there only
+   for its built-in DSPARK (`is_dspark()`), which our spec class deliberately is not.
+
 `DSPARK_USE_BUILTIN=1` leaves `DSPARK` to SGLang's built-in worker (CUDA, DSpark checkpoints only).
 
 If the installed SGLang differs from what this was written against (`signatures.py`), nothing
@@ -42,6 +47,10 @@ logger = logging.getLogger("dspark_sglang")
 
 ALGORITHM_NAME = "DSPARK_PLUGIN"
 TAKEOVER_STEP = "handle_deprecated_dp_attention"
+STATS_TARGET = (
+    "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController._add_speculative"
+)
+STATS_KEY = "dspark_plugin"
 
 # Why registration was refused in this process (None when registered or not yet tried).
 _refusal: list[str] | None = None
@@ -81,6 +90,7 @@ def register() -> None:
         spec_class=make_spec_class(),
     )(_worker_factory)
     _install_takeover(refusal=None)
+    _install_stats_report()
     logger.info("dspark-sglang registered speculative algorithm %s", ALGORITHM_NAME)
 
 
@@ -119,6 +129,26 @@ def _install_takeover(refusal: list[str] | None) -> None:
 
     takeover._dspark_takeover = True
     resolution_hooks.register_resolution_hook(TAKEOVER_STEP)(takeover)
+
+
+def _install_stats_report() -> None:
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    if any(getattr(hook, "_dspark_stats", False) for _, hook, _ in HookRegistry._hooks.get(STATS_TARGET, ())):
+        return
+
+    def report(result, controller, state, *args, **kwargs):
+        worker = getattr(controller.scheduler, "draft_worker", None)
+        # Look the method up on the type: the worker delegates unknown attributes to the target.
+        if callable(getattr(type(worker), "dspark_plugin_stats", None)):
+            try:
+                state[STATS_KEY] = worker.dspark_plugin_stats()
+            except Exception:  # noqa: BLE001 - a stats bug must not break /server_info
+                logger.exception("dspark: could not report worker stats")
+        return None  # keep _add_speculative's own result
+
+    report._dspark_stats = True
+    HookRegistry.register(STATS_TARGET, report, HookType.AFTER)
 
 
 def refusal_reasons() -> list[str] | None:

@@ -21,6 +21,7 @@ SGLang's own flags that we honour: `--speculative-dspark-sps-table-path` (cost t
 | DSPARK_ESTIMATOR       | estimator       | confidence estimator JSON for head-less drafters (DFlash, Eagle3) |
 | DSPARK_STATS_EVERY     | stats_every     | log a worker summary every N rounds (0: never)                 |
 | DSPARK_KEEP_RADIX_CACHE| keep_radix_cache| 1: keep SGLang's radix cache on (see below)                    |
+| DSPARK_TEST_FAULT      | test_fault      | TESTING ONLY: inject faults into decode rounds (see below)     |
 | DSPARK_USE_BUILTIN     | —               | 1: leave `--speculative-algorithm DSPARK` to SGLang's built-in |
 
 Radix cache: on a prefix-cache hit the target does not recompute the cached positions. With
@@ -28,6 +29,14 @@ DSPARK_KEEP_RADIX_CACHE=1 the worker keeps the drafter's target features per KV 
 (sglang/feature_pool.py: len(target_layer_ids) x hidden values per KV slot, in the model dtype,
 outside SGLang's KV budget), so a hit drafts from the same features as a cold start. Because of that
 extra memory the radix cache stays off by default under DSPARK.
+
+Fault injection (testing only). `DSPARK_TEST_FAULT=KIND[:P][,KIND[:P]...]` makes the worker inject
+faults into its own decode rounds, to prove that each one falls back to plain decoding without
+changing a token: `nan_draft` (a request's draft distributions turn NaN from a random position on),
+`garbage_confidence` (a request's confidences turn into NaN / +-inf / huge / negative values),
+`draft_exception` (the draft step raises for the whole round). P in (0, 1] (default 1) is the chance
+per request and round (per round for `draft_exception`), drawn from a generator seeded by `seed` and
+separate from the acceptance stream. Unset, the worker builds no injector and pays nothing.
 
 This module is pure (no sglang import) so it is unit-testable without an engine.
 """
@@ -43,6 +52,7 @@ from typing import Any, Mapping
 SCHEDULER_KINDS = ("lagged", "algorithm1", "fixed", "verify_all", "none")  # as make_scheduler names them
 OPT_OUT_ENV = "DSPARK_USE_BUILTIN"
 CONFIG_ENV = "DSPARK_CONFIG"
+FAULT_KINDS = ("nan_draft", "garbage_confidence", "draft_exception")  # DSPARK_TEST_FAULT kinds
 
 
 class PluginSettingsError(ValueError):
@@ -61,6 +71,7 @@ class PluginSettings:
     estimator: str | None = None
     stats_every: int = 200
     keep_radix_cache: bool = False
+    test_fault: str | None = None  # testing only; parse_fault_spec's format
 
     def __post_init__(self) -> None:
         if self.scheduler not in SCHEDULER_KINDS:
@@ -77,6 +88,8 @@ class PluginSettings:
             raise PluginSettingsError(f"seed: must lie in [-2**63, 2**64), got {self.seed}")
         if self.stats_every < 0:
             raise PluginSettingsError(f"stats_every: must be >= 0, got {self.stats_every}")
+        if self.test_fault is not None:
+            parse_fault_spec(self.test_fault)  # raises with the offending item named
         for name in ("cost_table", "sts", "estimator"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
@@ -94,10 +107,37 @@ _ENV_KEYS = {
     "estimator": "DSPARK_ESTIMATOR",
     "stats_every": "DSPARK_STATS_EVERY",
     "keep_radix_cache": "DSPARK_KEEP_RADIX_CACHE",
+    "test_fault": "DSPARK_TEST_FAULT",
 }
 _INT_FIELDS = {"fixed_len", "gamma", "lag", "seed", "stats_every"}
 _BOOL_FIELDS = {"keep_radix_cache"}
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
+def parse_fault_spec(spec: str) -> dict[str, float]:
+    """`"nan_draft:0.5,draft_exception"` -> {"nan_draft": 0.5, "draft_exception": 1.0}.
+
+    Empty items are ignored (so "" means no faults); an unknown kind, a repeated kind or a
+    probability outside (0, 1] raises PluginSettingsError naming the item.
+    """
+    faults: dict[str, float] = {}
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        kind, _, prob_text = (x.strip() for x in item.partition(":"))
+        kind = kind.lower().replace("-", "_")
+        if kind not in FAULT_KINDS:
+            raise PluginSettingsError(f"test_fault: unknown fault {kind!r} in {item!r}; known: {', '.join(FAULT_KINDS)}")
+        if kind in faults:
+            raise PluginSettingsError(f"test_fault: fault {kind!r} given twice")
+        try:
+            prob = float(prob_text) if prob_text else 1.0
+        except ValueError:
+            prob = float("nan")
+        if not 0.0 < prob <= 1.0:  # NaN fails too
+            raise PluginSettingsError(f"test_fault: {item!r}: probability must be a number in (0, 1]")
+        faults[kind] = prob
+    return faults
 
 
 def _coerce(source: str, name: str, value: Any) -> Any:

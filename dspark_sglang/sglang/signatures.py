@@ -58,6 +58,13 @@ SGLANG_INTERNALS: list[Internal] = [
     Internal("sglang.srt.arg_groups.overrides.resolving_view", "call", ("server_args",),
              "reads the algorithm being resolved"),
     Internal("sglang.srt.runtime_context.get_spec", "call", (), "the worker reads resolved spec args"),
+    Internal("sglang.srt.plugins.hook_registry.HookRegistry.register", "call", ("target", "hook", "hook_type"),
+             "hooks the worker's counters into /server_info"),
+    Internal("sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController"
+             "._add_speculative", "override", ("self", "state"),
+             "AFTER hook: internal_states[i]['dspark_plugin'] = the worker's counters"),
+    Internal("sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController",
+             "call", ("scheduler",), "built with the scheduler; the hook reads controller.scheduler.draft_worker"),
     # --- worker (worker.py) ------------------------------------------------------------------
     Internal("sglang.srt.speculative.base_spec_worker.BaseSpecWorker", "override", (),
              "our worker subclasses it"),

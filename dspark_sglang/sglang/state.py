@@ -80,7 +80,12 @@ class SlotRegistry:
 
 
 class WorkerStats:
-    """Counters over decode rounds, with a summary line logged every `log_every` rounds."""
+    """Counters over decode rounds, with a summary line logged every `log_every` rounds.
+
+    Faults (guards.py) are counted per kind in request-rounds that fell back, and logged once per
+    kind (a broken drafter would otherwise log every round); the counts appear in the periodic
+    summary and in `/server_info` -> `internal_states[0]["dspark_plugin"]["faults"]` (plugin.py).
+    """
 
     def __init__(self, gamma: int, log_every: int = 200) -> None:
         self.gamma, self.log_every = gamma, log_every
@@ -95,7 +100,26 @@ class WorkerStats:
         self.phase_seconds: dict[str, float] = {}  # draft / verify / accept / commit
         self.prefill_fallbacks = 0  # requests whose drafter context could not be rebuilt exactly
         self.prefix_features_reused = 0  # cached-prefix positions whose features came from the KV-slot store
+        self.faults: dict[str, int] = {}  # kind -> request-rounds that fell back (guards.py)
         self._last_log = time.monotonic()
+
+    FALLBACKS = {  # what each fault costs (guards.py); the output stays exact in every case
+        "nan_draft": "drafts from the first non-finite draft distribution on are not verified",
+        "garbage_confidence": "confidences outside [0, 1] were sanitized before scheduling",
+        "draft_exception": "the draft step failed; the round verifies no drafts (plain decoding)",
+    }
+
+    def fault(self, kind: str, count: int, exc: BaseException | None = None) -> None:
+        """Count `count` request-rounds that fell back because of `kind`; warn the first time only."""
+        first = kind not in self.faults
+        self.faults[kind] = self.faults.get(kind, 0) + count
+        if first:
+            logger.warning(
+                "dspark: %s in %d request(s) of this round%s: %s; the output stays exact. Logged once "
+                "per kind; counts go to the worker summary and /server_info (dspark_plugin.faults).",
+                kind, count, f" ({type(exc).__name__}: {exc})" if exc is not None else "",
+                self.FALLBACKS.get(kind, "fallback"), exc_info=exc,
+            )
 
     def record(self, verify_lens: torch.Tensor, num_accepted: torch.Tensor, phases: dict[str, float]) -> None:
         """verify_lens, num_accepted: [R] int64 on CPU; phases: seconds spent per phase."""
@@ -126,6 +150,7 @@ class WorkerStats:
             "ms_per_phase": {k: 1000.0 * v / max(self.rounds, 1) for k, v in self.phase_seconds.items()},
             "prefill_fallbacks": self.prefill_fallbacks,
             "prefix_features_reused": self.prefix_features_reused,
+            "faults": dict(self.faults),
         }
 
     def summary(self) -> str:
@@ -136,4 +161,5 @@ class WorkerStats:
             f"verify len {d['verify_length']:.2f}, hist {d['verify_hist']}, "
             f"accept@k [{rates}], {d['ms_per_round']:.1f} ms/round ("
             + ", ".join(f"{k} {v:.1f}" for k, v in d["ms_per_phase"].items()) + ")"
+            + (f", fallbacks {d['faults']}" if d["faults"] else "")
         )

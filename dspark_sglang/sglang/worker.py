@@ -41,12 +41,14 @@ from dspark_sglang.kernels import dispatch as kernel_dispatch
 from dspark_sglang.kernels.dispatch import chain_accept
 from dspark_sglang.confidence import ProposalProbEstimator, StsCalibration, top1_feature
 from dspark_sglang.cost_table import from_probes, load_cost_table
-from dspark_sglang.drafters.interface import TargetSpec
+from dspark_sglang.drafters.interface import DraftBlock, TargetSpec
 from dspark_sglang.drafters.loader import load_drafter
 from dspark_sglang.sampling import GREEDY_EPS, SamplingBatch, process_logits
 from dspark_sglang.schedulers import make_scheduler
 from dspark_sglang.sglang.feature_pool import KvSlotFeatures, kv_slot_count
+from dspark_sglang.sglang.guards import FaultInjector, sanitize_confidences, usable_draft_prefix
 from dspark_sglang.sglang.logit_adjust import adjust_verify_logits, has_adjustments, plain_decoding_rows
+from dspark_sglang.sglang.settings import parse_fault_spec
 from dspark_sglang.sglang.spec_class import resolve_plugin_config
 from dspark_sglang.sglang.state import RoundRelay, SlotRegistry, WorkerStats
 from dspark_sglang.sglang.verify import (
@@ -154,6 +156,10 @@ class DSparkPluginWorker(BaseSpecWorker):
         self.generator.manual_seed(settings.seed)
         self.slots = SlotRegistry(self._release_slot)
         self.stats = WorkerStats(self.gamma, log_every=settings.stats_every)
+        faults = parse_fault_spec(settings.test_fault or "")
+        self.faults = FaultInjector(faults, seed=settings.seed) if faults else None
+        if self.faults is not None:
+            logger.warning("dspark: DSPARK_TEST_FAULT=%s: injecting faults (testing only)", settings.test_fault)
         self._warned_prefix = False
         # With the radix cache on, features live next to the KV they belong to (feature_pool.py).
         self.kv_features = (
@@ -173,6 +179,13 @@ class DSparkPluginWorker(BaseSpecWorker):
     @property
     def weight_load_time(self) -> float:
         return self._weight_load_time
+
+    def dspark_plugin_stats(self) -> dict:
+        """The worker's counters, for `/server_info` (plugin.py hooks them into internal_states)."""
+        stats = self.stats.as_dict()
+        if self.faults is not None:
+            stats["faults_injected"] = dict(self.faults.injected)
+        return stats
 
     def clear_cache_pool(self) -> None:
         self.slots.clear()
@@ -269,6 +282,38 @@ class DSparkPluginWorker(BaseSpecWorker):
             return self.sts.apply(raw) if self.sts is not None else torch.sigmoid(raw)
         return self.estimator.confidences(top1_feature(block.probs))
 
+    def _draft_step(self, slots, slots_cpu, anchors, seq_lens, sampling) -> tuple[DraftBlock, torch.Tensor]:
+        """Draft a block and schedule it: (block, [R] int64 CPU verify lengths before per-request caps).
+
+        Guards (guards.py) cut each chain before its first non-finite draft distribution and
+        sanitize the confidences; either fault is counted per request-round.
+        """
+        faults = self.faults  # None unless DSPARK_TEST_FAULT is set: the production path skips it
+        block = self.drafter.propose(slots, anchors.to(self.device), seq_lens.to(self.device), sampling, self.generator)
+        if faults is not None:
+            faults.maybe_raise(len(slots))
+            block = faults.corrupt_block(block)
+        usable = usable_draft_prefix(block.probs, block.tokens, self.vocab_size)  # [R]
+        confidences = self._confidences(block)  # [R, gamma]
+        if faults is not None:
+            confidences = faults.corrupt_confidences(confidences)
+        confidences, garbage = sanitize_confidences(confidences)  # [R, gamma], [R] bool
+        # Unusable drafts get confidence 0, so the budget goes to other requests' drafts; the cap
+        # below also holds for schedulers that ignore confidences (fixed, verify_all).
+        unusable = torch.arange(self.gamma, device=usable.device)[None, :] >= usable[:, None]  # [R, gamma]
+        confidences = confidences.masked_fill(unusable.to(confidences.device), 0.0)
+        verify_lens = self.scheduler.schedule(slots_cpu.to(confidences.device), confidences)
+        verify_lens = torch.minimum(verify_lens, usable.to(verify_lens.device)).to("cpu", torch.int64)
+        broken, bad_conf = torch.stack([(usable < self.gamma).sum(), garbage.sum()]).tolist()  # one sync
+        if broken:
+            self.stats.fault("nan_draft", broken)
+            # Zero the unusable rows: verification never reads them, but no NaN should travel on.
+            block = DraftBlock(block.tokens, block.probs.masked_fill(unusable[..., None], 0.0),
+                               block.token_probs.masked_fill(unusable, 0.0), block.confidence_logits)
+        if bad_conf:
+            self.stats.fault("garbage_confidence", bad_conf)
+        return block, verify_lens
+
     def _remaining_budget(self, reqs) -> torch.Tensor:
         """[R] drafts that could still be emitted after this round's target token: verifying more
         is wasted work. Depends on lengths only (never on draft values): lossless."""
@@ -288,10 +333,19 @@ class DSparkPluginWorker(BaseSpecWorker):
         sampling = sampling_batch(batch.sampling_info)
         greedy = sampling.is_greedy()  # [R]
 
-        # 1-2. draft a full block, then choose how many drafts to verify.
-        block = self.drafter.propose(slots, anchors.to(self.device), seq_lens.to(self.device), sampling, self.generator)
-        confidences = self._confidences(block)  # [R, gamma]
-        verify_lens = self.scheduler.schedule(slots_cpu.to(confidences.device), confidences).to("cpu", torch.int64)
+        # 1-2. draft a full block, then choose how many drafts to verify. A failure anywhere in this
+        # step costs the round its speculation, never the round: verify nothing, commit the target's token.
+        try:
+            block, verify_lens = self._draft_step(slots, slots_cpu, anchors, seq_lens, sampling)
+        except Exception as exc:  # noqa: BLE001 - any drafter/scheduler failure
+            self.stats.fault("draft_exception", num_reqs, exc)
+            block = DraftBlock(
+                tokens=torch.zeros(num_reqs, self.gamma, dtype=torch.int64, device=self.device),
+                probs=torch.zeros(num_reqs, self.gamma, self.vocab_size, device=self.device),  # never read
+                token_probs=torch.zeros(num_reqs, self.gamma, device=self.device),
+                confidence_logits=None,
+            )
+            verify_lens = torch.zeros(num_reqs, dtype=torch.int64)
         verify_lens = torch.minimum(verify_lens.clamp(0, self.max_verify_len), self._remaining_budget(reqs))
         plain = plain_decoding_rows(reqs)  # [R] penalties / grammar / custom processors: exact only unspeculated
         verify_lens = verify_lens.masked_fill(plain, 0)
