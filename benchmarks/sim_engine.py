@@ -343,7 +343,16 @@ def simulate_level(setup: SimSetup, spec: SchedulerSpec, *, seed: int, concurren
 
         # Decode round.
         num = len(running)
-        if spec.speculative:
+        slots = torch.tensor([r.slot for r in running], dtype=torch.int64) if spec.speculative else None
+        if spec.speculative and scheduler.skip_round(slots):
+            # The worker skips the draft step too (budget 0 from lagged survivals): no draft cost,
+            # and the replayed rows stay where they are (no draft was made).
+            lens = np.zeros(num, dtype=np.int64)
+            accepted = lens
+            seconds = 0.0
+            skipped = True
+        elif spec.speculative:
+            skipped = False
             rows = np.fromiter((r.row for r in running), dtype=np.int64, count=num)
             pools = np.fromiter((r.pool for r in running), dtype=np.int64, count=num)
             conf = torch.empty((num, gamma), dtype=torch.float32)
@@ -351,7 +360,6 @@ def simulate_level(setup: SimSetup, spec: SchedulerSpec, *, seed: int, concurren
                 sel = np.nonzero(pools == p_index)[0]
                 if len(sel):
                     conf[torch.from_numpy(sel)] = pool.confidences[torch.from_numpy(rows[sel])]
-            slots = torch.tensor([r.slot for r in running], dtype=torch.int64)
             lens = scheduler.schedule(slots, conf).numpy().astype(np.int64)
             accepted = np.empty(num, dtype=np.int64)
             for p_index, pool in enumerate(setup.pools):
@@ -363,6 +371,7 @@ def simulate_level(setup: SimSetup, spec: SchedulerSpec, *, seed: int, concurren
             lens = np.zeros(num, dtype=np.int64)
             accepted = lens
             seconds = 0.0
+            skipped = True
         t += seconds + step.seconds(num, int(num + lens.sum()))
 
         still: list[_Req] = []
@@ -372,7 +381,7 @@ def simulate_level(setup: SimSetup, spec: SchedulerSpec, *, seed: int, concurren
             req.tokens = min(req.target_tokens, req.tokens + acc + 1)
             req.record.chunk_times.append(t)
             req.record.chunk_tokens.append(req.tokens)
-            if spec.speculative:
+            if not skipped:
                 n_rows = pool_lens[req.pool]
                 req.row = (req.row + 1) % n_rows if sequential else int(state.rng.integers(n_rows))
             if req.tokens >= req.target_tokens:

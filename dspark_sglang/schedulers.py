@@ -236,6 +236,12 @@ class VerifyScheduler(ABC):
     def release(self, slots: torch.Tensor) -> None:  # [n] int64
         """Forget per-slot state (no-op for stateless schedulers)."""
 
+    def skip_round(self, slots: torch.Tensor) -> bool:  # [num_reqs] int64
+        """True when this round will verify no draft whatever the drafts turn out to be, so the
+        caller need not draft at all; the round is then consumed and ``schedule`` must not be
+        called for it. Decided before drafting, from earlier rounds' information only: lossless."""
+        return False
+
 
 def _check_eps(survival_eps: float) -> float:
     if not (0.0 < float(survival_eps) <= 1.0):
@@ -392,6 +398,12 @@ class LaggedBudgetScheduler(VerifyScheduler):
     survival_eps : float
     initial_slots : int
         Initial slot capacity; grows on demand.
+    probe_every : int
+        ``skip_round``: when the lagged budget is already 0 (the cost table says no draft pays at
+        this batch size with these survivals), the round is skipped before drafting, so the caller
+        saves the draft step; every ``probe_every``-th round drafts anyway to refresh the
+        survivals (a skipped round stores nothing, so the lagged survivals would otherwise never
+        change). 0: never skip.
 
     Notes
     -----
@@ -402,9 +414,12 @@ class LaggedBudgetScheduler(VerifyScheduler):
 
     def __init__(self, cost_table: CostTable, *, lag: int = 2, min_verify_len: int = 0,
                  max_verify_len: Optional[int] = None, survival_eps: float = DEFAULT_SURVIVAL_EPS,
-                 initial_slots: int = 256):
+                 initial_slots: int = 256, probe_every: int = 8):
         if cost_table is None:
             raise SchedulerConfigError("LaggedBudgetScheduler needs a cost table")
+        if not isinstance(probe_every, int) or probe_every < 0:
+            raise SchedulerConfigError(f"probe_every must be an int >= 0, got {probe_every!r}")
+        self.probe_every = probe_every
         if not isinstance(lag, int) or lag < 1:
             raise SchedulerConfigError(f"lag must be an int >= 1 (0 is not lossless), got {lag!r}")
         if not isinstance(min_verify_len, int) or min_verify_len < 0:
@@ -477,6 +492,30 @@ class LaggedBudgetScheduler(VerifyScheduler):
         self._round += 1
         return lagged
 
+    def skip_round(self, slots: torch.Tensor) -> bool:
+        """True when the budget K, which ``schedule`` would compute from the same lagged survivals,
+        is 0 and nothing is forced: no draft would be verified. Lossless like ``schedule``: K reads
+        only survivals stored in earlier rounds. A skipped round stores nothing (the ring keeps the
+        older survivals) and advances the round."""
+        hist = self._history
+        if (self.probe_every == 0 or self.min_verify_len > 0 or hist is None or slots.numel() == 0
+                or self._round % self.probe_every == 0):
+            return False
+        index = slots.to(hist.device, torch.int64)
+        if int(index.min()) < 0 or int(index.max()) >= hist.shape[1]:
+            return False  # a slot never seen: optimistic prior, draft
+        gamma = hist.shape[2]
+        limit = gamma if self.max_verify_len is None else min(gamma, self.max_verify_len)
+        if limit == 0:
+            return False
+        lagged = self._rings[self._round % self.lag].index_select(0, index)[:, :limit]  # [R, limit]
+        ws = self._workspaces.get(index.numel(), limit, 0, hist.device)
+        if _lagged_budget_fast(ws, lagged) > 0:
+            return False
+        self._round += 1
+        self.last_budget = 0
+        return True
+
     def schedule(self, slots: torch.Tensor, confidences: torch.Tensor) -> torch.Tensor:
         num_reqs, gamma = _check_inputs(slots, confidences)
         device = confidences.device
@@ -521,6 +560,9 @@ class FixedLengthScheduler(VerifyScheduler):
         return torch.full((num_reqs,), min(self.verify_len, gamma), dtype=torch.int64,
                           device=confidences.device)
 
+    def skip_round(self, slots: torch.Tensor) -> bool:
+        return self.verify_len == 0
+
 
 class VerifyAllScheduler(VerifyScheduler):
     """Verify all gamma drafts (plain chain speculative decoding). Lossless: value-independent."""
@@ -536,6 +578,9 @@ class NoSpeculationScheduler(VerifyScheduler):
     def schedule(self, slots: torch.Tensor, confidences: torch.Tensor) -> torch.Tensor:
         num_reqs, _ = _check_inputs(slots, confidences)
         return _zeros(num_reqs, confidences.device)
+
+    def skip_round(self, slots: torch.Tensor) -> bool:
+        return True
 
 
 SCHEDULER_KINDS: dict[str, type[VerifyScheduler]] = {

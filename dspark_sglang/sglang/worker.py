@@ -288,6 +288,11 @@ class DSparkPluginWorker(BaseSpecWorker):
         Guards (guards.py) cut each chain before its first non-finite draft distribution and
         sanitize the confidences; either fault is counted per request-round.
         """
+        if self.scheduler.skip_round(slots_cpu):
+            # The budget, read from earlier rounds alone, is 0: no draft would be verified, so do not
+            # draft (on a CPU the draft step costs as much as a target step). Lossless: decided before drafting.
+            self.stats.drafting_skipped += 1
+            return self._no_drafts(len(slots)), torch.zeros(len(slots), dtype=torch.int64)
         faults = self.faults  # None unless DSPARK_TEST_FAULT is set: the production path skips it
         block = self.drafter.propose(slots, anchors.to(self.device), seq_lens.to(self.device), sampling, self.generator)
         if faults is not None:
@@ -314,6 +319,15 @@ class DSparkPluginWorker(BaseSpecWorker):
             self.stats.fault("garbage_confidence", bad_conf)
         return block, verify_lens
 
+    def _no_drafts(self, num_reqs: int) -> DraftBlock:
+        """A placeholder block for a round that verifies nothing (its values are never read)."""
+        return DraftBlock(
+            tokens=torch.zeros(num_reqs, self.gamma, dtype=torch.int64, device=self.device),
+            probs=torch.zeros(num_reqs, self.gamma, self.vocab_size, device=self.device),
+            token_probs=torch.zeros(num_reqs, self.gamma, device=self.device),
+            confidence_logits=None,
+        )
+
     def _remaining_budget(self, reqs) -> torch.Tensor:
         """[R] drafts that could still be emitted after this round's target token: verifying more
         is wasted work. Depends on lengths only (never on draft values): lossless."""
@@ -339,13 +353,7 @@ class DSparkPluginWorker(BaseSpecWorker):
             block, verify_lens = self._draft_step(slots, slots_cpu, anchors, seq_lens, sampling)
         except Exception as exc:  # noqa: BLE001 - any drafter/scheduler failure
             self.stats.fault("draft_exception", num_reqs, exc)
-            block = DraftBlock(
-                tokens=torch.zeros(num_reqs, self.gamma, dtype=torch.int64, device=self.device),
-                probs=torch.zeros(num_reqs, self.gamma, self.vocab_size, device=self.device),  # never read
-                token_probs=torch.zeros(num_reqs, self.gamma, device=self.device),
-                confidence_logits=None,
-            )
-            verify_lens = torch.zeros(num_reqs, dtype=torch.int64)
+            block, verify_lens = self._no_drafts(num_reqs), torch.zeros(num_reqs, dtype=torch.int64)
         verify_lens = torch.minimum(verify_lens.clamp(0, self.max_verify_len), self._remaining_budget(reqs))
         plain = plain_decoding_rows(reqs)  # [R] penalties / grammar / custom processors: exact only unspeculated
         verify_lens = verify_lens.masked_fill(plain, 0)

@@ -581,3 +581,76 @@ def test_cost_table_with_non_positive_rate_is_refused_at_use():
 
     with pytest.raises(SchedulerConfigError, match="non-positive"):
         Algorithm1Scheduler(Broken()).schedule(slots_for(1), torch.ones(1, 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# skip_round: the worker drafts nothing when the budget is already known to be 0
+
+
+def _skip_check_run(scheduler, rounds=60, seed=0):
+    """Drive `scheduler` through `rounds` rounds of random batches. On every round it skips, a copy
+    taken just before the skip must verify nothing for ANY confidences (here: random ones and the
+    best case, all ones). Returns (skipped rounds, rounds that verified at least one draft)."""
+    gen = torch.Generator().manual_seed(seed)
+    skipped = verified = 0
+    for _ in range(rounds):
+        num = int(torch.randint(1, 6, (1,), generator=gen))
+        slots = torch.randperm(8, generator=gen)[:num]
+        high = torch.rand(num, 1, generator=gen) < 0.3  # some requests draft well, most do not
+        conf = torch.where(high, torch.full((num, 4), 0.95), torch.full((num, 4), 0.05))
+        before = copy.deepcopy(scheduler)
+        if scheduler.skip_round(slots):
+            skipped += 1
+            for trial in (conf, torch.rand(num, 4, generator=gen), torch.ones(num, 4)):
+                assert int(copy.deepcopy(before).schedule(slots, trial).sum()) == 0
+        else:
+            verified += int(scheduler.schedule(slots, conf).sum() > 0)
+    return skipped, verified
+
+
+# Drafts pay only when they are very likely accepted: throughput falls 30% per extra batch token.
+STEEP = table([10.0 / (1 + 0.3 * i) for i in range(40)])
+
+
+def test_lagged_skips_only_rounds_that_would_verify_nothing():
+    skipped, verified = _skip_check_run(LaggedBudgetScheduler(STEEP, lag=2, probe_every=4))
+    assert skipped >= 10 and verified >= 5  # both paths taken: the check above discriminates
+
+
+def test_skip_check_catches_a_scheduler_that_skips_too_often():
+    # Negative control: skipping whenever the lagged budget is small but not zero must be caught.
+    sched = LaggedBudgetScheduler(STEEP, lag=2, probe_every=4)
+    def skip_small_budgets(slots):
+        return (sched._history is not None and int(slots.max()) < sched._history.shape[1]
+                and sched.last_budget <= 2 and sched._round % 4 != 0)
+
+    sched.skip_round = skip_small_budgets
+    with pytest.raises(AssertionError):
+        _skip_check_run(sched)
+
+
+def test_lagged_probes_and_options():
+    never = table([10.0 / (1 + 5.0 * i) for i in range(40)])  # no draft ever pays
+    sched = LaggedBudgetScheduler(never, lag=1, probe_every=4)
+    slots, conf = slots_for(3), torch.full((3, 4), 0.9)
+    assert not sched.skip_round(slots)  # no history yet: optimistic prior, draft
+    decisions = []
+    for _ in range(12):
+        skip = sched.skip_round(slots)
+        decisions.append(skip)
+        if not skip:
+            assert sched.schedule(slots, conf).tolist() == [0, 0, 0]
+    assert decisions.count(False) == 3 and decisions.count(True) == 9  # one probe every 4 rounds
+    assert not sched.skip_round(slots_for(5))  # an unseen slot reads the optimistic prior
+    assert not LaggedBudgetScheduler(never, probe_every=0).skip_round(slots)
+    forced = LaggedBudgetScheduler(never, lag=1, min_verify_len=1)
+    forced.schedule(slots, conf)
+    assert not forced.skip_round(slots)  # a forced draft is verified every round
+    with pytest.raises(SchedulerConfigError, match="probe_every"):
+        LaggedBudgetScheduler(never, probe_every=-1)
+
+
+def test_stateless_skip_round():
+    s = slots_for(2)
+    assert NoSpeculationScheduler().skip_round(s) and FixedLengthScheduler(0).skip_round(s)
+    assert not FixedLengthScheduler(2).skip_round(s) and not VerifyAllScheduler().skip_round(s)
