@@ -344,15 +344,10 @@ def simulate_level(setup: SimSetup, spec: SchedulerSpec, *, seed: int, concurren
         # Decode round.
         num = len(running)
         slots = torch.tensor([r.slot for r in running], dtype=torch.int64) if spec.speculative else None
-        if spec.speculative and scheduler.skip_round(slots):
-            # The worker skips the draft step too (budget 0 from lagged survivals): no draft cost,
-            # and the replayed rows stay where they are (no draft was made).
-            lens = np.zeros(num, dtype=np.int64)
-            accepted = lens
-            seconds = 0.0
-            skipped = True
-        elif spec.speculative:
-            skipped = False
+        # A round the scheduler skips before drafting costs no draft time, and the replayed rows
+        # stay where they are (no draft was made), as in the worker.
+        drafted = spec.speculative and not scheduler.skip_round(slots)
+        if drafted:
             rows = np.fromiter((r.row for r in running), dtype=np.int64, count=num)
             pools = np.fromiter((r.pool for r in running), dtype=np.int64, count=num)
             conf = torch.empty((num, gamma), dtype=torch.float32)
@@ -371,7 +366,6 @@ def simulate_level(setup: SimSetup, spec: SchedulerSpec, *, seed: int, concurren
             lens = np.zeros(num, dtype=np.int64)
             accepted = lens
             seconds = 0.0
-            skipped = True
         t += seconds + step.seconds(num, int(num + lens.sum()))
 
         still: list[_Req] = []
@@ -381,7 +375,7 @@ def simulate_level(setup: SimSetup, spec: SchedulerSpec, *, seed: int, concurren
             req.tokens = min(req.target_tokens, req.tokens + acc + 1)
             req.record.chunk_times.append(t)
             req.record.chunk_tokens.append(req.tokens)
-            if not skipped:
+            if drafted:
                 n_rows = pool_lens[req.pool]
                 req.row = (req.row + 1) % n_rows if sequential else int(state.rng.integers(n_rows))
             if req.tokens >= req.target_tokens:

@@ -196,15 +196,15 @@ def scan_log(path: Path) -> dict:
     """Retractions and leak/traceback lines in a server log."""
     text = path.read_text(errors="replace") if path.is_file() else ""
     problems = [line.strip() for line in text.splitlines() if any(p in line for p in LEAK_PATTERNS)]
-    return {"retractions": sum(int(n) for n in RETRACT_LOG.findall(text)),
-            "retraction_events": len(RETRACT_LOG.findall(text)), "problems": problems[:20]}
+    events = RETRACT_LOG.findall(text)
+    return {"retractions": sum(int(n) for n in events), "retraction_events": len(events), "problems": problems[:20]}
 
 
 def plugin_stats(server: ManagedServer) -> dict:
     """The worker's counters (WorkerStats + injected faults) from /server_info internal_states."""
     info = get_json(server.host, server.port, "/server_info", timeout=30.0)
     states = info.get("internal_states") or [{}]
-    return states[0].get("dspark_plugin", {}) if states else {}
+    return states[0].get("dspark_plugin", {})
 
 
 def compare(requests: Sequence[SoakRequest], reference: Sequence[dict], results: Sequence[dict]) -> list[dict]:
@@ -239,7 +239,7 @@ def reference_server(cfg: SoakConfig, target: str, out: Path) -> ManagedServer:
 
 
 def dspark_server(cfg: SoakConfig, target: str, drafter: str, out: Path) -> ManagedServer:
-    args = [a for a in CPU_SERVER_ARGS]
+    args = list(CPU_SERVER_ARGS)
     args[args.index("--max-total-tokens") + 1] = str(cfg.max_total_tokens)
     args += ["--speculative-algorithm", "DSPARK", "--speculative-draft-model-path", drafter, "--enable-metrics",
              "--schedule-conservativeness", str(cfg.schedule_conservativeness), *cfg.server_args]

@@ -492,6 +492,9 @@ class LaggedBudgetScheduler(VerifyScheduler):
         self._round += 1
         return lagged
 
+    def _verify_limit(self, gamma: int) -> int:
+        return gamma if self.max_verify_len is None else min(gamma, self.max_verify_len)
+
     def skip_round(self, slots: torch.Tensor) -> bool:
         """True when the budget K, which ``schedule`` would compute from the same lagged survivals,
         is 0 and nothing is forced: no draft would be verified. Lossless like ``schedule``: K reads
@@ -502,10 +505,10 @@ class LaggedBudgetScheduler(VerifyScheduler):
                 or self._round % self.probe_every == 0):
             return False
         index = slots.to(hist.device, torch.int64)
-        if int(index.min()) < 0 or int(index.max()) >= hist.shape[1]:
+        low, high = (int(v) for v in torch.aminmax(index))
+        if low < 0 or high >= hist.shape[1]:
             return False  # a slot never seen: optimistic prior, draft
-        gamma = hist.shape[2]
-        limit = gamma if self.max_verify_len is None else min(gamma, self.max_verify_len)
+        limit = self._verify_limit(hist.shape[2])
         if limit == 0:
             return False
         lagged = self._rings[self._round % self.lag].index_select(0, index)[:, :limit]  # [R, limit]
@@ -526,7 +529,7 @@ class LaggedBudgetScheduler(VerifyScheduler):
             slots = slots.to(device=device, dtype=torch.int64)
         lagged = self._exchange(slots, survival)  # [R, γ]
 
-        limit = gamma if self.max_verify_len is None else min(gamma, self.max_verify_len)
+        limit = self._verify_limit(gamma)
         forced = min(self.min_verify_len, limit)
         if limit == 0:
             return _zeros(num_reqs, device)

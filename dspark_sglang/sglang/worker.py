@@ -161,6 +161,7 @@ class DSparkPluginWorker(BaseSpecWorker):
         if self.faults is not None:
             logger.warning("dspark: DSPARK_TEST_FAULT=%s: injecting faults (testing only)", settings.test_fault)
         self._warned_prefix = False
+        self._zero_block: DraftBlock | None = None  # reused by _no_drafts, grown on demand
         # With the radix cache on, features live next to the KV they belong to (feature_pool.py).
         self.kv_features = (
             KvSlotFeatures(lambda: kv_slot_count(self.model_runner), self.model_runner.dtype, self.device)
@@ -320,13 +321,18 @@ class DSparkPluginWorker(BaseSpecWorker):
         return block, verify_lens
 
     def _no_drafts(self, num_reqs: int) -> DraftBlock:
-        """A placeholder block for a round that verifies nothing (its values are never read)."""
-        return DraftBlock(
-            tokens=torch.zeros(num_reqs, self.gamma, dtype=torch.int64, device=self.device),
-            probs=torch.zeros(num_reqs, self.gamma, self.vocab_size, device=self.device),
-            token_probs=torch.zeros(num_reqs, self.gamma, device=self.device),
-            confidence_logits=None,
-        )
+        """A zero block for a round that verifies nothing. Its values are never read or written, so
+        one buffer serves every such round (no [R, gamma, V] allocation on the skipped-round path)."""
+        zero = self._zero_block
+        if zero is None or zero.tokens.shape[0] < num_reqs:
+            rows = max(num_reqs, 2 * (0 if zero is None else zero.tokens.shape[0]))
+            zero = self._zero_block = DraftBlock(
+                tokens=torch.zeros(rows, self.gamma, dtype=torch.int64, device=self.device),
+                probs=torch.zeros(rows, self.gamma, self.vocab_size, device=self.device),
+                token_probs=torch.zeros(rows, self.gamma, device=self.device),
+                confidence_logits=None,
+            )
+        return DraftBlock(zero.tokens[:num_reqs], zero.probs[:num_reqs], zero.token_probs[:num_reqs], None)
 
     def _remaining_budget(self, reqs) -> torch.Tensor:
         """[R] drafts that could still be emitted after this round's target token: verifying more
