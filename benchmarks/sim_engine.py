@@ -44,6 +44,7 @@ import torch
 from dspark_sglang.benchmarks.metrics import RequestRecord
 from dspark_sglang.confidence import CalibrationRecords, apply_sts
 from dspark_sglang.cost_table import CostTable
+from dspark_sglang.draft_cost import DraftCost, FixedDraftCost
 from dspark_sglang.schedulers import make_scheduler
 
 __all__ = ["SchedulerSpec", "parse_scheduler_spec", "RoundPool", "SimSetup", "simulate_level", "step_seconds",
@@ -64,8 +65,13 @@ class SchedulerSpec:
     def speculative(self) -> bool:
         return self.kind != "none"
 
-    def build(self, cost_table: CostTable):
-        return make_scheduler(self.kind, cost_table, **dict(self.opts))
+    def build(self, cost_table: CostTable, draft_cost: Optional[DraftCost] = None):
+        opts = dict(self.opts)
+        if opts.get("draft_cost") == "none":  # lagged:draft_cost=none, the paper's objective
+            opts.pop("draft_cost")
+        elif draft_cost is not None and self.kind == "lagged":
+            opts.setdefault("draft_cost", draft_cost)  # the worker's default: it weighs draft time
+        return make_scheduler(self.kind, cost_table, **opts)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "kind": self.kind, "opts": dict(self.opts)}
@@ -83,7 +89,8 @@ def _value(text: str):
 def parse_scheduler_spec(text: str) -> SchedulerSpec:
     """``[NAME=]KIND[:OPTS]``: KIND one of none, fixed, verify-all, lagged, algorithm1; OPTS a
     comma list of key=value (``fixed:3`` is short for ``fixed:verify_len=3``). Examples: ``none``,
-    ``fixed:3``, ``lagged``, ``lagged:lag=1,min_verify_len=1``, ``conf=lagged``."""
+    ``fixed:3``, ``lagged``, ``lagged:lag=1,min_verify_len=1``, ``conf=lagged``,
+    ``paper=lagged:draft_cost=none`` (a lagged scheduler that ignores the draft cost)."""
     raw = text.strip()
     name, sep, rest = raw.partition("=")
     if not sep or ":" in name:
@@ -170,6 +177,7 @@ class SimSetup:
     max_running: int = 4096
     replay: str = "sequential"  # or "iid"
     scheduler_cost_table: Optional[CostTable] = None  # what the scheduler believes (default: cost_table)
+    scheduler_sees_draft_cost: bool = True  # lagged: weigh the draft time above (the worker measures it)
 
     def __post_init__(self) -> None:
         if not self.pools:
@@ -261,7 +269,9 @@ def simulate_level(setup: SimSetup, spec: SchedulerSpec, *, seed: int, concurren
     if rate is not None and not rate > 0:
         raise ValueError(f"rate must be > 0, got {rate}")
     sched_table = setup.scheduler_cost_table or setup.cost_table
-    scheduler = spec.build(sched_table)
+    draft_cost = (FixedDraftCost(setup.draft_seconds, setup.draft_seconds_per_req)
+                  if setup.scheduler_sees_draft_cost else None)
+    scheduler = spec.build(sched_table, draft_cost)
     step = _Rates(setup.cost_table)
     pool_lens = [len(p) for p in setup.pools]
     state = _State(np.random.default_rng(seed))

@@ -74,6 +74,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="how the schedulers read their table (step: what the worker and SGLang do)")
     g.add_argument("--draft-ms", type=float, default=0.0, help="drafter cost per speculative round, ms")
     g.add_argument("--draft-ms-per-req", type=float, default=0.0, help="drafter cost per request per round, ms")
+    g.add_argument("--scheduler-ignores-draft-cost", action="store_true",
+                   help="the lagged scheduler prices target steps only (the paper's objective; the worker "
+                        "with DSPARK_DRAFT_COST=none); by default it weighs the draft cost above, as the "
+                        "worker does with its measured draft times")
     g.add_argument("--prompt-len", type=int, default=0, help="prefill tokens per request (0: free prefill)")
     g.add_argument("--max-running", type=int, default=4096, help="most requests decoding at once")
     g = p.add_argument_group("drafter rounds")
@@ -203,7 +207,8 @@ def make_setup(args, pools: list[RoundPool], output_len, prompt_len: int,
     sched = load_sps(scheduler_table or args.scheduler_cost_table or args.sps, args.scheduler_interpolation)
     return SimSetup(sps, pools, output_len=output_len, prompt_len=prompt_len, draft_seconds=args.draft_ms / 1e3,
                     draft_seconds_per_req=args.draft_ms_per_req / 1e3, max_running=args.max_running,
-                    replay=args.replay, scheduler_cost_table=sched)
+                    replay=args.replay, scheduler_cost_table=sched,
+                    scheduler_sees_draft_cost=not getattr(args, "scheduler_ignores_draft_cost", False))
 
 
 def level_seed(seed: int, load: float, repeat: int) -> int:
@@ -272,7 +277,8 @@ def engine_description(args, setup: SimSetup) -> dict:
     return {"sps": args.sps, "gamma": setup.gamma, "pools": [
         {"name": p.name, "rounds": len(p), "tau_verify_all": p.tau_verify_all,
          "conditional_acceptance": [round(float(v), 4) for v in p.conditional]} for p in setup.pools],
-        "draft_ms": args.draft_ms, "draft_ms_per_req": args.draft_ms_per_req, "replay": args.replay}
+        "draft_ms": args.draft_ms, "draft_ms_per_req": args.draft_ms_per_req, "replay": args.replay,
+        "scheduler_sees_draft_cost": not args.scheduler_ignores_draft_cost}
 
 
 def _jsonable(obj):

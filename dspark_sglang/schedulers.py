@@ -44,6 +44,7 @@ from typing import Optional
 import torch
 
 from dspark_sglang.cost_table import CostTable
+from dspark_sglang.draft_cost import DraftCost
 
 __all__ = [
     "SchedulerInputError",
@@ -237,9 +238,10 @@ class VerifyScheduler(ABC):
         """Forget per-slot state (no-op for stateless schedulers)."""
 
     def skip_round(self, slots: torch.Tensor) -> bool:  # [num_reqs] int64
-        """True when this round will verify no draft whatever the drafts turn out to be, so the
-        caller need not draft at all; the round is then consumed and ``schedule`` must not be
-        called for it. Decided before drafting, from earlier rounds' information only: lossless."""
+        """True when the caller should not draft this round: no draft would be verified whatever
+        the drafts turn out to be, or drafting costs more than it brings. The round is then
+        consumed and ``schedule`` must not be called for it. Decided before drafting, from earlier
+        rounds' information only: lossless."""
         return False
 
 
@@ -356,6 +358,27 @@ def lagged_budget(
     return int(torch.argmax(theta))
 
 
+def _with_draft_time(rates: torch.Tensor, draft_seconds: float) -> torch.Tensor:
+    """Rounds/s of a drafted round: a target step of 1/SPS plus a draft step of d seconds."""
+    return rates / (1.0 + draft_seconds * rates)  # = 1 / (1/SPS + d)
+
+
+def _drafted_budget(
+    lagged_survival: torch.Tensor,  # [num_reqs, L] float32 survivals; -inf = not a candidate
+    rates: torch.Tensor,  # [num_reqs*L + 1] float64 SPS(num_reqs + i)
+    draft_seconds: float,
+) -> tuple[int, float]:
+    """(K, Θ_K): the budget maximising tokens/s of a round that drafted, d included, and that best
+    Θ. No forced prefix. Compare Θ_K with R·SPS(R), the round that does not draft."""
+    num_reqs = lagged_survival.shape[0]
+    values = _sorted_desc(lagged_survival.reshape(-1))  # [N]
+    tau = torch.cumsum(values, dim=0, dtype=torch.float64).add_(num_reqs)  # [N]
+    effective = _with_draft_time(rates, draft_seconds)  # [N+1]
+    theta = torch.cat([effective[:1] * num_reqs, tau.mul_(effective[1:])])  # [N+1]
+    best = int(torch.argmax(theta))
+    return best, float(theta[best])
+
+
 def _lagged_budget_fast(ws: _Workspace, lagged_survival: torch.Tensor) -> int:
     """``lagged_budget`` with no forced prefix, on the workspace buffers (same result)."""
     # lagged_survival: [num_reqs, L] float32
@@ -371,16 +394,20 @@ class LaggedBudgetScheduler(VerifyScheduler):
     Each call (one round):
     1. Read each slot's survivals as stored ``lag`` rounds ago (a ring of ``lag`` survival tables
        indexed by the global round; a slot absent from some rounds reads older information). Slots
-       with no stored history (new, released, or grown into) read survival 1.0, the optimistic
-       prior "every draft will be accepted".
+       with no stored history read a prior: with ``prior="population"`` (default) a released slot
+       reads the running mean of the survivals stored so far (what the average request achieved),
+       before any survival was stored and with ``prior="optimistic"`` it reads 1.0 ("every draft
+       will be accepted"). The optimistic prior makes every new request look worth drafting for
+       its first ``lag`` drafted rounds, which at high concurrency keeps the drafter busy even
+       when drafting does not pay.
     2. K = ``lagged_budget``: global argmax of Θ over those lagged survivals (no break).
     3. Admit the top K candidates of the CURRENT survivals in the shared order (only those with
        survival ≥ ``survival_eps``), after the forced ``min_verify_len`` per request; store the
        current survivals for round t + lag.
 
     Why lossless: K is a function of survivals from earlier rounds only, produced before this
-    round's drafts were sampled, so it cannot depend on any current x_{r,k}; the 1.0 substituted
-    for a missing history is a constant. Given K, (r, k) is admitted iff its rank in the shared
+    round's drafts were sampled, so it cannot depend on any current x_{r,k}; the prior substituted
+    for a missing history is a constant or a mean of earlier rounds' survivals. Given K, (r, k) is admitted iff its rank in the shared
     order is < K (after the forced prefix) and a_{r,k} ≥ eps; its rank counts only candidates
     ranked before it, never (r, k+1..γ). The forced prefix is value-independent. Any ``lag ≥ 1`` is
     lossless; production uses 2 so that K is known before the previous step ends. ``lag = 0``
@@ -404,6 +431,16 @@ class LaggedBudgetScheduler(VerifyScheduler):
         saves the draft step; every ``probe_every``-th round drafts anyway to refresh the
         survivals (a skipped round stores nothing, so the lagged survivals would otherwise never
         change). 0: never skip.
+    prior : str
+        What a slot without history reads: "population" (default) or "optimistic" (see 1. above).
+    prior_decay : float
+        Weight of the old mean when ``prior="population"`` folds in a round's mean survival.
+    draft_cost : DraftCost, optional
+        Seconds of one draft step for R requests (``dspark_sglang.draft_cost``). A drafted round
+        then takes 1/SPS(B) + d(R): the budget maximises tokens/s with d included, and
+        ``skip_round`` skips drafting whenever the best drafted round, judged on the lagged
+        survivals, is no faster than a round that does not draft, R·SPS(R). None or d = 0: the
+        paper's objective (drafting is free). Lossless either way: d comes from earlier rounds.
 
     Notes
     -----
@@ -414,12 +451,22 @@ class LaggedBudgetScheduler(VerifyScheduler):
 
     def __init__(self, cost_table: CostTable, *, lag: int = 2, min_verify_len: int = 0,
                  max_verify_len: Optional[int] = None, survival_eps: float = DEFAULT_SURVIVAL_EPS,
-                 initial_slots: int = 256, probe_every: int = 8):
+                 initial_slots: int = 256, probe_every: int = 8, prior: str = "population",
+                 prior_decay: float = 0.9, draft_cost: Optional[DraftCost] = None):
         if cost_table is None:
             raise SchedulerConfigError("LaggedBudgetScheduler needs a cost table")
         if not isinstance(probe_every, int) or probe_every < 0:
             raise SchedulerConfigError(f"probe_every must be an int >= 0, got {probe_every!r}")
         self.probe_every = probe_every
+        if draft_cost is not None and not isinstance(draft_cost, DraftCost):
+            raise SchedulerConfigError(f"draft_cost must be a DraftCost, got {type(draft_cost).__name__}")
+        self.draft_cost = draft_cost
+        if prior not in ("population", "optimistic"):
+            raise SchedulerConfigError(f"prior must be 'population' or 'optimistic', got {prior!r}")
+        if not (isinstance(prior_decay, (int, float)) and 0.0 <= prior_decay < 1.0):
+            raise SchedulerConfigError(f"prior_decay must be in [0, 1), got {prior_decay!r}")
+        self.prior, self.prior_decay = prior, float(prior_decay)
+        self._prior_mean: Optional[torch.Tensor] = None  # [gamma] running mean of stored survivals
         if not isinstance(lag, int) or lag < 1:
             raise SchedulerConfigError(f"lag must be an int >= 1 (0 is not lossless), got {lag!r}")
         if not isinstance(min_verify_len, int) or min_verify_len < 0:
@@ -443,11 +490,13 @@ class LaggedBudgetScheduler(VerifyScheduler):
     def reset(self) -> None:
         """Forget all history (e.g. when gamma changes)."""
         self._history, self._rings, self._round, self.last_budget = None, [], 0, None
+        self._prior_mean = None
 
     def release(self, slots: torch.Tensor) -> None:
         if self._history is not None and slots.numel() > 0:
             index = slots.to(self._history.device, torch.int64)
-            self._history[:, index[index < self._history.shape[1]]] = 1.0
+            index = index[index < self._history.shape[1]]
+            self._history[:, index] = 1.0 if self._prior_mean is None else self._prior_mean
 
     def _grow(self, gamma: int, max_slot: int, device) -> None:
         hist = self._history
@@ -458,6 +507,8 @@ class LaggedBudgetScheduler(VerifyScheduler):
         grown = torch.ones((self.lag, new_capacity, gamma), dtype=torch.float32, device=device)
         if hist is not None:
             grown[:, :capacity] = hist
+            if self._prior_mean is not None:
+                grown[:, capacity:] = self._prior_mean
         self._history = grown
         self._rings = list(grown.unbind(0))  # per-round [capacity, γ] views
 
@@ -490,16 +541,27 @@ class LaggedBudgetScheduler(VerifyScheduler):
             lagged = ring.index_select(0, slots)
         ring.index_copy_(0, slots, survival)
         self._round += 1
+        if self.prior == "population":
+            observed = survival.clamp(min=0.0).mean(dim=0)  # [γ]; -inf (non-candidate) counts as 0
+            if self._prior_mean is None:
+                self._prior_mean = observed
+            else:
+                self._prior_mean.lerp_(observed, 1.0 - self.prior_decay)
         return lagged
 
     def _verify_limit(self, gamma: int) -> int:
         return gamma if self.max_verify_len is None else min(gamma, self.max_verify_len)
 
+    def _draft_seconds(self, num_reqs: int) -> float:
+        return 0.0 if self.draft_cost is None else max(0.0, float(self.draft_cost.seconds(num_reqs)))
+
     def skip_round(self, slots: torch.Tensor) -> bool:
-        """True when the budget K, which ``schedule`` would compute from the same lagged survivals,
-        is 0 and nothing is forced: no draft would be verified. Lossless like ``schedule``: K reads
-        only survivals stored in earlier rounds. A skipped round stores nothing (the ring keeps the
-        older survivals) and advances the round."""
+        """True when drafting does not pay this round and nothing is forced. Without a draft cost:
+        the budget K that ``schedule`` would compute from the same lagged survivals is 0, so no
+        draft would be verified. With one: the best drafted round (d included) is no faster than
+        not drafting. Lossless like ``schedule``: it reads only survivals stored in earlier rounds
+        (and earlier timings). A skipped round stores nothing (the ring keeps the older survivals)
+        and advances the round."""
         hist = self._history
         if (self.probe_every == 0 or self.min_verify_len > 0 or hist is None or slots.numel() == 0
                 or self._round % self.probe_every == 0):
@@ -513,7 +575,12 @@ class LaggedBudgetScheduler(VerifyScheduler):
             return False
         lagged = self._rings[self._round % self.lag].index_select(0, index)[:, :limit]  # [R, limit]
         ws = self._workspaces.get(index.numel(), limit, 0, hist.device)
-        if _lagged_budget_fast(ws, lagged) > 0:
+        draft_seconds = self._draft_seconds(index.numel())
+        if draft_seconds > 0:
+            _, best = _drafted_budget(lagged, ws.rates, draft_seconds)
+            if best > float(ws.scaled[0]):  # drafting beats R·SPS(R), the round without a draft
+                return False
+        elif _lagged_budget_fast(ws, lagged) > 0:
             return False
         self._round += 1
         self.last_budget = 0
@@ -540,10 +607,14 @@ class LaggedBudgetScheduler(VerifyScheduler):
 
         # Budget from lagged information only, then top-(forced·R + budget) of the current
         # survivals with the forced positions ranked first.
+        draft_seconds = self._draft_seconds(num_reqs)
         if forced:
-            budget = lagged_budget(lagged, ws.rates, min_verify_len=forced)
+            rates = _with_draft_time(ws.rates, draft_seconds) if draft_seconds > 0 else ws.rates
+            budget = lagged_budget(lagged, rates, min_verify_len=forced)
             current = current.clone()
             current[:, :forced] = _FORCED
+        elif draft_seconds > 0:
+            budget, _ = _drafted_budget(lagged, ws.rates, draft_seconds)
         else:
             budget = _lagged_budget_fast(ws, lagged)
         self.last_budget = budget

@@ -13,10 +13,13 @@ the last one, so with ``all_logits=True`` (the default) the step captures the fi
 region.
 
 CPU: the engine needs `SGLANG_USE_CPU_ENGINE=1` before sglang is imported and the `sgl_kernel`
-fallback (`common_ops`) on `sys.path`; `dspark_sglang.cpu_mode.enable_cpu_mode()` does both. Attention defaults to `torch_native` on CPU. Caveat: stock `torch_native` extend attention
-pads each request's queries to its full length (O(L^2) per layer); the plugin's worker may replace
-it; the runner calls SGLang's `load_plugins()` first, so whatever our plugin installs in an engine
-process is installed here too.
+fallback (`common_ops`) on `sys.path`; `dspark_sglang.cpu_mode.enable_cpu_mode()` does both.
+Attention defaults to `torch_native` on CPU, whose stock extend attention pads each request's
+queries to its full length (O(L^2) per layer); the worker verifies with its own
+(`verify.fast_verify_attention`), and so does every timed step here. The runner calls SGLang's
+`load_plugins()` first, so whatever our plugin installs in an engine process is installed here too.
+A step whose requests all have width 1 runs as a DECODE batch, as the worker runs a round that
+verifies no draft.
 """
 
 from __future__ import annotations
@@ -100,10 +103,12 @@ class SglangStepRunner:
         for start in range(0, len(self._reqs), chunk):
             self._extend(self._reqs[start:start + chunk], capture_all=False)
 
-    def _extend(self, reqs, capture_all: bool):
+    def _extend(self, reqs, capture_all: bool, as_decode: bool = False):
         from sglang.benchmark.one_batch import TreeCacheNamespace
         from sglang.srt.managers.schedule_batch import ScheduleBatch
-        from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardBatch
+        from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardBatch, ForwardMode
+
+        from dspark_sglang.sglang.verify import fast_verify_attention
         from sglang.srt.runtime_context import get_schedule
         from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 
@@ -122,10 +127,15 @@ class SglangStepRunner:
         if batch.input_ids is None and getattr(batch, "prefill_input_ids_cpu", None) is not None:
             batch.input_ids = batch.prefill_input_ids_cpu.to(batch.device)
             batch.prefill_input_ids_cpu = None
+        if as_decode:
+            # One new token per request: the worker serves such a round as a plain DECODE batch
+            # (verify.turn_into_verify_extend), positions = seq_lens - 1 as in the extend.
+            batch.forward_mode = ForwardMode.DECODE
         mode = CaptureHiddenMode.FULL if capture_all else None
         forward_batch = ForwardBatch.init_new(batch, runner, capture_hidden_mode=mode,
                                               return_hidden_states_before_norm=False)
-        output = runner.forward(forward_batch).logits_output
+        with fast_verify_attention(runner.attn_backend):  # the worker's verify attention
+            output = runner.forward(forward_batch).logits_output
         if capture_all:
             hidden = output.hidden_states  # [sum(widths), H]
             _ = hidden @ runner.model.lm_head.weight.t()  # [sum(widths), V] all-position logits
@@ -149,7 +159,7 @@ class SglangStepRunner:
             req.prefix_len, req.extend_end = self.context_len, self.context_len + width
         self._synchronize()
         start, cpu_start = time.perf_counter(), time.thread_time()
-        batch = self._extend(reqs, capture_all=self.all_logits)
+        batch = self._extend(reqs, capture_all=self.all_logits, as_decode=max(widths) == 1)
         self._synchronize()
         seconds = (time.perf_counter() - start, time.thread_time() - cpu_start)
         # Drop the step's tokens: the next step extends the same committed contexts.

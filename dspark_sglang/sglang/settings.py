@@ -17,6 +17,7 @@ SGLang's own flags that we honour: `--speculative-dspark-sps-table-path` (cost t
 | DSPARK_STS             | sts             | STS temperatures (SGLang STS JSON)                             |
 | DSPARK_GAMMA           | gamma           | drafts per block; must not exceed the drafter's block          |
 | DSPARK_LAG             | lag             | rounds of lag for the budget of the `lagged` scheduler         |
+| DSPARK_DRAFT_COST      | draft_cost      | draft-step time in the `lagged` budget: measured (default) · none · A[,B] ms (+ ms/request) |
 | DSPARK_SEED            | seed            | seed of the acceptance/draft random stream                     |
 | DSPARK_ESTIMATOR       | estimator       | confidence estimator JSON for head-less drafters (DFlash, Eagle3) |
 | DSPARK_STATS_EVERY     | stats_every     | log a worker summary every N rounds (0: never)                 |
@@ -49,6 +50,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from dspark_sglang.draft_cost import DraftCostError, parse_draft_cost
+
 SCHEDULER_KINDS = ("lagged", "algorithm1", "fixed", "verify_all", "none")  # as make_scheduler names them
 OPT_OUT_ENV = "DSPARK_USE_BUILTIN"
 CONFIG_ENV = "DSPARK_CONFIG"
@@ -72,6 +75,7 @@ class PluginSettings:
     stats_every: int = 200
     keep_radix_cache: bool = False
     test_fault: str | None = None  # testing only; parse_fault_spec's format
+    draft_cost: str = "measured"  # draft_cost.parse_draft_cost's format
 
     def __post_init__(self) -> None:
         if self.scheduler not in SCHEDULER_KINDS:
@@ -90,6 +94,10 @@ class PluginSettings:
             raise PluginSettingsError(f"stats_every: must be >= 0, got {self.stats_every}")
         if self.test_fault is not None:
             parse_fault_spec(self.test_fault)  # raises with the offending item named
+        try:
+            parse_draft_cost(self.draft_cost)
+        except DraftCostError as exc:
+            raise PluginSettingsError(str(exc)) from None
         for name in ("cost_table", "sts", "estimator"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
@@ -108,6 +116,7 @@ _ENV_KEYS = {
     "stats_every": "DSPARK_STATS_EVERY",
     "keep_radix_cache": "DSPARK_KEEP_RADIX_CACHE",
     "test_fault": "DSPARK_TEST_FAULT",
+    "draft_cost": "DSPARK_DRAFT_COST",
 }
 _INT_FIELDS = {"fixed_len", "gamma", "lag", "seed", "stats_every"}
 _BOOL_FIELDS = {"keep_radix_cache"}

@@ -101,7 +101,7 @@ class WorkerStats:
         self.prefill_fallbacks = 0  # requests whose drafter context could not be rebuilt exactly
         self.prefix_features_reused = 0  # cached-prefix positions whose features came from the KV-slot store
         self.faults: dict[str, int] = {}  # kind -> request-rounds that fell back (guards.py)
-        self.drafting_skipped = 0  # rounds whose budget was 0 before drafting (scheduler.skip_round)
+        self.drafting_skipped = 0  # rounds not drafted: drafting did not pay (scheduler.skip_round)
         self._last_log = time.monotonic()
 
     FALLBACKS = {  # what each fault costs (guards.py); the output stays exact in every case
@@ -163,6 +163,6 @@ class WorkerStats:
             f"verify len {d['verify_length']:.2f}, hist {d['verify_hist']}, "
             f"accept@k [{rates}], {d['ms_per_round']:.1f} ms/round ("
             + ", ".join(f"{k} {v:.1f}" for k, v in d["ms_per_phase"].items()) + ")"
-            + (f", {d['drafting_skipped']} rounds not drafted (budget 0)" if d["drafting_skipped"] else "")
+            + (f", {d['drafting_skipped']} rounds not drafted (drafting did not pay)" if d["drafting_skipped"] else "")
             + (f", fallbacks {d['faults']}" if d["faults"] else "")
         )

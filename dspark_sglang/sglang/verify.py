@@ -57,6 +57,10 @@ def layout_windows(
 def turn_into_verify_extend(batch, layout: VerifyLayout) -> None:
     """Rewrite the scheduler's DECODE batch in place into the EXTEND batch of the windows.
 
+    When no request verifies a draft (every window is its anchor alone) the batch stays a plain
+    DECODE batch over the anchors: the same positions, KV slots and outputs, through SGLang's
+    decode path, which is cheaper than an extend (on CPU, torch_native's decode attention).
+
     The scheduler runs the worker inside `_forward_isolation`, which restores every field of the
     batch afterwards, so in-place field rebinding is safe; tensors are never mutated in place.
     """
@@ -71,14 +75,17 @@ def turn_into_verify_extend(batch, layout: VerifyLayout) -> None:
     out_cache_loc = req_to_token[rows[keep].to(device), cols[keep].to(device)]  # [T]
     new_lens = layout.seq_lens + layout.widths  # [R] total length after the extend
 
-    batch.forward_mode = ForwardMode.EXTEND
     batch.input_ids = layout.tokens.to(device)
     batch.out_cache_loc = out_cache_loc.to(torch.int64)
-    batch.prefix_lens = prefix_list
-    batch.extend_lens = widths_list
-    batch.extend_num_tokens = layout.num_tokens
-    batch.extend_logprob_start_lens = widths_list  # no input logprobs
-    batch.extend_input_logprob_token_ids = None
+    if max_w == 1:
+        batch.forward_mode = ForwardMode.DECODE  # positions = seq_lens - 1: the anchors'
+    else:
+        batch.forward_mode = ForwardMode.EXTEND
+        batch.prefix_lens = prefix_list
+        batch.extend_lens = widths_list
+        batch.extend_num_tokens = layout.num_tokens
+        batch.extend_logprob_start_lens = widths_list  # no input logprobs
+        batch.extend_input_logprob_token_ids = None
     batch.seq_lens = new_lens.to(device=device, dtype=batch.seq_lens.dtype)
     batch.seq_lens_cpu = new_lens.to(torch.int64)
     batch.seq_lens_sum = int(new_lens.sum())

@@ -9,7 +9,8 @@ context cache.
 Decode round (DECODE batch, KV slots already reserved by the scheduler):
 1. the drafter proposes a full block of gamma drafts per request (q and confidences with it);
 2. confidences -> verify length per request (the configured lossless scheduler);
-3. one target EXTEND forward over every request's [anchor, x_1..x_len] (verify.py);
+3. one target EXTEND forward over every request's [anchor, x_1..x_len] (verify.py; a plain DECODE forward
+   when no request verifies a draft);
 4. chain acceptance (lossless speculative sampling, seeded uniforms);
 5. commit: accepted drafts + one target token per request; the drafter gets the target features
    of [anchor, accepted drafts] (the new anchor has none yet).
@@ -41,6 +42,7 @@ from dspark_sglang.kernels import dispatch as kernel_dispatch
 from dspark_sglang.kernels.dispatch import chain_accept
 from dspark_sglang.confidence import ProposalProbEstimator, StsCalibration, top1_feature
 from dspark_sglang.cost_table import from_probes, load_cost_table
+from dspark_sglang.draft_cost import parse_draft_cost
 from dspark_sglang.drafters.interface import DraftBlock, TargetSpec
 from dspark_sglang.drafters.loader import load_drafter
 from dspark_sglang.sampling import GREEDY_EPS, SamplingBatch, process_logits
@@ -81,7 +83,7 @@ def sampling_batch(sampling_info) -> SamplingBatch:
     )
 
 
-def _build_scheduler(settings, gamma: int, max_verify_len: int):
+def _build_scheduler(settings, gamma: int, max_verify_len: int, draft_cost):
     kind = settings.scheduler.replace("-", "_")
     if kind == "fixed":
         return make_scheduler("fixed", verify_len=min(settings.fixed_len, max_verify_len))
@@ -94,9 +96,11 @@ def _build_scheduler(settings, gamma: int, max_verify_len: int):
         # that has any survival (SGLang's built-in does the same without a table).
         logger.warning("dspark: no cost table (DSPARK_COST_TABLE); the %s scheduler verifies all drafts", kind)
         table = from_probes([(1, 1.0)])
+        draft_cost = None  # a draft time in seconds means nothing next to a unitless flat curve
     opts = {"max_verify_len": max_verify_len}
     if kind == "lagged":
         opts["lag"] = settings.lag
+        opts["draft_cost"] = draft_cost
     return make_scheduler(kind, table, **opts)
 
 
@@ -142,7 +146,10 @@ class DSparkPluginWorker(BaseSpecWorker):
         self.gamma = self.drafter.info.gamma
         capture_target_layers(model, self.drafter.info.target_layer_ids)
 
-        self.scheduler = _build_scheduler(settings, self.gamma, self.max_verify_len)
+        # What a draft step costs (measured online by default): the lagged budget weighs it, and
+        # skips drafting where it does not pay (on a CPU a draft step costs about a target step).
+        self.draft_cost = parse_draft_cost(settings.draft_cost)
+        self.scheduler = _build_scheduler(settings, self.gamma, self.max_verify_len, self.draft_cost)
         self.sts = StsCalibration.load(settings.sts) if settings.sts else None
         if self.sts is not None and self.sts.gamma != self.gamma:
             raise ValueError(f"{settings.sts}: {self.sts.gamma} STS temperatures for a drafter of gamma {self.gamma}")
@@ -184,6 +191,8 @@ class DSparkPluginWorker(BaseSpecWorker):
     def dspark_plugin_stats(self) -> dict:
         """The worker's counters, for `/server_info` (plugin.py hooks them into internal_states)."""
         stats = self.stats.as_dict()
+        weighed = getattr(self.scheduler, "draft_cost", None) is not None
+        stats["draft_cost"] = self.draft_cost.describe() if weighed else "not weighed by this scheduler"
         if self.faults is not None:
             stats["faults_injected"] = dict(self.faults.injected)
         return stats
@@ -290,11 +299,13 @@ class DSparkPluginWorker(BaseSpecWorker):
         sanitize the confidences; either fault is counted per request-round.
         """
         if self.scheduler.skip_round(slots_cpu):
-            # The budget, read from earlier rounds alone, is 0: no draft would be verified, so do not
-            # draft (on a CPU the draft step costs as much as a target step). Lossless: decided before drafting.
+            # Judged on earlier rounds alone, drafting does not pay this round (no draft would be
+            # verified, or the draft step costs more than its drafts bring): do not draft.
+            # Lossless: decided before drafting.
             self.stats.drafting_skipped += 1
             return self._no_drafts(len(slots)), torch.zeros(len(slots), dtype=torch.int64)
         faults = self.faults  # None unless DSPARK_TEST_FAULT is set: the production path skips it
+        t0 = time.perf_counter()
         block = self.drafter.propose(slots, anchors.to(self.device), seq_lens.to(self.device), sampling, self.generator)
         if faults is not None:
             faults.maybe_raise(len(slots))
@@ -311,6 +322,8 @@ class DSparkPluginWorker(BaseSpecWorker):
         verify_lens = self.scheduler.schedule(slots_cpu.to(confidences.device), confidences)
         verify_lens = torch.minimum(verify_lens, usable.to(verify_lens.device)).to("cpu", torch.int64)
         broken, bad_conf = torch.stack([(usable < self.gamma).sum(), garbage.sum()]).tolist()  # one sync
+        # What a skipped draft step saves (after the sync, so a GPU's queued work is counted too).
+        self.draft_cost.observe(len(slots), time.perf_counter() - t0)
         if broken:
             self.stats.fault("nan_draft", broken)
             # Zero the unusable rows: verification never reads them, but no NaN should travel on.

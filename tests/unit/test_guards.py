@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from dspark_sglang.cost_table import load_cost_table
+from dspark_sglang.draft_cost import MeasuredDraftCost
 from dspark_sglang.drafters.interface import DraftBlock
 from dspark_sglang.schedulers import make_scheduler
 from dspark_sglang.sglang.guards import (
@@ -146,6 +147,7 @@ def draft_step_worker(result, scheduler="verify_all", faults=None):
     worker.device, worker.generator, worker.sts = torch.device("cpu"), None, None
     worker.scheduler = make_scheduler(scheduler)
     worker.stats, worker.faults = WorkerStats(GAMMA, log_every=0), faults
+    worker.draft_cost = MeasuredDraftCost()
     return worker
 
 
@@ -165,6 +167,13 @@ def test_draft_step_cuts_broken_requests_only_and_counts_them():
     assert lens.tolist() == [0, 2, GAMMA]  # verify_all ignores confidences; the cut still holds
     assert worker.stats.faults == {"nan_draft": 2, "garbage_confidence": 1}
     assert bool(torch.isfinite(out.probs).all())  # nothing non-finite travels on to acceptance
+
+
+def test_draft_step_feeds_the_draft_cost():
+    worker = draft_step_worker(block(num_reqs=3))
+    for _ in range(6):
+        draft_step(worker, 3)
+    assert worker.draft_cost.count == 6 and worker.draft_cost.seconds(3) > 0
 
 
 def test_draft_step_exceptions_propagate_to_the_round_fallback():

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from dspark_sglang.acceptance import chain_accept
 from dspark_sglang.cost_table import AdditiveSpsTable, SpsTable
+from dspark_sglang.draft_cost import FixedDraftCost
 from dspark_sglang.schedulers import (
     SCHEDULER_KINDS,
     Algorithm1Scheduler,
@@ -301,11 +302,12 @@ def test_algorithm1_admission_is_value_independent(batch, data, tbl):
 
 @settings(max_examples=200, deadline=None)
 @given(batches(max_reqs=4, floats=True), st.data(), step_tables(), st.integers(1, 2),
-       st.integers(0, 2))
-def test_lagged_admission_is_value_independent(batch, data, tbl, lag, forced):
+       st.integers(0, 2), st.sampled_from([None, 0.25, 1.0]))
+def test_lagged_admission_is_value_independent(batch, data, tbl, lag, forced, draft_s):
     num_reqs, gamma, conf = batch
     assume(num_reqs > 0)
-    sched = LaggedBudgetScheduler(tbl, lag=lag, min_verify_len=forced)
+    cost = None if draft_s is None else FixedDraftCost(draft_s)
+    sched = LaggedBudgetScheduler(tbl, lag=lag, min_verify_len=forced, draft_cost=cost)
     for _ in range(data.draw(st.integers(0, lag))):  # 0 rounds: no history at all
         past = [[data.draw(DYADIC) for _ in range(gamma)] for _ in range(num_reqs)]
         sched.schedule(slots_for(num_reqs), to_tensor(past, gamma))
@@ -348,7 +350,8 @@ def value_dependences(make):
 
 
 @pytest.mark.parametrize("make", [Algorithm1Scheduler, LaggedBudgetScheduler,
-                                  lambda tbl: LaggedBudgetScheduler(tbl, lag=1, min_verify_len=1)])
+                                  lambda tbl: LaggedBudgetScheduler(tbl, lag=1, min_verify_len=1),
+                                  lambda tbl: LaggedBudgetScheduler(tbl, draft_cost=FixedDraftCost(0.5))])
 def test_value_independence_exhaustive_small_grid(make):
     assert value_dependences(make) == []
 
@@ -463,13 +466,117 @@ def test_budget_from_current_confidences_is_biased():
     assert not is_target_distribution(freq), freq
 
 
+def lagged_cost_decider(cheat, draft_s=0.25, sps2=0.6):
+    """The lagged scheduler with a draft cost, skip_round included (a skipped round verifies 0)."""
+    tbl = table([1.0, sps2, 0.45])
+
+    def decide(row, key):
+        sched = LaggedBudgetScheduler(tbl, lag=1, draft_cost=FixedDraftCost(draft_s))
+        past = row if cheat else torch.tensor(HISTORIES[key])
+        sched.schedule(slots_for(1), past[None, :])
+        if sched.skip_round(slots_for(1)):
+            return 0
+        return int(sched.schedule(slots_for(1), row[None, :])[0])
+
+    return decide
+
+
+def test_lagged_scheduler_with_draft_cost_is_lossless():
+    # d = 0.25 s on SPS(1..3) = 1, 0.6, 0.45 (drafted rates 0.8, 0.522, 0.404): history
+    # [0.9, 0.9] drafts (best Θ 1.10 beats 1.0 without a draft; verify 2, or 1 when c_2 = 0);
+    # [0.3, 0] and [0.8, 0.5] skip drafting (best Θ 0.80, 0.94), though without a draft cost
+    # [0.8, 0.5] verifies 1 draft (Θ_1 = 1.08).
+    freq, verify = first_token_frequencies(lagged_cost_decider(cheat=False))
+    assert is_target_distribution(freq), freq
+    assert set(verify.unique().tolist()) == {0, 1, 2}
+    _, verify_free = first_token_frequencies(lagged_decider(cheat=False, sps2=0.6))
+    assert (verify == 0).sum() > (verify_free == 0).sum() * 1.5  # the draft cost did skip rounds
+
+
+def test_skip_decided_from_current_confidences_is_biased():
+    # Negative control: the same skip rule fed this round's confidences skips exactly when x_1 = B
+    # (c_2 = 0: best Θ 0.99 < 1), so x_1 is verified only when it is A: P(A) = 0.85.
+    freq, _ = first_token_frequencies(lagged_cost_decider(cheat=True))
+    assert abs(float(freq[0]) - 0.85) < TOL
+    assert not is_target_distribution(freq), freq
+
+
+def test_draft_cost_changes_budget_and_skip():
+    # SPS(1..3) = 1, 0.7, 0.55; lagged survival [0.5, 0.25] for the lone request.
+    # No draft cost: Θ = 1, 1.05, 0.9625 -> budget 1, draft.
+    # d = 0.2 s: rates/(1 + d·rates) = 0.833, 0.614, 0.495 -> Θ = 0.833, 0.921, 0.867: the best
+    #   drafted round (0.921 tok/s) loses to not drafting (1.0): skip.
+    # d = 1 s: 0.5, 0.412, 0.355 -> Θ = 0.5, 0.618, 0.621: budget 2 (the draft step is amortised
+    #   over more tokens) but still below 1.0: skip.
+    tbl = table([1.0, 0.7, 0.55])
+    history, s = torch.tensor([[0.5, 0.5]]), slots_for(1)
+    for draft_s, budget, skip in ((None, 1, False), (0.2, 1, True), (1.0, 2, True)):
+        sched = LaggedBudgetScheduler(tbl, lag=1, draft_cost=None if draft_s is None else FixedDraftCost(draft_s))
+        sched.schedule(s, history)
+        assert sched.skip_round(s) == skip
+        probe = LaggedBudgetScheduler(tbl, lag=1, draft_cost=sched.draft_cost)
+        probe.schedule(s, history)
+        probe.schedule(s, torch.ones(1, 2))  # a round that drafted anyway (a probe)
+        assert probe.last_budget == budget
+    with pytest.raises(SchedulerConfigError, match="draft_cost"):
+        LaggedBudgetScheduler(tbl, draft_cost=0.1)
+
+
+def test_draft_cost_skips_where_budget_alone_would_not():
+    # A table where drafts with survival 0.3 pay when drafting is free (2% slower per token): the
+    # scheduler without a draft cost never skips (negative control); with a draft step of two
+    # target steps (0.2 s at 10 steps/s) it skips most rounds (measured 55 of 90; the others are
+    # probes and rounds with slots never drafted before, which read the optimistic 1.0).
+    gentle = table([10.0 / (1 + 0.02 * i) for i in range(40)])
+    for draft_cost, expected in ((None, 0), (FixedDraftCost(0.2), 45)):
+        skipped = sum(_skip_or_schedule(LaggedBudgetScheduler(gentle, lag=2, probe_every=4,
+                                                              draft_cost=draft_cost), seed)
+                      for seed in range(3))
+        assert skipped >= expected if expected else skipped == 0
+
+
+def _skip_or_schedule(scheduler, seed, rounds=30):
+    gen = torch.Generator().manual_seed(seed)
+    skipped = 0
+    for _ in range(rounds):
+        slots = torch.randperm(8, generator=gen)[:4]
+        if scheduler.skip_round(slots):
+            skipped += 1
+        else:
+            scheduler.schedule(slots, torch.full((4, 4), 0.3))
+    return skipped
+
+
+def test_population_prior_for_released_and_new_slots():
+    tbl = table([1.0, 0.6, 0.45])
+    s, low, high = slots_for(1), torch.tensor([[0.3, 0.0]]), torch.tensor([[0.9, 0.9]])
+    for prior, budget in (("optimistic", 2), ("population", 0)):
+        sched = LaggedBudgetScheduler(tbl, lag=1, prior=prior)
+        sched.schedule(s, low)
+        sched.schedule(s, high)
+        sched.release(s)
+        sched.schedule(s, high)
+        # optimistic: 1.0 -> Θ = 1, 1.2, 1.35 -> 2. population: mean survival 0.9·[0.3, 0] +
+        # 0.1·[0.9, 0.81] = [0.36, 0.081] -> Θ = 1, 0.816, 0.648 -> 0.
+        assert sched.last_budget == budget, prior
+    expected = torch.tensor([0.36, 0.081])
+    assert torch.allclose(sched._prior_mean, 0.9 * expected + 0.1 * torch.tensor([0.9, 0.81]))
+    before = sched._prior_mean.clone()
+    sched.schedule(torch.tensor([300]), high)  # a slot beyond the capacity: grown rows read the prior
+    assert torch.equal(sched._history[0, 299], before)
+    with pytest.raises(SchedulerConfigError, match="prior"):
+        LaggedBudgetScheduler(tbl, prior="pessimistic")
+    with pytest.raises(SchedulerConfigError, match="prior_decay"):
+        LaggedBudgetScheduler(tbl, prior_decay=1.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Lagged scheduler state
 
 
 def test_lagged_reads_history_exactly_lag_rounds_back():
     tbl = table([1.0, 0.6, 0.45])
-    sched = LaggedBudgetScheduler(tbl, lag=2)
+    sched = LaggedBudgetScheduler(tbl, lag=2, prior="optimistic")
     s = slots_for(1)
     high, low = torch.tensor([[0.9, 0.9]]), torch.tensor([[0.3, 0.0]])
     sched.schedule(s, low)
