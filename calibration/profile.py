@@ -101,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--tolerance", type=float, default=0.10,
                    help="with --compare: exit 1 if the largest relative steps/s difference exceeds "
                         "this (default: %(default)s)")
+    o.add_argument("--compare-on", choices=["steps", "shape"], default="steps",
+                   help="with --compare: apply the tolerance to the steps/s themselves, or to the "
+                        "curve's shape after scaling the second by the median ratio (a uniformly "
+                        "faster or slower machine; the budget's argmax ignores that scale, the "
+                        "decision to draft against a measured draft time does not) (default: %(default)s)")
     o.add_argument("--quiet", action="store_true", help="no progress bar or table")
     return p
 
@@ -203,12 +208,16 @@ def print_profile(prof: Profile) -> None:
     console.print(f"load average (1/5/15 min) before {before}, after {after}")
 
 
-def report_compare(result: dict, tolerance: float) -> int:
+def report_compare(result: dict, tolerance: float, on: str = "steps") -> int:
     print(f"compare {result['other']} against {result['reference']}: max relative steps/s "
           f"difference {100 * result['max_relative']:.1f}% at {result['at_batch_tokens']} batch "
-          f"tokens (median {100 * result['median_relative']:.1f}%, tolerance {100 * tolerance:.0f}%)")
-    if result["max_relative"] > tolerance:
-        print(f"{PROG}: profiles differ by more than the tolerance", file=sys.stderr)
+          f"tokens (median {100 * result['median_relative']:.1f}%); level: the second runs "
+          f"{result['level_ratio']:.3f}x the first's steps/s (median ratio), shape after that scale: "
+          f"max {100 * result['max_shape_relative']:.1f}% at {result['shape_at_batch_tokens']} batch "
+          f"tokens; tolerance {100 * tolerance:.0f}% on {on}")
+    worst = result["max_relative"] if on == "steps" else result["max_shape_relative"]
+    if worst > tolerance:
+        print(f"{PROG}: profiles differ by more than the tolerance ({on})", file=sys.stderr)
         return 1
     return 0
 
@@ -219,7 +228,7 @@ def main_inner(argv=None) -> int:
     if args.compare and len(args.compare) > 2:
         parser.error("--compare takes one or two files")
     if args.compare and len(args.compare) == 2:
-        return report_compare(compare_tables(*args.compare), args.tolerance)
+        return report_compare(compare_tables(*args.compare), args.tolerance, args.compare_on)
     if args.compare and args.compare[0].resolve() == args.out.resolve():
         parser.error("--compare: the reference is the --out file this run would overwrite")
     if args.compare:  # fail on a bad reference before spending minutes profiling
@@ -248,7 +257,7 @@ def main_inner(argv=None) -> int:
         print_profile(prof)
     print("wrote " + ", ".join(written))
     if args.compare:
-        return report_compare(compare_tables(args.compare[0], args.out), args.tolerance)
+        return report_compare(compare_tables(args.compare[0], args.out), args.tolerance, args.compare_on)
     return 0
 
 

@@ -193,9 +193,18 @@ def compare_tables(reference: Path, other: Path) -> dict:
         a, c = ref.steps_per_second(1, b), new.steps_per_second(1, b)
         rows.append({"batch_tokens": b, "reference": a, "other": c, "relative": abs(c - a) / a})
     worst = max(rows, key=lambda r: r["relative"])
+    # Shape: the same comparison after scaling `other` by the median ratio (a uniformly faster or
+    # slower machine). The budget argmax of Θ = τ·SPS does not change with that scale; the
+    # decision to draft at all (against a draft time in seconds) does.
+    level = statistics.median(r["other"] / r["reference"] for r in rows)
+    for r in rows:
+        r["shape_relative"] = abs(r["other"] / level - r["reference"]) / r["reference"]
+    worst_shape = max(rows, key=lambda r: r["shape_relative"])
     return {"reference": str(reference), "other": str(other), "points": rows,
             "max_relative": worst["relative"], "at_batch_tokens": worst["batch_tokens"],
-            "median_relative": statistics.median(r["relative"] for r in rows)}
+            "median_relative": statistics.median(r["relative"] for r in rows),
+            "level_ratio": level, "max_shape_relative": worst_shape["shape_relative"],
+            "shape_at_batch_tokens": worst_shape["batch_tokens"]}
 
 
 def host_meta() -> dict:

@@ -426,11 +426,16 @@ class LaggedBudgetScheduler(VerifyScheduler):
     initial_slots : int
         Initial slot capacity; grows on demand.
     probe_every : int
-        ``skip_round``: when the lagged budget is already 0 (the cost table says no draft pays at
-        this batch size with these survivals), the round is skipped before drafting, so the caller
-        saves the draft step; every ``probe_every``-th round drafts anyway to refresh the
-        survivals (a skipped round stores nothing, so the lagged survivals would otherwise never
-        change). 0: never skip.
+        ``skip_round``: when drafting does not pay (the lagged budget is 0, or with a draft cost
+        the best drafted round loses to not drafting), the round is skipped before drafting, so the
+        caller saves the draft step; after ``probe_every - 1`` skipped rounds in a row one round drafts
+        anyway to refresh the survivals (a skipped round stores nothing, so the lagged survivals
+        would otherwise never change). 0: never skip.
+    max_probe_every : int
+        Each probe after which drafting still does not pay doubles the run of skipped rounds
+        before the next probe, up to this; a round that drafts because it pays resets it to
+        ``probe_every``. So a drafter that keeps not paying costs ever less, and one whose drafts
+        start paying again is noticed within ``max_probe_every`` rounds.
     prior : str
         What a slot without history reads: "population" (default) or "optimistic" (see 1. above).
     prior_decay : float
@@ -451,13 +456,20 @@ class LaggedBudgetScheduler(VerifyScheduler):
 
     def __init__(self, cost_table: CostTable, *, lag: int = 2, min_verify_len: int = 0,
                  max_verify_len: Optional[int] = None, survival_eps: float = DEFAULT_SURVIVAL_EPS,
-                 initial_slots: int = 256, probe_every: int = 8, prior: str = "population",
+                 initial_slots: int = 256, probe_every: int = 8, max_probe_every: int = 64,
+                 prior: str = "population",
                  prior_decay: float = 0.9, draft_cost: Optional[DraftCost] = None):
         if cost_table is None:
             raise SchedulerConfigError("LaggedBudgetScheduler needs a cost table")
         if not isinstance(probe_every, int) or probe_every < 0:
             raise SchedulerConfigError(f"probe_every must be an int >= 0, got {probe_every!r}")
         self.probe_every = probe_every
+        if not isinstance(max_probe_every, int) or max_probe_every < probe_every:
+            raise SchedulerConfigError(
+                f"max_probe_every must be an int >= probe_every ({probe_every}), got {max_probe_every!r}")
+        self.max_probe_every = max_probe_every
+        self._probe_interval = probe_every  # skipped rounds in a row before the next probe, + 1
+        self._skipped_in_a_row = 0
         if draft_cost is not None and not isinstance(draft_cost, DraftCost):
             raise SchedulerConfigError(f"draft_cost must be a DraftCost, got {type(draft_cost).__name__}")
         self.draft_cost = draft_cost
@@ -491,6 +503,7 @@ class LaggedBudgetScheduler(VerifyScheduler):
         """Forget all history (e.g. when gamma changes)."""
         self._history, self._rings, self._round, self.last_budget = None, [], 0, None
         self._prior_mean = None
+        self._probe_interval, self._skipped_in_a_row = self.probe_every, 0
 
     def release(self, slots: torch.Tensor) -> None:
         if self._history is not None and slots.numel() > 0:
@@ -563,9 +576,22 @@ class LaggedBudgetScheduler(VerifyScheduler):
         (and earlier timings). A skipped round stores nothing (the ring keeps the older survivals)
         and advances the round."""
         hist = self._history
-        if (self.probe_every == 0 or self.min_verify_len > 0 or hist is None or slots.numel() == 0
-                or self._round % self.probe_every == 0):
+        if self.probe_every == 0 or self.min_verify_len > 0 or hist is None or slots.numel() == 0:
             return False
+        if not self._drafting_loses(slots, hist):
+            self._probe_interval, self._skipped_in_a_row = self.probe_every, 0
+            return False
+        if self._skipped_in_a_row >= self._probe_interval - 1:  # a probe: draft to refresh survivals
+            self._skipped_in_a_row = 0
+            self._probe_interval = min(2 * self._probe_interval, self.max_probe_every)
+            return False
+        self._skipped_in_a_row += 1
+        self._round += 1
+        self.last_budget = 0
+        return True
+
+    def _drafting_loses(self, slots: torch.Tensor, hist: torch.Tensor) -> bool:
+        """skip_round's test, on the lagged survivals this round would read."""
         index = slots.to(hist.device, torch.int64)
         low, high = (int(v) for v in torch.aminmax(index))
         if low < 0 or high >= hist.shape[1]:
@@ -578,13 +604,8 @@ class LaggedBudgetScheduler(VerifyScheduler):
         draft_seconds = self._draft_seconds(index.numel())
         if draft_seconds > 0:
             _, best = _drafted_budget(lagged, ws.rates, draft_seconds)
-            if best > float(ws.scaled[0]):  # drafting beats R·SPS(R), the round without a draft
-                return False
-        elif _lagged_budget_fast(ws, lagged) > 0:
-            return False
-        self._round += 1
-        self.last_budget = 0
-        return True
+            return best <= float(ws.scaled[0])  # R·SPS(R): the round without a draft
+        return _lagged_budget_fast(ws, lagged) == 0
 
     def schedule(self, slots: torch.Tensor, confidences: torch.Tensor) -> torch.Tensor:
         num_reqs, gamma = _check_inputs(slots, confidences)

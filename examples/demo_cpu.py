@@ -29,12 +29,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cost-table", default=str(DEFAULT_COST_TABLE),
                         help="steps/s table the scheduler sizes verification with (default: the committed "
                         "CPU profile of this target; '' for none, which verifies nearly every draft)")
+    parser.add_argument("--draft-cost", default="none",
+                        help="DSPARK_DRAFT_COST for the demo. 'none' (default here: the paper's objective, "
+                        "drafting is free, so the demo shows speculation at work); 'measured' (the "
+                        "server's default: the scheduler weighs the draft step it measures, and on this "
+                        "CPU, where a draft step costs about a target step, it rarely drafts); or 'A,B' ms")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--no-compare", action="store_true", help="skip the plain-engine comparison")
     return parser.parse_args(argv)
 
 
-def run(target, texts, max_new_tokens, **spec) -> tuple[list[dict], float, float]:
+def run(target, texts, max_new_tokens, **spec) -> tuple[list[dict], float, float, dict]:
+    """(outputs, seconds to ready, seconds to generate, the DSPARK worker's counters or {})."""
     import sglang
 
     start = time.perf_counter()
@@ -44,7 +50,9 @@ def run(target, texts, max_new_tokens, **spec) -> tuple[list[dict], float, float
     try:
         start = time.perf_counter()
         outs = engine.generate(texts, {"temperature": 0.0, "max_new_tokens": max_new_tokens})
-        return outs, ready, time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        states = engine.get_server_info().get("internal_states") or [{}]
+        return outs, ready, elapsed, states[0].get("dspark_plugin", {})
     finally:
         engine.shutdown()
 
@@ -55,6 +63,7 @@ def main(argv=None) -> int:
     enable_cpu_mode()  # before sglang is imported: its scheduler processes inherit the environment
     if args.cost_table:
         os.environ.setdefault("DSPARK_COST_TABLE", args.cost_table)  # read by the plugin's settings
+    os.environ.setdefault("DSPARK_DRAFT_COST", args.draft_cost)
 
     from transformers import AutoTokenizer
 
@@ -67,8 +76,8 @@ def main(argv=None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(target)
     texts = [tokenizer.apply_chat_template(p.messages, tokenize=False, add_generation_prompt=True) for p in prompts]
 
-    outs, ready, elapsed = run(target, texts, args.max_new_tokens,
-                               speculative_algorithm="DSPARK", speculative_draft_model_path=drafter)
+    outs, ready, elapsed, worker = run(target, texts, args.max_new_tokens,
+                                       speculative_algorithm="DSPARK", speculative_draft_model_path=drafter)
     print(f"target  {target}\ndrafter {drafter}\ncost table {os.environ.get('DSPARK_COST_TABLE') or 'none'}\n"
           f"DSPARK engine ready in {ready:.1f} s (CPU, float32)")
     total = 0
@@ -82,9 +91,13 @@ def main(argv=None) -> int:
               f"{meta.get('spec_accept_length', float('nan')):.2f} tokens/round, "
               f"mean verify window {meta.get('spec_cap_length', float('nan')):.2f}")
     print(f"\nDSPARK: {len(prompts)} prompts, {total} tokens in {elapsed:.2f} s = {total / elapsed:.1f} tok/s")
+    if worker:
+        print(f"worker: {worker['rounds']} decode rounds, {worker['drafting_skipped']} of them not drafted "
+              f"(drafting did not pay), accepted {worker['accept_length']:.2f} tokens per request-round; "
+              f"draft cost {worker.get('draft_cost', '?')}")
 
     if not args.no_compare:
-        plain, _, plain_elapsed = run(target, texts, args.max_new_tokens)
+        plain, _, plain_elapsed, _ = run(target, texts, args.max_new_tokens)
         same = [a["output_ids"] == b["output_ids"] for a, b in zip(outs, plain)]
         plain_total = sum(o["meta_info"]["completion_tokens"] for o in plain)
         print(f"plain:  {len(prompts)} prompts, {plain_total} tokens in {plain_elapsed:.2f} s = "

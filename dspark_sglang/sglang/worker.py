@@ -392,23 +392,33 @@ class DSparkPluginWorker(BaseSpecWorker):
                 batch, is_verify=True, capture_hidden_mode=CaptureHiddenMode.FULL
             )
         out = target_out.logits_output
-        logits = all_position_logits(self.model_runner.model, out.last_hidden_states, self.vocab_size)  # [T, V]
+        if layout.num_tokens == num_reqs:  # a DECODE forward: SGLang's own logits are every position's
+            # [R, V]; a copy, since logit_bias below adjusts in place
+            logits = out.next_token_logits[:, : self.vocab_size].to(torch.float32, copy=True)
+        else:
+            logits = all_position_logits(self.model_runner.model, out.last_hidden_states, self.vocab_size)  # [T, V]
         if has_adjustments(sampling_info, plain):
             adjust_verify_logits(logits, layout.starts, layout.widths, sampling_info)
         t_verify = time.perf_counter()
 
-        # 4. lossless chain acceptance; rows past each request's window stay zero (never read).
+        # 4. lossless chain acceptance over the widest window W only (rows past each request's
+        # window stay zero, never read): a round that verifies few drafts does not pay for
+        # gamma + 1 rows of V probabilities per request.
         widths = layout.widths.to(self.device)
+        window = int(layout.widths.max())  # W = 1 + the longest verify length
         row_params = [t.repeat_interleave(widths) for t in
                       (sampling.temperatures, sampling.top_ks, sampling.top_ps, sampling.min_ps)]
         probs = process_logits(logits, *row_params)  # [T, V]
-        target_probs = probs.new_zeros(num_reqs, self.gamma + 1, self.vocab_size)
-        keep = torch.arange(self.gamma + 1, device=self.device)[None, :] < widths[:, None]  # [R, gamma+1]
+        target_probs = probs.new_zeros(num_reqs, window, self.vocab_size)  # [R, W, V]
+        keep = torch.arange(window, device=self.device)[None, :] < widths[:, None]  # [R, W]
         target_probs[keep] = probs
+        # Uniforms drawn for the full block, so the random stream does not depend on W.
+        accept_uniforms = torch.rand(num_reqs, self.gamma, generator=self.generator, device=self.device)
+        sample_uniforms = torch.rand(num_reqs, generator=self.generator, device=self.device)
+        used = window - 1
         accept = chain_accept(
-            target_probs, drafts, block.probs, verify_lens.to(self.device), greedy,
-            torch.rand(num_reqs, self.gamma, generator=self.generator, device=self.device),
-            torch.rand(num_reqs, generator=self.generator, device=self.device),
+            target_probs, drafts[:, :used].contiguous(), block.probs[:, :used].contiguous(),
+            verify_lens.to(self.device), greedy, accept_uniforms[:, :used].contiguous(), sample_uniforms,
         )
         num_accepted, output_tokens = self._tp_agree(accept.num_accepted, accept.output_tokens)
         num_accepted_cpu = num_accepted.to("cpu", torch.int64)

@@ -225,6 +225,15 @@ def test_profile_transformers_backend_end_to_end(tmp_path, tiny_llama, capsys):
     assert profile.main(["--compare", str(out), str(slower), "--tolerance", "0.1"]) == 1
     assert "20.0%" in capsys.readouterr().out
     assert profile.main(["--compare", str(out), str(slower), "--tolerance", "0.25"]) == 0
+    # A uniformly slower machine has the same shape; a bent curve does not.
+    capsys.readouterr()
+    assert profile.main(["--compare", str(out), str(slower), "--tolerance", "0.01", "--compare-on", "shape"]) == 0
+    assert "0.800x" in capsys.readouterr().out
+    bent = tmp_path / "bent.json"
+    rates = list(table.sample_steps_per_sec)
+    rates[-1] *= 0.7
+    bent.write_text(json.dumps({**json.loads(out.read_text()), "sample_steps_per_sec": rates}))
+    assert profile.main(["--compare", str(out), str(bent), "--tolerance", "0.1", "--compare-on", "shape"]) == 1
 
 
 def test_profile_refuses_malformed_tables(tmp_path, tiny_llama, capsys):

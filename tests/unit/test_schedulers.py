@@ -738,7 +738,7 @@ def test_skip_check_catches_a_scheduler_that_skips_too_often():
 
 def test_lagged_probes_and_options():
     never = table([10.0 / (1 + 5.0 * i) for i in range(40)])  # no draft ever pays
-    sched = LaggedBudgetScheduler(never, lag=1, probe_every=4)
+    sched = LaggedBudgetScheduler(never, lag=1, probe_every=4, max_probe_every=4)
     slots, conf = slots_for(3), torch.full((3, 4), 0.9)
     assert not sched.skip_round(slots)  # no history yet: optimistic prior, draft
     decisions = []
@@ -755,6 +755,27 @@ def test_lagged_probes_and_options():
     assert not forced.skip_round(slots)  # a forced draft is verified every round
     with pytest.raises(SchedulerConfigError, match="probe_every"):
         LaggedBudgetScheduler(never, probe_every=-1)
+    with pytest.raises(SchedulerConfigError, match="max_probe_every"):
+        LaggedBudgetScheduler(never, probe_every=8, max_probe_every=4)
+
+
+def test_probes_back_off_while_drafting_keeps_not_paying():
+    never = table([10.0 / (1 + 5.0 * i) for i in range(40)])  # no draft ever pays
+    sched = LaggedBudgetScheduler(never, lag=1, probe_every=4, max_probe_every=16)
+    slots, poor, good = slots_for(2), torch.full((2, 4), 0.9), torch.ones(2, 4)
+    sched.schedule(slots, poor)
+    probes = []
+    for i in range(60):
+        if not sched.skip_round(slots):
+            probes.append(i)
+            sched.schedule(slots, poor)
+    # Skipped runs of 3, 7, 15, 15, ... rounds between probes.
+    assert probes == [3, 11, 27, 43, 59]
+    # Drafting that pays resets the backoff: a flat table, where any survival pays.
+    flat = LaggedBudgetScheduler(table([10.0] * 40), lag=1, probe_every=4, max_probe_every=16)
+    flat.schedule(slots, good)
+    assert not any(flat.skip_round(slots) for _ in range(5))
+    assert flat._probe_interval == 4
 
 
 def test_stateless_skip_round():
