@@ -242,15 +242,13 @@ def test_streaming_generate_counts_tokens_and_timings():
     assert r.chunk_tokens == [1, 3, 5, 7] and r.prompt_tokens == 7
     assert r.spec == {"spec_verify_ct": 3, "spec_accept_length": 2.5}
     assert srv.bodies[0][1]["stream"] is True and srv.bodies[0][1]["sampling_params"]["max_new_tokens"] == 16
-    # The server sleeps between chunks, so only lower bounds on time hold on a loaded machine (no
-    # upper bounds here: a timed test must not fail because the box is busy). 6 tokens after the
-    # first chunk, over 3 gaps of >= 50 ms: <= 40 tok/s, ITL >= 25 ms per token (2 per chunk).
+    # Timings are checked as identities of the recorded chunk times, plus the one bound a busy
+    # machine cannot break: the server slept 20 ms + 3 x 50 ms before its last chunk, all after the
+    # request was sent. (Single gaps have no safe bound: a late chunk makes the next gap short.)
     assert r.decode_tokens_per_s == pytest.approx(6 / (r.t_end - r.t_first))
-    assert r.decode_tokens_per_s <= 40.5
     gaps = [b - a for a, b in zip(r.chunk_times, r.chunk_times[1:])]
-    assert r.itls() == pytest.approx([g / 2 for g in gaps for _ in range(2)])
-    assert len(r.itls()) == 6 and min(r.itls()) >= 0.024
-    assert r.ttft >= 0.019
+    assert len(r.itls()) == 6 and r.itls() == pytest.approx([g / 2 for g in gaps for _ in range(2)])
+    assert r.t_end - r.t_send >= 0.17 and r.ttft == r.t_first - r.t_send > 0
 
 
 def test_streaming_chat_apportions_usage_and_reports_http_errors():
