@@ -348,14 +348,18 @@ def lagged_budget(
     Θ_i = (R + Σ forced a + Σ_{j≤i} s_j) · SPS(R·(1+m) + i), where s are the non-forced lagged
     survivals sorted descending. Global argmax over i = 0..N (no break; first maximum on ties).
     -inf marks a non-candidate (the scheduler writes it for survivals below ``survival_eps``)."""
+    return int(torch.argmax(_lagged_theta(lagged_survival, rates, min_verify_len)))
+
+
+def _lagged_theta(lagged_survival: torch.Tensor, rates: torch.Tensor, min_verify_len: int) -> torch.Tensor:
+    """Θ_0..Θ_N of ``lagged_budget`` ([N+1] float64)."""
     num_reqs = lagged_survival.shape[0]
     lagged_survival = lagged_survival.to(torch.float32)
     free = lagged_survival[:, min_verify_len:].reshape(-1)
     values = _sorted_desc(free.contiguous())  # [N]
     base = lagged_survival[:, :min_verify_len].clamp(min=0.0).sum(dtype=torch.float64) + num_reqs
     tau = torch.cumsum(values, dim=0, dtype=torch.float64).add_(base)  # [N]
-    theta = torch.cat([(rates[:1] * base), tau.mul_(rates[1:])])  # [N+1]
-    return int(torch.argmax(theta))
+    return torch.cat([(rates[:1] * base), tau.mul_(rates[1:])])  # [N+1]
 
 
 def _with_draft_time(rates: torch.Tensor, draft_seconds: float) -> torch.Tensor:
@@ -370,11 +374,7 @@ def _drafted_budget(
 ) -> tuple[int, float]:
     """(K, Θ_K): the budget maximising tokens/s of a round that drafted, d included, and that best
     Θ. No forced prefix. Compare Θ_K with R·SPS(R), the round that does not draft."""
-    num_reqs = lagged_survival.shape[0]
-    values = _sorted_desc(lagged_survival.reshape(-1))  # [N]
-    tau = torch.cumsum(values, dim=0, dtype=torch.float64).add_(num_reqs)  # [N]
-    effective = _with_draft_time(rates, draft_seconds)  # [N+1]
-    theta = torch.cat([effective[:1] * num_reqs, tau.mul_(effective[1:])])  # [N+1]
+    theta = _lagged_theta(lagged_survival, _with_draft_time(rates, draft_seconds), 0)  # [N+1]
     best = int(torch.argmax(theta))
     return best, float(theta[best])
 
