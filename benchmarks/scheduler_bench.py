@@ -10,6 +10,11 @@ Inputs: a fixed-seed confidence block (c in [0.55, 1.0), so survivals decay alon
 real drafter's do) and a step cost table shaped like a GPU's flat-then-falling SPS curve, so the
 budget lands in the middle of the candidate list rather than at an end. Each lagged call feeds the
 history too, exactly as in serving.
+
+Each scheduler runs on both CPU paths, side by side in one run: ``fused`` (the compiled pass of
+dspark_sglang/schedule_cpu.py, what CPU serving uses) and ``torch`` (the reference, and the code path of
+accelerator tensors). ``speedup`` is torch / fused. The two must agree: the verified token counts are
+printed for both, and the run stops if they differ.
 """
 
 from __future__ import annotations
@@ -65,20 +70,24 @@ def main(argv=None) -> None:
     for num_reqs in args.requests:
         confidences = 0.55 + 0.45 * torch.rand(num_reqs, GAMMA, generator=generator)  # [R, γ]
         slots = torch.arange(num_reqs, dtype=torch.int64)  # [R]
-        for name, scheduler in (
-            ("algorithm1", Algorithm1Scheduler(table)),
-            ("lagged", LaggedBudgetScheduler(table, lag=2)),
+        for name, make in (
+            ("algorithm1", lambda fused: Algorithm1Scheduler(table, fused_cpu=fused)),
+            ("lagged", lambda fused: LaggedBudgetScheduler(table, lag=2, fused_cpu=fused)),
         ):
-            verify_lens = scheduler.schedule(slots, confidences)
-            best, worst = time_per_call(
-                lambda: scheduler.schedule(slots, confidences),
-                calls=args.calls, warmup=args.warmup, repeats=args.repeats,
-            )
-            print(json.dumps({
-                "scheduler": name, "num_reqs": num_reqs, "gamma": GAMMA, "device": "cpu",
-                "threads": args.threads, "median_us": round(best, 1), "spread_us": round(worst, 1),
-                "verified_tokens": int(verify_lens.sum()),
-            }))
+            row = {"scheduler": name, "num_reqs": num_reqs, "gamma": GAMMA, "device": "cpu", "threads": args.threads}
+            for path, fused in (("fused", True), ("torch", False)):
+                scheduler = make(fused)
+                verify_lens = scheduler.schedule(slots, confidences)
+                best, worst = time_per_call(
+                    lambda: scheduler.schedule(slots, confidences),
+                    calls=args.calls, warmup=args.warmup, repeats=args.repeats,
+                )
+                row[f"{path}_us"], row[f"{path}_spread_us"] = round(best, 1), round(worst, 1)
+                row[f"{path}_verified_tokens"] = int(verify_lens.sum())
+            if row["fused_verified_tokens"] != row["torch_verified_tokens"]:
+                raise SystemExit(f"scheduler_bench: fused and torch paths disagree: {row}")
+            row["speedup"] = round(row["torch_us"] / row["fused_us"], 2)
+            print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

@@ -30,17 +30,22 @@ Degenerate confidences: NaN counts as 0 (the draft and everything after it is ne
 confidence), +inf as 1, values are clamped to [0, 1]. Candidates with survival below
 ``survival_eps`` (default 1e-6, SGLang's) are never admitted by confidence.
 
-Speed: a CPU torch op costs ~5 µs here, so the hot paths are written to a small op count (one
-sort, one k-th value, cached per-shape constants and ``out=`` buffers) and take one host sync
-each (the admitted count or the budget, an int). benchmarks/scheduler_bench.py measures them.
+Speed: on CPU tensors ``Algorithm1Scheduler`` and ``LaggedBudgetScheduler`` (without a forced
+prefix) run each call as one compiled pass (``schedule_cpu.py``, numba), since a CPU torch op costs
+~5 µs here and a round is ~25 of them. The torch code below is the reference for that path (tests
+check both agree) and the path for accelerator tensors: written to a small op count (one sort, one
+k-th value, cached per-shape constants and ``out=`` buffers), one host sync per call (the
+admitted count or the budget, an int). benchmarks/scheduler_bench.py measures both.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 from abc import ABC, abstractmethod
 from typing import Optional
 
+import numpy as np
 import torch
 
 from dspark_sglang.cost_table import CostTable
@@ -68,6 +73,39 @@ DEFAULT_SURVIVAL_EPS = 1e-6
 _FORCED = 2.0
 _NEG_INF = float("-inf")
 _ZERO = torch.zeros(())
+_NO_PRIOR = np.zeros(1, dtype=np.float32)  # placeholder when the fused path keeps no prior
+
+logger = logging.getLogger(__name__)
+_fused_module = None  # schedule_cpu, imported on first use (numba's import takes ~0.5 s)
+
+
+def _fused():
+    """The fused CPU path's module, or None (with one warning) if numba cannot be imported."""
+    global _fused_module
+    if _fused_module is None:
+        try:
+            from dspark_sglang import schedule_cpu
+            _fused_module = schedule_cpu
+        except ImportError as exc:  # numba is a dependency; keep serving on the torch path if it broke
+            logger.warning("dspark: numba unavailable (%s); CPU schedulers use the torch path", exc)
+            _fused_module = False
+    return _fused_module or None
+
+
+def _warm_up_fused(enabled: bool) -> None:
+    fused = enabled and _fused()
+    if fused:
+        fused.warm_up()
+
+
+def _host_inputs(slots: torch.Tensor, confidences: torch.Tensor):
+    """numpy views (or copies) of CPU inputs as the fused path takes them: float32, int64."""
+    conf = confidences.detach()
+    if conf.dtype != torch.float32:
+        conf = conf.to(torch.float32)
+    if slots.dtype != torch.int64:
+        slots = slots.to(torch.int64)
+    return slots.numpy(), conf.numpy()
 
 
 class SchedulerInputError(ValueError):
@@ -151,6 +189,8 @@ class _Workspace:
                 f"num_reqs={num_reqs}, batch tokens {first}..{first + n}"
             )
         self.rates = rates.to(device)
+        self.rates_np = rates.numpy() if self.rates.device.type == "cpu" else None  # fused CPU path
+        self.num_reqs = num_reqs
         self.scaled = self.rates * num_reqs
         self.theta = self.scaled.clone()
         self.improving = torch.zeros(n + 1, dtype=torch.bool, device=device)
@@ -164,9 +204,10 @@ class _Workspace:
         self.improving_u8 = self.improving.view(torch.uint8)
 
     def theta_from(self, cumulative: torch.Tensor) -> torch.Tensor:
-        """Θ_0..Θ_n for zero forced mass: Θ_i = R·SPS_i + cumulative_{i−1}·SPS_i (buffer reused)."""
+        """Θ_0..Θ_n for zero forced mass: Θ_i = (R + cumulative_{i−1})·SPS_i (buffer reused;
+        ``cumulative`` is overwritten). The fused CPU path rounds exactly so."""
         # cumulative: [n] float64 Σ_{j≤i} s_j, -inf from the first non-candidate on
-        torch.addcmul(self.scaled_hi, cumulative, self.rates_hi, out=self.theta_hi)
+        torch.mul(cumulative.add_(self.num_reqs), self.rates_hi, out=self.theta_hi)
         return self.theta
 
 
@@ -237,6 +278,10 @@ class VerifyScheduler(ABC):
     def release(self, slots: torch.Tensor) -> None:  # [n] int64
         """Forget per-slot state (no-op for stateless schedulers)."""
 
+    def warm_up(self) -> None:
+        """Prepare for CPU tensors before serving (the table schedulers compile their fused CPU path
+        here, ~15 s on a cold numba cache, instead of in the first round)."""
+
     def skip_round(self, slots: torch.Tensor) -> bool:  # [num_reqs] int64
         """True when the caller should not draft this round: no draft would be verified whatever
         the drafts turn out to be, or drafting costs more than it brings. The round is then
@@ -290,17 +335,28 @@ class Algorithm1Scheduler(VerifyScheduler):
         Candidates with survival below this are never admitted (the paper's a > 0).
     max_verify_len : int, optional
         Cap on verify_len (default: gamma).
+    fused_cpu : bool
+        CPU tensors take the compiled path of ``schedule_cpu.py`` (default); False keeps the torch
+        code (same results, slower on CPU).
     """
 
+    #: The fused CPU path computes this class's rule; a subclass changing the rule opts out.
+    _fused_rule = True
+
     def __init__(self, cost_table: CostTable, *, survival_eps: float = DEFAULT_SURVIVAL_EPS,
-                 max_verify_len: Optional[int] = None):
+                 max_verify_len: Optional[int] = None, fused_cpu: bool = True):
         if cost_table is None:
             raise SchedulerConfigError(f"{type(self).__name__} needs a cost table")
         self.cost_table = cost_table
+        self.fused_cpu = bool(fused_cpu)
         self.survival_eps = _check_eps(survival_eps)
         self._below_eps = _below(self.survival_eps)
+        self._below_eps32 = np.float32(self._below_eps)
         self.max_verify_len = _check_max_len(max_verify_len)
         self._workspaces = _WorkspaceCache(cost_table)
+
+    def warm_up(self) -> None:
+        _warm_up_fused(self._fused_rule and self.fused_cpu)
 
     def _num_admitted(self, ws: _Workspace, cumulative: torch.Tensor) -> int:
         # cumulative: [N] float64 Σ_{j≤i} s_j (-inf from the first non-candidate on)
@@ -314,8 +370,14 @@ class Algorithm1Scheduler(VerifyScheduler):
         device = confidences.device
         if num_reqs == 0 or limit == 0:
             return _zeros(num_reqs, device)
-        survival = _masked_survival(confidences.detach()[:, :limit], self._below_eps)  # [R, L]
         ws = self._workspaces.get(num_reqs, limit, 0, device)
+        fused = self._fused_rule and self.fused_cpu and device.type == "cpu" and _fused()
+        if fused:
+            slots_np, conf = _host_inputs(slots, confidences)
+            out = torch.empty(num_reqs, dtype=torch.int64)
+            fused.algorithm1_round(conf, limit, self._below_eps32, ws.rates_np, out.numpy())
+            return out
+        survival = _masked_survival(confidences.detach()[:, :limit], self._below_eps)  # [R, L]
         values = _sorted_desc(survival.view(-1))  # [N]
         count = self._num_admitted(ws, torch.cumsum(values, dim=0, dtype=torch.float64))
         return admit_top(survival, count, ws.offsets)
@@ -333,6 +395,7 @@ class RetrospectiveAlgorithm1(Algorithm1Scheduler):
     """
 
     lossless = False
+    _fused_rule = False
 
     def _num_admitted(self, ws: _Workspace, cumulative: torch.Tensor) -> int:
         return int(torch.argmax(ws.theta_from(cumulative)))
@@ -362,7 +425,7 @@ def _lagged_theta(lagged_survival: torch.Tensor, rates: torch.Tensor, min_verify
     return torch.cat([(rates[:1] * base), tau.mul_(rates[1:])])  # [N+1]
 
 
-def _with_draft_time(rates: torch.Tensor, draft_seconds: float) -> torch.Tensor:
+def _with_draft_time(rates, draft_seconds: float):  # torch.Tensor or np.ndarray, [n] float64
     """Rounds/s of a drafted round: a target step of 1/SPS plus a draft step of d seconds."""
     return rates / (1.0 + draft_seconds * rates)  # = 1 / (1/SPS + d)
 
@@ -446,6 +509,9 @@ class LaggedBudgetScheduler(VerifyScheduler):
         ``skip_round`` skips drafting whenever the best drafted round, judged on the lagged
         survivals, is no faster than a round that does not draft, R·SPS(R). None or d = 0: the
         paper's objective (drafting is free). Lossless either way: d comes from earlier rounds.
+    fused_cpu : bool
+        CPU tensors take the compiled path of ``schedule_cpu.py`` (default), except with a forced
+        ``min_verify_len`` prefix; False keeps the torch code (same results, ~4-13x slower on CPU).
 
     Notes
     -----
@@ -458,9 +524,11 @@ class LaggedBudgetScheduler(VerifyScheduler):
                  max_verify_len: Optional[int] = None, survival_eps: float = DEFAULT_SURVIVAL_EPS,
                  initial_slots: int = 256, probe_every: int = 8, max_probe_every: int = 64,
                  prior: str = "population",
-                 prior_decay: float = 0.9, draft_cost: Optional[DraftCost] = None):
+                 prior_decay: float = 0.9, draft_cost: Optional[DraftCost] = None,
+                 fused_cpu: bool = True):
         if cost_table is None:
             raise SchedulerConfigError("LaggedBudgetScheduler needs a cost table")
+        self.fused_cpu = bool(fused_cpu)
         if not isinstance(probe_every, int) or probe_every < 0:
             raise SchedulerConfigError(f"probe_every must be an int >= 0, got {probe_every!r}")
         self.probe_every = probe_every
@@ -478,6 +546,7 @@ class LaggedBudgetScheduler(VerifyScheduler):
         if not (isinstance(prior_decay, (int, float)) and 0.0 <= prior_decay < 1.0):
             raise SchedulerConfigError(f"prior_decay must be in [0, 1), got {prior_decay!r}")
         self.prior, self.prior_decay = prior, float(prior_decay)
+        self._prior_weight = np.float32(1.0 - self.prior_decay)  # the new round's weight, float32
         self._prior_mean: Optional[torch.Tensor] = None  # [gamma] running mean of stored survivals
         if not isinstance(lag, int) or lag < 1:
             raise SchedulerConfigError(f"lag must be an int >= 1 (0 is not lossless), got {lag!r}")
@@ -491,17 +560,22 @@ class LaggedBudgetScheduler(VerifyScheduler):
         self.cost_table, self.lag, self.min_verify_len = cost_table, lag, min_verify_len
         self.survival_eps = _check_eps(survival_eps)
         self._below_eps = _below(self.survival_eps)
+        self._below_eps32 = np.float32(self._below_eps)
         self._workspaces = _WorkspaceCache(cost_table)
         self._initial_slots = max(1, int(initial_slots))
         self._history: Optional[torch.Tensor] = None  # [lag, capacity, gamma] float32 survivals
         self._rings: list[torch.Tensor] = []  # the lag [capacity, gamma] views of _history
+        self._rings_np: list = []  # their numpy views (CPU history: the fused path)
         self._round = 0
         #: The last budget K (excluding forced tokens), for logging and tests.
         self.last_budget: Optional[int] = None
 
+    def warm_up(self) -> None:
+        _warm_up_fused(self.fused_cpu)
+
     def reset(self) -> None:
         """Forget all history (e.g. when gamma changes)."""
-        self._history, self._rings, self._round, self.last_budget = None, [], 0, None
+        self._history, self._rings, self._rings_np, self._round, self.last_budget = None, [], [], 0, None
         self._prior_mean = None
         self._probe_interval, self._skipped_in_a_row = self.probe_every, 0
 
@@ -524,6 +598,7 @@ class LaggedBudgetScheduler(VerifyScheduler):
                 grown[:, capacity:] = self._prior_mean
         self._history = grown
         self._rings = list(grown.unbind(0))  # per-round [capacity, γ] views
+        self._rings_np = [ring.numpy() for ring in self._rings] if grown.device.type == "cpu" else []
 
     def _exchange(self, slots: torch.Tensor, survival: torch.Tensor) -> torch.Tensor:
         """Return the slots' stored survivals for this round's ring entry and store the current
@@ -555,11 +630,14 @@ class LaggedBudgetScheduler(VerifyScheduler):
         ring.index_copy_(0, slots, survival)
         self._round += 1
         if self.prior == "population":
-            observed = survival.clamp(min=0.0).mean(dim=0)  # [γ]; -inf (non-candidate) counts as 0
+            # [γ]; -inf (non-candidate) counts as 0; a float64 mean rounded once, as the fused path
+            observed = survival.clamp(min=0.0).sum(dim=0, dtype=torch.float64).div_(len(survival))
+            observed = observed.to(torch.float32)
             if self._prior_mean is None:
                 self._prior_mean = observed
             else:
-                self._prior_mean.lerp_(observed, 1.0 - self.prior_decay)
+                # p + w·(observed − p) as three float32 ops, as the fused path rounds it (lerp_ may fuse)
+                self._prior_mean.add_(observed.sub_(self._prior_mean).mul_(float(self._prior_weight)))
         return lagged
 
     def _verify_limit(self, gamma: int) -> int:
@@ -599,9 +677,15 @@ class LaggedBudgetScheduler(VerifyScheduler):
         limit = self._verify_limit(hist.shape[2])
         if limit == 0:
             return False
-        lagged = self._rings[self._round % self.lag].index_select(0, index)[:, :limit]  # [R, limit]
         ws = self._workspaces.get(index.numel(), limit, 0, hist.device)
         draft_seconds = self._draft_seconds(index.numel())
+        fused = self.fused_cpu and hist.device.type == "cpu" and _fused()
+        if fused:
+            rates = ws.rates_np if draft_seconds <= 0 else _with_draft_time(ws.rates_np, draft_seconds)
+            ring = self._rings_np[self._round % self.lag]
+            budget, best = fused.lagged_budget_of_slots(index.numpy(), ring, limit, rates)
+            return best <= ws.rates_np[0] * ws.num_reqs if draft_seconds > 0 else budget == 0
+        lagged = self._rings[self._round % self.lag].index_select(0, index)[:, :limit]  # [R, limit]
         if draft_seconds > 0:
             _, best = _drafted_budget(lagged, ws.rates, draft_seconds)
             return best <= float(ws.scaled[0])  # R·SPS(R): the round without a draft
@@ -612,6 +696,10 @@ class LaggedBudgetScheduler(VerifyScheduler):
         device = confidences.device
         if num_reqs == 0:
             return _zeros(0, device)
+        if self.fused_cpu and device.type == "cpu" and self.min_verify_len == 0 and self._verify_limit(gamma) > 0:
+            fused = _fused()
+            if fused:
+                return self._schedule_fused(fused, slots, confidences)
         survival = _masked_survival(confidences.detach(), self._below_eps)  # [R, γ]
         if slots.dtype != torch.int64 or slots.device != device:
             slots = slots.to(device=device, dtype=torch.int64)
@@ -640,6 +728,43 @@ class LaggedBudgetScheduler(VerifyScheduler):
             budget = _lagged_budget_fast(ws, lagged)
         self.last_budget = budget
         return admit_top(current, budget + forced * num_reqs, ws.offsets)
+
+
+    def _schedule_fused(self, fused, slots: torch.Tensor, confidences: torch.Tensor) -> torch.Tensor:
+        """``schedule`` as one compiled pass (schedule_cpu.lagged_round): CPU tensors, no forced prefix."""
+        slots_np, conf = _host_inputs(slots, confidences)  # [R] int64, [R, γ] float32
+        num_reqs, gamma = conf.shape
+        if self._history is not None and self._history.shape[2] != gamma:
+            raise SchedulerInputError(
+                f"confidences: gamma changed from {self._history.shape[2]} to {gamma}; call reset() first")
+        limit = self._verify_limit(gamma)
+        ws = self._workspaces.get(num_reqs, limit, 0, confidences.device)
+        draft_seconds = self._draft_seconds(num_reqs)
+        rates = ws.rates_np if draft_seconds <= 0 else _with_draft_time(ws.rates_np, draft_seconds)
+        # Population prior: 2 = set it to this round's mean (first round), 1 = fold the mean in.
+        if self.prior != "population":
+            prior_mode, prior = 0, _NO_PRIOR
+        elif self._prior_mean is None:
+            prior_mode, prior = 2, np.empty(gamma, dtype=np.float32)
+        else:
+            prior_mode, prior = 1, self._prior_mean.numpy()
+        out = torch.empty(num_reqs, dtype=torch.int64)
+        while True:
+            if self._history is None:
+                self._grow(gamma, max(int(slots_np.max()), 0), confidences.device)
+            budget = fused.lagged_round(conf, slots_np, self._rings_np[self._round % self.lag], limit,
+                                        self._below_eps32, rates, prior, prior_mode, self._prior_weight,
+                                        out.numpy())
+            if budget >= 0:
+                break
+            if budget == fused.SLOT_NEGATIVE:
+                raise SchedulerInputError(f"slots: must be >= 0, got {int(slots_np.min())}")
+            self._grow(gamma, int(slots_np.max()), confidences.device)  # SLOT_BEYOND_CAPACITY
+        if prior_mode == 2:
+            self._prior_mean = torch.from_numpy(prior)
+        self._round += 1
+        self.last_budget = int(budget)
+        return out
 
 
 class FixedLengthScheduler(VerifyScheduler):

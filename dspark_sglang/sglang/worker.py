@@ -150,6 +150,10 @@ class DSparkPluginWorker(BaseSpecWorker):
         # skips drafting where it does not pay (on a CPU a draft step costs about a target step).
         self.draft_cost = parse_draft_cost(settings.draft_cost)
         self.scheduler = _build_scheduler(settings, self.gamma, self.max_verify_len, self.draft_cost)
+        if torch.device(self.device).type == "cpu":
+            t0 = time.perf_counter()
+            self.scheduler.warm_up()  # compile the fused CPU scheduler now, not in the first round
+            logger.info("dspark worker: scheduler warmed up in %.1f s", time.perf_counter() - t0)
         self.sts = StsCalibration.load(settings.sts) if settings.sts else None
         if self.sts is not None and self.sts.gamma != self.gamma:
             raise ValueError(f"{settings.sts}: {self.sts.gamma} STS temperatures for a drafter of gamma {self.gamma}")
