@@ -39,6 +39,7 @@ setup(
         "transformers",
         "safetensors",
         "numpy",
+        "numba",  # the compiled CPU scheduler path (also required by sglang)
         "tqdm",
         "rich",
         "matplotlib",

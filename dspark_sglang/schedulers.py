@@ -93,9 +93,15 @@ def _fused():
 
 
 def _warm_up_fused(enabled: bool) -> None:
+    """Compile the fused path; if numba cannot (no writable cache, a broken LLVM), use torch."""
+    global _fused_module
     fused = enabled and _fused()
     if fused:
-        fused.warm_up()
+        try:
+            fused.warm_up()
+        except Exception as exc:  # noqa: BLE001 - any compile failure: serve on the torch path
+            logger.warning("dspark: the fused CPU scheduler failed to compile (%s); using the torch path", exc)
+            _fused_module = False
 
 
 def _host_inputs(slots: torch.Tensor, confidences: torch.Tensor):

@@ -151,3 +151,19 @@ def test_survival_matches_torch_cumprod_bit_for_bit():
     out = np.empty((512, 7), dtype=np.float32)
     schedule_cpu.survival_into(conf.numpy(), np.float32(0.0), out)
     assert torch.equal(torch.from_numpy(out), torch.cumprod(conf, dim=1))
+
+
+def test_a_failed_compile_falls_back_to_the_torch_path(monkeypatch, caplog):
+    def broken():
+        raise RuntimeError("no locator available for file")
+
+    monkeypatch.setattr(schedule_cpu, "warm_up", broken)
+    monkeypatch.setattr(schedulers, "_fused_module", schedule_cpu)
+    tbl = SpsTable([1, 64], [10.0, 5.0], 64)
+    sched = LaggedBudgetScheduler(tbl)
+    with caplog.at_level("WARNING", logger="dspark_sglang.schedulers"):
+        sched.warm_up()
+    assert "failed to compile" in caplog.text and schedulers._fused() is None
+    conf = torch.full((2, 3), 0.5)
+    assert sched.schedule(torch.tensor([0, 1]), conf).tolist() == \
+        LaggedBudgetScheduler(tbl, fused_cpu=False).schedule(torch.tensor([0, 1]), conf).tolist()
