@@ -138,3 +138,15 @@ def test_fused_distill_loss_matches_autograd():
     assert torch.allclose(l1, ref["l1"], atol=1e-6) and torch.allclose(kl, ref["kl"], atol=1e-5)
     assert (kl >= -1e-6).all()
     assert torch.allclose(grad, ref_grad, atol=1e-6)
+
+
+def test_lm_head_dtype_auto_follows_the_hardware(tmp_path):
+    """bf16 only where it is fast: ~20x slower than float32 on a CPU without AVX512-BF16/AMX."""
+    from examples.train_drafter import fast_bf16_matmul, parse_args
+
+    assert fast_bf16_matmul("fpu sse4_2 avx2 avx512f avx512_bf16")
+    assert fast_bf16_matmul("avx2 amx_bf16 amx_tile")
+    assert not fast_bf16_matmul("fpu sse4_2 avx2 avx512f avx512bw")
+    want = "bfloat16" if fast_bf16_matmul() else "float32"
+    assert parse_args(["--family", "dspark", "--out", str(tmp_path)]).lm_head_dtype == want
+    assert parse_args(["--family", "dspark", "--out", str(tmp_path), "--lm-head-dtype", "bfloat16"]).lm_head_dtype == "bfloat16"
