@@ -192,7 +192,10 @@ def test_concurrent_mixed_sampling_eos_and_abort(spec_engine, reference):
         assert out["output_ids"] == reference["parity"][i % 4][:n]
         assert out["meta_info"]["finish_reason"]["type"] == "length"
     for out in sampled_outs:
-        assert len(out["output_ids"]) == 24 and all(0 <= t < 49152 for t in out["output_ids"])
+        ids, finish = out["output_ids"], out["meta_info"]["finish_reason"]["type"]
+        assert all(0 <= t < 49152 for t in ids)
+        # Sampling may draw EOS early (it did once at T=1, top-p 0.9, after 3 tokens): then a stop.
+        assert (len(ids) == 24 and finish == "length") or (0 < len(ids) < 24 and finish == "stop"), (ids, finish)
     assert eos_out["output_ids"] == reference["eos"]
     assert eos_out["meta_info"]["finish_reason"]["type"] == "stop"
     assert abort_out["meta_info"]["finish_reason"]["type"] == "abort"

@@ -181,6 +181,8 @@ def test_step_table_rejects(tmp_path, change, field):
     ({"bias_seconds": "0.1"}, "bias_seconds"),
     ({"bs_probes": []}, "bs_probes"),
     ({"m_probes": [2, 1]}, "m_probes"),
+    ({"m_probes": [1, 10**300, 10**301]}, "m_probes[1]"),  # beyond float64: was an OverflowError
+    ({"bs_probes": [1, 2**53 + 1]}, "bs_probes[1]"),
     ({"theta_seconds": [0.0]}, "theta_seconds"),
     ({"alpha_seconds": [-0.02]}, "alpha_seconds/theta_seconds"),  # step time would be <= 0
     ({"alpha_seconds": [float("nan")]}, "alpha_seconds[0]"),
