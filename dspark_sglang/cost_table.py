@@ -112,7 +112,7 @@ def _is_finite_number(value) -> bool:
 
 
 # Largest probe (batch tokens, request count): interpolation runs in float64, exact up to 2**53.
-MAX_PROBE = 2**53
+_MAX_PROBE = 2**53
 
 
 def _int_list(obj: dict, name: str, path: str) -> list[int]:
@@ -128,7 +128,7 @@ def _int_list(obj: dict, name: str, path: str) -> list[int]:
             raise CostTableError(path, f"{name}[{i}]", f"expected an integer, got {v!r}")
         if v < 0:
             raise CostTableError(path, f"{name}[{i}]", f"must be >= 0, got {v}")
-        if v > MAX_PROBE:
+        if v > _MAX_PROBE:
             raise CostTableError(path, f"{name}[{i}]", f"must be <= 2**53 (exact in float64), got {v:.3g}")
     for i in range(1, len(values)):
         if values[i] <= values[i - 1]:

@@ -606,16 +606,17 @@ class LaggedBudgetScheduler(VerifyScheduler):
         self._rings = list(grown.unbind(0))  # per-round [capacity, γ] views
         self._rings_np = [ring.numpy() for ring in self._rings] if grown.device.type == "cpu" else []
 
+    def _check_gamma(self, gamma: int) -> None:
+        if self._history is not None and self._history.shape[2] != gamma:
+            raise SchedulerInputError(
+                f"confidences: gamma changed from {self._history.shape[2]} to {gamma}; call reset() first")
+
     def _exchange(self, slots: torch.Tensor, survival: torch.Tensor) -> torch.Tensor:
         """Return the slots' stored survivals for this round's ring entry and store the current
         ones in their place (read first, so lag=1 reads the previous round)."""
         # slots: [R] int64; survival: [R, γ] float32 -> [R, γ] float32
         gamma = survival.shape[1]
-        if self._history is not None and self._history.shape[2] != gamma:
-            raise SchedulerInputError(
-                f"confidences: gamma changed from {self._history.shape[2]} to {gamma}; "
-                "call reset() first"
-            )
+        self._check_gamma(gamma)
         if self._history is None or slots.device.type != "cpu":
             # No history yet, or on an accelerator where an out-of-range index is fatal: check.
             low, high = (int(v) for v in torch.aminmax(slots))
@@ -735,14 +736,11 @@ class LaggedBudgetScheduler(VerifyScheduler):
         self.last_budget = budget
         return admit_top(current, budget + forced * num_reqs, ws.offsets)
 
-
     def _schedule_fused(self, fused, slots: torch.Tensor, confidences: torch.Tensor) -> torch.Tensor:
         """``schedule`` as one compiled pass (schedule_cpu.lagged_round): CPU tensors, no forced prefix."""
         slots_np, conf = _host_inputs(slots, confidences)  # [R] int64, [R, γ] float32
         num_reqs, gamma = conf.shape
-        if self._history is not None and self._history.shape[2] != gamma:
-            raise SchedulerInputError(
-                f"confidences: gamma changed from {self._history.shape[2]} to {gamma}; call reset() first")
+        self._check_gamma(gamma)
         limit = self._verify_limit(gamma)
         ws = self._workspaces.get(num_reqs, limit, 0, confidences.device)
         draft_seconds = self._draft_seconds(num_reqs)
@@ -755,16 +753,19 @@ class LaggedBudgetScheduler(VerifyScheduler):
         else:
             prior_mode, prior = 1, self._prior_mean.numpy()
         out = np.empty(num_reqs, dtype=np.int64)  # (torch.empty(...).numpy() costs ~5 µs)
-        while True:
-            if self._history is None:
-                self._grow(gamma, max(int(slots_np.max()), 0), confidences.device)
-            budget = fused.lagged_round(conf, slots_np, self._rings_np[self._round % self.lag], limit,
-                                        self._below_eps32, rates, prior, prior_mode, self._prior_weight, out)
-            if budget >= 0:
-                break
-            if budget == fused.SLOT_NEGATIVE:
-                raise SchedulerInputError(f"slots: must be >= 0, got {int(slots_np.min())}")
-            self._grow(gamma, int(slots_np.max()), confidences.device)  # SLOT_BEYOND_CAPACITY
+
+        def run_round() -> int:  # the budget, or a SLOT_* code with nothing touched
+            return fused.lagged_round(conf, slots_np, self._rings_np[self._round % self.lag], limit,
+                                      self._below_eps32, rates, prior, prior_mode, self._prior_weight, out)
+
+        if self._history is None:
+            self._grow(gamma, max(int(slots_np.max()), 0), confidences.device)
+        budget = run_round()
+        if budget == fused.SLOT_BEYOND_CAPACITY:
+            self._grow(gamma, int(slots_np.max()), confidences.device)
+            budget = run_round()
+        if budget == fused.SLOT_NEGATIVE:
+            raise SchedulerInputError(f"slots: must be >= 0, got {int(slots_np.min())}")
         if prior_mode == 2:
             self._prior_mean = torch.from_numpy(prior)
         self._round += 1
