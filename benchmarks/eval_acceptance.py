@@ -31,6 +31,7 @@ from dspark_sglang.confidence import (
     fit_sts,
     survival_metrics,
 )
+from dspark_sglang.benchmarks.eval_compare import merge_results, paired_comparisons, print_paired
 from dspark_sglang.drafters.interface import TargetSpec
 from dspark_sglang.drafters.loader import describe_drafter, load_drafter
 from dspark_sglang.sampling import SamplingBatch
@@ -48,6 +49,7 @@ class RunRecords:
     prompt_index: list[int]
     new_tokens: int = 0
     seconds: float = 0.0
+    num_prompts: int = 0  # prompts run (a prompt may end before its first round)
 
     def tensors(self, keep: torch.Tensor | None = None) -> CalibrationRecords:
         conf = torch.stack(self.conf_logits)
@@ -85,7 +87,7 @@ def run_set(target, drafter, prompts, args, temperature: float, seed: int) -> Ru
 
     gamma = drafter.info.gamma
     choose = make_verify_len_chooser(args.scheduler, gamma, args.fixed_len)
-    records = RunRecords([], [], [], [])
+    records = RunRecords([], [], [], [], num_prompts=len(prompts))
     eos = target.tokenizer.eos_token_id
     identity = ProposalProbEstimator.identity(gamma)
     for index, prompt in enumerate(tqdm(prompts, desc=f"  T={temperature:g}", leave=False)):
@@ -108,8 +110,10 @@ def run_set(target, drafter, prompts, args, temperature: float, seed: int) -> Ru
 
 
 def summarize(records: RunRecords, gamma: int) -> dict:
-    acc = torch.tensor(records.num_accepted)
+    acc = torch.tensor(records.num_accepted, dtype=torch.long)
     lens = torch.tensor(records.verify_lens)
+    prompt = torch.tensor(records.prompt_index, dtype=torch.long)
+    num_prompts = max(records.num_prompts, int(prompt.max()) + 1 if len(prompt) else 0)
     pos = torch.arange(1, gamma + 1)[None, :]
     reached = (lens[:, None] >= pos) & (acc[:, None] >= pos - 1)  # position k verified, prefix accepted
     passed = reached & (acc[:, None] >= pos)
@@ -120,6 +124,9 @@ def summarize(records: RunRecords, gamma: int) -> dict:
         "verify_rate": float(lens.float().mean() / gamma) if len(acc) else float("nan"),
         "conditional_acceptance": cond,
         "tokens_per_second": records.new_tokens / max(records.seconds, 1e-9),
+        # per prompt, for paired comparisons of drafters on the same prompts (`--compare`)
+        "prompt_rounds": torch.bincount(prompt, minlength=num_prompts).tolist(),
+        "prompt_accepted": torch.bincount(prompt, weights=acc.double(), minlength=num_prompts).long().tolist(),
     }
     out.update(calibration(records, gamma))
     return out
@@ -209,8 +216,13 @@ def parse_args(argv=None):
         description="Measure accepted length per round (τ, incl. the bonus token), per-position acceptance and "
         "confidence calibration of drafters on real prompt sets, the DSpark paper's way (batch size 1).",
     )
-    parser.add_argument("--drafter", action="append", required=True, metavar="[NAME=]PATH",
+    parser.add_argument("--drafter", action="append", metavar="[NAME=]PATH",
                         help="drafter checkpoint directory; repeat to compare several")
+    parser.add_argument("--compare", nargs="+", type=Path, metavar="RESULTS_JSON",
+                        help="instead of running: merge the results.json of earlier runs (same sets, prompts, tokens "
+                        "and seed) and compare their drafters prompt by prompt (paired bootstrap of the τ difference)")
+    parser.add_argument("--bootstrap", type=int, default=4000, help="bootstrap resamples of the paired comparison "
+                        "(default: %(default)s)")
     parser.add_argument("--target", default=None, help="target model directory (default: the bundled SmolLM2-135M)")
     parser.add_argument("--sets", default=",".join(DEFAULT_SETS), help="comma-separated prompt sets (default: %(default)s)")
     parser.add_argument("--num-prompts", type=int, default=50, help="prompts per set (default: %(default)s)")
@@ -223,14 +235,42 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--out", default="eval-out", help="output directory for JSON, PNG and records")
     args = parser.parse_args(argv)
+    if bool(args.drafter) == bool(args.compare):
+        parser.error("give --drafter (run drafters) or --compare (merge earlier results), not both or neither")
+    if args.bootstrap < 100:
+        parser.error("--bootstrap needs at least 100 resamples")
     args.temperature = args.temperature or [0.0, 1.0]
     if args.scheduler == "fixed" and args.fixed_len is None:
         parser.error("--scheduler fixed needs --fixed-len")
     return args
 
 
+def write_outputs(results: dict, sets: list[str], run_args: dict, out_dir: Path, bootstrap: int) -> None:
+    """Table, paired comparisons (when several drafters share prompts), results.json and the PNG."""
+    print_table(results, sets)
+    paired = paired_comparisons(results, sets, bootstrap)
+    if paired:
+        print_paired(paired)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps({"args": run_args, "results": results, "paired": paired}, indent=2))
+    plot(results, sets, out_dir / "acceptance.png")
+    print(f"wrote {out_dir / 'results.json'} and {out_dir / 'acceptance.png'}")
+
+
+def compare_main(args) -> dict:
+    try:
+        results, run_args = merge_results(args.compare)
+    except ValueError as exc:
+        raise SystemExit(f"dspark-eval --compare: {exc}") from None
+    sets = [s.strip() for s in run_args["sets"].split(",") if s.strip()]
+    write_outputs(results, sets, dict(run_args, compare=[str(p) for p in args.compare]), Path(args.out), args.bootstrap)
+    return results
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.compare:
+        return compare_main(args)
     torch.manual_seed(args.seed)
     from dspark_sglang.benchmarks.hf_target import HFTarget
     from dspark_sglang.models import ensure_target
@@ -265,10 +305,8 @@ def main(argv=None) -> dict:
                 results.setdefault(name, {}).setdefault(key, {})[set_name] = summary
                 records.tensors().save(out_dir / f"records_{name}_T{key}_{set_name}.safetensors")
                 print(f"   τ = {summary['tau']:.3f} over {summary['rounds']} rounds")
-    print_table(results, sets)
-    (out_dir / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
-    plot(results, sets, out_dir / "acceptance.png")
-    print(f"wrote {out_dir / 'results.json'} and {out_dir / 'acceptance.png'}")
+    run_args = {k: v for k, v in vars(args).items() if k not in ("compare", "bootstrap")}
+    write_outputs(results, sets, run_args, out_dir, args.bootstrap)
     return results
 
 
