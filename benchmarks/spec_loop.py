@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dspark_sglang.acceptance import chain_accept
+from dspark_sglang.confidence import head_less_feature
 from dspark_sglang.drafters.interface import Drafter, SamplingBatch
 from dspark_sglang.sampling import process_logits
 
@@ -88,7 +89,7 @@ def speculative_generate(
             RoundRecord(
                 verify_len, accepted,
                 None if block.confidence_logits is None else block.confidence_logits[0].clone(),
-                block.probs[0].amax(dim=-1),
+                head_less_feature(block)[0],
             )
         )
         for token in new_tokens:

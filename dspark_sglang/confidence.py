@@ -37,7 +37,7 @@ __all__ = [
     "CalibrationDataError",
     "apply_sts", "prefix_labels", "observed_mask", "default_temperature_grid",
     "expected_calibration_error", "auc", "brier", "survival_metrics", "fit_sts",
-    "StsCalibration", "CalibrationRecords", "ProposalProbEstimator", "top1_feature",
+    "StsCalibration", "CalibrationRecords", "ProposalProbEstimator", "top1_feature", "head_less_feature",
 ]
 
 _MAX_STEP = 5.0  # Newton step clip in ProposalProbEstimator.fit
@@ -454,6 +454,12 @@ def top1_feature(draft_probs: torch.Tensor) -> torch.Tensor:
     return draft_probs.amax(dim=-1)
 
 
+def head_less_feature(block) -> torch.Tensor:
+    """The estimator's feature of a DraftBlock [R, gamma]: the drafter's temperature-1 top-1
+    probability when the drafter reported it (`DraftBlock.top1_probs`), else max_v q_k(v)."""
+    return block.top1_probs if block.top1_probs is not None else top1_feature(block.probs)
+
+
 def _logit(p: torch.Tensor) -> torch.Tensor:
     p = p.to(torch.float64).clamp(PROB_CLAMP, 1.0 - PROB_CLAMP)
     return torch.log(p) - torch.log1p(-p)
@@ -463,9 +469,10 @@ def _logit(p: torch.Tensor) -> torch.Tensor:
 class ProposalProbEstimator:
     """Confidence logits from the draft distribution: ``logit_k = a_k · logit(f_k) + b_k``.
 
-    The feature f_k is the top-1 probability of the draft distribution at position k,
-    ``max_v q_k(v)`` (``top1_feature``) — equal to q_k(x_k), the probability of the proposed
-    token, whenever drafting is greedy. Why not q_k(x_k) under sampling: it reads x_k, so a
+    The feature f_k is the drafter's top-1 probability at position k at temperature 1,
+    ``max_v softmax(z_k)(v)`` (``DraftBlock.top1_probs``; ``top1_feature`` of q_k for drafters that
+    do not report it). Not of the request's q_k: for a greedy request q_k is one-hot and its maximum
+    is always 1, which would call every draft certain. Why not q_k(x_k) under sampling: it reads x_k, so a
     schedule built on it would decide whether to verify x_k from x_k's own value, which is not
     lossless (p_t = (0.7, 0.3), q = (0.8, 0.2), verify iff q(x) ≥ 0.5 outputs A with probability
     0.84, not 0.7; tests/unit/test_confidence.py). max_v q_k(v) depends on x_{<k} only, exactly like

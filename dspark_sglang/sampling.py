@@ -156,3 +156,10 @@ def sample_from_probs(
     last_positive = vocab - 1 - positive.flip(-1).int().argmax(dim=-1)  # [N]
     last_positive = torch.where(positive.any(dim=-1), last_positive, 0)
     return torch.minimum(tokens, last_positive)
+
+
+def top1_of_logits(logits: torch.Tensor) -> torch.Tensor:
+    """[..., gamma, V] draft logits z_k -> [..., gamma] float32 max_v softmax(z_k)(v), without
+    materialising the softmax."""
+    z = logits.float()
+    return torch.exp(z.amax(dim=-1) - torch.logsumexp(z, dim=-1))

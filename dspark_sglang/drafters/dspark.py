@@ -33,7 +33,7 @@ from dspark_sglang.drafters.heads import (
     teacher_forced_scores,
 )
 from dspark_sglang.drafters.interface import DraftBlock, DrafterInfo
-from dspark_sglang.sampling import SamplingBatch
+from dspark_sglang.sampling import SamplingBatch, top1_of_logits
 
 
 def empty_block(gamma: int, vocab: int, with_confidence: bool, device) -> DraftBlock:
@@ -126,9 +126,12 @@ class DSparkDrafter(BlockDrafterBase, nn.Module):
         # The same uniforms `sample_sequential` would draw, so the kernel path samples identically.
         uniforms = draw_uniforms(base_logits.shape[:2], base_logits, generator)  # [R, gamma]
         sampler = getattr(self, "sequential_fn", sample_sequential_with_uniforms)
-        return sampler(
+        block, logits = sampler(
             base_logits, hidden, anchor_tokens, self.markov_head, self.confidence_head, sampling, uniforms
         )
+        if block.confidence_logits is None:  # a Markov head without a confidence head
+            block.top1_probs = top1_of_logits(logits)
+        return block, logits
 
     def use_kernels(self, attention_fn, sequential_fn) -> None:
         """Route the block attention and the sequential head through the given functions (the

@@ -38,7 +38,7 @@ from dspark_sglang.drafters.eagle3_cache import Eagle3Cache
 from dspark_sglang.drafters.eagle3_config import Eagle3Layout, check_vocab_map, parse_layout
 from dspark_sglang.drafters.interface import DraftBlock, DrafterInfo, TargetSpec
 from dspark_sglang.drafters.layers import Attention, RMSNorm, SwiGLU, apply_rope, rope_cos_sin
-from dspark_sglang.sampling import SamplingBatch, process_logits, sample_from_probs
+from dspark_sglang.sampling import SamplingBatch, process_logits, sample_from_probs, top1_of_logits
 
 
 class Eagle3Layer(nn.Module):
@@ -330,6 +330,7 @@ class Eagle3Drafter(nn.Module):
             probs=self.to_target_probs(q),
             token_probs=q.gather(-1, torch.stack(indices, dim=1)[..., None]).squeeze(-1),
             confidence_logits=None,
+            top1_probs=top1_of_logits(logits),  # [R, gamma] over the draft vocabulary
         )
         return block, logits, hidden
 

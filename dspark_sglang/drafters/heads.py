@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from dspark_sglang.drafters.interface import DraftBlock
-from dspark_sglang.sampling import SamplingBatch, process_logits, sample_from_probs
+from dspark_sglang.sampling import SamplingBatch, process_logits, sample_from_probs, top1_of_logits
 
 
 class MarkovHead(nn.Module):
@@ -120,6 +120,7 @@ def sample_independent(
         probs=probs.view(num_reqs, gamma, vocab),
         token_probs=token_probs.view(num_reqs, gamma),
         confidence_logits=None,
+        top1_probs=top1_of_logits(logits),  # no head: the estimator's feature
     )
 
 

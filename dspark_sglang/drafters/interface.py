@@ -35,6 +35,10 @@ class DraftBlock:
     probs: torch.Tensor  # [R, gamma, V] float32 draft distribution q_k each x_k was drawn from
     token_probs: torch.Tensor  # [R, gamma] float32 q_k(x_k)
     confidence_logits: torch.Tensor | None  # [R, gamma] raw confidence-head logits; None without a head
+    # [R, gamma] float32 max_v softmax(z_k)(v): the drafter's own top-1 probability at temperature 1,
+    # before the request's sampling parameters (reads x_<k only). Head-less drafters set it: it is
+    # their confidence feature, and max_v q_k(v) carries nothing for a greedy request (q_k is one-hot).
+    top1_probs: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

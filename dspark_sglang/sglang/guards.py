@@ -88,7 +88,7 @@ class FaultInjector:
             start = self.rng.randrange(probs.shape[1])
             probs[r, start:] = math.nan
             token_probs[r, start:] = math.nan
-        return DraftBlock(block.tokens, probs, token_probs, block.confidence_logits)
+        return DraftBlock(block.tokens, probs, token_probs, block.confidence_logits, block.top1_probs)
 
     def corrupt_confidences(self, confidences: torch.Tensor) -> torch.Tensor:  # [R, gamma]
         """garbage_confidence: a chosen request's confidences become values from GARBAGE_CONFIDENCES

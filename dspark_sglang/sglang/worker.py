@@ -40,7 +40,7 @@ from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
 # Fused Triton kernel on CUDA tensors, the torch reference otherwise (DSPARK_KERNELS=auto|triton|torch).
 from dspark_sglang.kernels import dispatch as kernel_dispatch
 from dspark_sglang.kernels.dispatch import chain_accept
-from dspark_sglang.confidence import ProposalProbEstimator, StsCalibration, top1_feature
+from dspark_sglang.confidence import ProposalProbEstimator, StsCalibration, head_less_feature
 from dspark_sglang.cost_table import from_probes, load_cost_table
 from dspark_sglang.draft_cost import parse_draft_cost
 from dspark_sglang.drafters.interface import DraftBlock, TargetSpec
@@ -294,7 +294,7 @@ class DSparkPluginWorker(BaseSpecWorker):
         if block.confidence_logits is not None:
             raw = block.confidence_logits.float()
             return self.sts.apply(raw) if self.sts is not None else torch.sigmoid(raw)
-        return self.estimator.confidences(top1_feature(block.probs))
+        return self.estimator.confidences(head_less_feature(block))
 
     def _draft_step(self, slots, slots_cpu, anchors, seq_lens, sampling) -> tuple[DraftBlock, torch.Tensor]:
         """Draft a block and schedule it: (block, [R] int64 CPU verify lengths before per-request caps).
@@ -332,7 +332,8 @@ class DSparkPluginWorker(BaseSpecWorker):
             self.stats.fault("nan_draft", broken)
             # Zero the unusable rows: verification never reads them, but no NaN should travel on.
             block = DraftBlock(block.tokens, block.probs.masked_fill(unusable[..., None], 0.0),
-                               block.token_probs.masked_fill(unusable, 0.0), block.confidence_logits)
+                               block.token_probs.masked_fill(unusable, 0.0), block.confidence_logits,
+                               block.top1_probs)
         if bad_conf:
             self.stats.fault("garbage_confidence", bad_conf)
         return block, verify_lens

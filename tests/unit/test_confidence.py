@@ -31,6 +31,7 @@ from dspark_sglang.confidence import (
     prefix_labels,
     survival_metrics,
     top1_feature,
+    head_less_feature,
 )
 
 NAN = float("nan")
@@ -366,6 +367,21 @@ def test_estimator_defaults_and_no_data():
     fitted = ProposalProbEstimator.fit(rec)
     assert fitted.slopes[1] == pytest.approx(1.0) and fitted.intercepts[1] == pytest.approx(0.0)
     assert top1_feature(t([[[0.2, 0.8], [0.6, 0.4]]])).tolist() == [[0.800000011920929, 0.6000000238418579]]
+
+
+def test_head_less_feature_prefers_the_drafters_own_top1():
+    from dspark_sglang.drafters.interface import DraftBlock
+    from dspark_sglang.sampling import top1_of_logits
+
+    logits = t([[[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]]])  # [1, 2, 3]
+    one_hot = t([[[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]])  # a greedy request's q
+    expected = torch.softmax(logits, -1).amax(-1)
+    torch.testing.assert_close(top1_of_logits(logits), expected)
+    reported = DraftBlock(torch.zeros(1, 2, dtype=torch.long), one_hot, t([[1.0, 1.0]]), None, top1_of_logits(logits))
+    torch.testing.assert_close(head_less_feature(reported), expected)
+    # a drafter that does not report it falls back to max q_k
+    legacy = DraftBlock(torch.zeros(1, 2, dtype=torch.long), one_hot, t([[1.0, 1.0]]), None)
+    torch.testing.assert_close(head_less_feature(legacy), t([[1.0, 1.0]]))
 
 
 def test_estimator_json_round_trip(tmp_path):

@@ -39,6 +39,11 @@ def test_reproduces_reference(fixture):
         assert max_err(logits[0], ref[f"{rnd}.{logits_key}"]) <= ATOL
         assert torch.equal(block.tokens[0], ref[f"{rnd}.greedy_draft_tokens"])
         assert block.confidence_logits is None
+        # Head-less: the confidence feature is the drafter's own temperature-1 top-1 probability,
+        # not max q_k, which is 1 for every greedy draft.
+        assert torch.equal(block.probs.amax(-1), torch.ones(1, gamma))
+        assert torch.allclose(block.top1_probs, torch.softmax(logits, -1).amax(-1), atol=1e-6)
+        assert (block.top1_probs < 1).all()
         scored, conf = drafter.score_block([0], tok, position, torch.zeros(1, gamma, dtype=torch.int64))
         assert conf is None and max_err(scored, logits) <= 1e-6
         if name == "deepspec_dflash":

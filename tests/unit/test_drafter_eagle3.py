@@ -369,3 +369,24 @@ def test_more_than_one_layer_is_refused(checkpoints):
 def test_unknown_format_name(checkpoints):
     with pytest.raises(DrafterConfigError, match=r"format.*not an Eagle3 format"):
         _build(checkpoints, "deepspec_eagle3", "zlab")
+
+
+def test_head_less_feature_is_the_temperature_one_top1(refs):
+    """The estimator's feature: max softmax(z_k) of the draft logits, the same for a greedy and a
+    sampled request (q_k itself is one-hot when greedy, so its maximum says nothing)."""
+    from dspark_sglang.confidence import head_less_feature
+
+    ref, drafter = refs["specforge_eagle3"], load(SPECFORGE)
+    S = ref["token_ids"]
+    feed_prefixes(drafter, ref, [21])
+    greedy, logits, _ = drafter.draft_chain([0], S[21:22], torch.tensor([21]), SamplingBatch.greedy(1))
+    assert torch.equal(greedy.probs.amax(-1), torch.ones(1, 7))
+    expected = torch.softmax(logits, -1).amax(-1)
+    assert torch.allclose(head_less_feature(greedy), expected, atol=1e-6)
+    assert (head_less_feature(greedy) < 1).all()
+    sampled = SamplingBatch.greedy(1)
+    sampled.temperatures.fill_(1.0)
+    block, logits_t1, _ = drafter.draft_chain([0], S[21:22], torch.tensor([21]), sampled,
+                                              uniforms=torch.full((1, 7), 0.5))
+    # step 0 reads x_<0 only: its feature does not depend on the request's sampling
+    assert torch.allclose(head_less_feature(block)[:, 0], expected[:, 0], atol=1e-6)
