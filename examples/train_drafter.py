@@ -47,6 +47,7 @@ from examples.training.export import build_modules, drafter_config, save_checkpo
 from examples.training.features import FeatureSet, build_features, build_part  # noqa: E402
 from examples.training.forward import block_hidden_train, block_scores, eagle3_logits, eagle3_ttt_train  # noqa: E402
 from examples.training.losses import dspark_loss, eagle3_loss  # noqa: E402
+from examples.training.sampled_vocab import sample_vocabulary, sampled_block_scores  # noqa: E402
 from examples.training.target import load_target, target_path  # noqa: E402
 
 MASK_TOKEN_CANDIDATES = ("<empty_output>", "<jupyter_script>", "<jupyter_output>", "<gh_stars>")
@@ -105,6 +106,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--kl-alpha", type=float, default=0.0,
                    help="weight of an added KL(target || draft) term (top-K + tail bucket); 0 = DeepSpec's loss exactly. "
                         "L1/TV alone barely moves a draft that misses the target's tokens, so short runs need it")
+    g.add_argument("--vocab-sample", type=int, default=0, metavar="N",
+                   help="DSpark/DFlash: train the LM head over each step's needed tokens (target top-K, labels) "
+                   "plus N uniformly sampled others, importance-weighted (sampled softmax; the head is most of a "
+                   "CPU step); 0 (default) = the full vocabulary. Evaluation always uses the full vocabulary")
     g.add_argument("--lm-head-dtype", choices=("auto", "bfloat16", "float32"), default="auto",
                    help="precision of the frozen LM head matmul during training: auto (default) = bfloat16 on a GPU "
                         "or a CPU with AVX512-BF16/AMX-BF16 (~2.4x faster there), float32 elsewhere (bf16 is ~20x "
@@ -112,6 +117,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     g.add_argument("--log-every", type=int, default=25)
     args = p.parse_args(argv)
+    if args.vocab_sample < 0:
+        p.error("--vocab-sample must be >= 0")
+    if args.vocab_sample and args.family == "eagle3":
+        p.error("--vocab-sample is implemented for the block drafters (dspark, dflash), not eagle3")
     if args.lm_head_dtype == "auto":
         args.lm_head_dtype = "bfloat16" if fast_bf16_matmul() else "float32"
     return args
@@ -204,17 +213,26 @@ def block_targets(b: dict, G: int):
     return labels, prev, valid, tk_ids, tk_lp
 
 
-def block_step(drafter, b: dict, lm_w, args, fused: bool = False):
+def block_step(drafter, b: dict, lm_w, args, fused: bool = False, vocab_gen: torch.Generator | None = None):
+    """Loss of one batch; `vocab_gen` (training steps with --vocab-sample): a sampled vocabulary."""
     G = drafter.config.block_size
     hidden = block_hidden_train(drafter, b["feats"], b["valid"], b["tokens"], b["anchors"])  # [S, A, G, H]
     labels, prev, valid, tk_ids, tk_lp = block_targets(b, G)
     keep = b["keep"].reshape(-1)
     H = hidden.shape[-1]
     hidden = hidden.reshape(-1, G, H)[keep]
-    logits, conf = block_scores(drafter, hidden, prev.reshape(-1, G)[keep], lm_w)
     sel = lambda x: x.reshape(-1, *x.shape[2:])[keep]  # noqa: E731
-    return dspark_loss(logits, conf, sel(labels), sel(valid), sel(tk_ids), sel(tk_lp), decay=args.loss_decay,
-                       fused=fused, kl_alpha=args.kl_alpha), sel(valid)
+    labels, prev, valid, tk_ids, tk_lp = sel(labels), prev.reshape(-1, G)[keep], sel(valid), sel(tk_ids), sel(tk_lp)
+    if vocab_gen is not None and args.vocab_sample:
+        needed = torch.cat([tk_ids[valid].reshape(-1), labels[valid]])
+        cols, log_w, lookup = sample_vocabulary(needed, drafter.config.dims.vocab_size, args.vocab_sample, vocab_gen)
+        logits, conf = sampled_block_scores(drafter, hidden, prev, cols, log_w)
+        # unsupervised rows may name dropped tokens: -1 -> 0, their loss weight is 0
+        labels, tk_ids = lookup[labels].clamp_min(0), lookup[tk_ids].clamp_min(0)
+    else:
+        logits, conf = block_scores(drafter, hidden, prev, lm_w)
+    return dspark_loss(logits, conf, labels, valid, tk_ids, tk_lp, decay=args.loss_decay,
+                       fused=fused, kl_alpha=args.kl_alpha), valid
 
 
 def eagle3_rows(b: dict, steps: int):
@@ -229,7 +247,7 @@ def eagle3_rows(b: dict, steps: int):
     return out
 
 
-def eagle3_step(drafter, b: dict, lm_w, args, fused: bool = False):
+def eagle3_step(drafter, b: dict, lm_w, args, fused: bool = False, vocab_gen: torch.Generator | None = None):
     steps = args.ttt_length
     S, T = b["tokens"].shape
     xs = eagle3_ttt_train(drafter, b["feats"], b["tokens"], steps, rows=(b["anchors"] - 1).clamp(0, T - 2))  # steps x [S, A, H]
@@ -358,6 +376,7 @@ def main(argv=None) -> None:
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     step_fn = eagle3_step if args.family == "eagle3" else block_step
     rng = random.Random(args.seed + 1)
+    vocab_gen = torch.Generator().manual_seed(args.seed + 2) if args.vocab_sample else None
     print(f"[train] {args.family}: {n_params / 1e6:.2f}M trainable parameters, {len(train_ids)} train / {len(eval_ids)} "
           f"held-out sequences ({fs.tokens.numel()} tokens), layer ids {layer_ids}, mask token {mask_id}, "
           f"{args.threads} thread(s)", flush=True)
@@ -375,7 +394,7 @@ def main(argv=None) -> None:
         b = collate(fs, batch, rng, args.anchors)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
-        (loss, stats, _), _ = step_fn(drafter, b, lm_w, args, fused=True)
+        (loss, stats, _), _ = step_fn(drafter, b, lm_w, args, fused=True, vocab_gen=vocab_gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
@@ -466,7 +485,9 @@ def write_training_md(args, config, desc, n_saved, size_mb, gen, feats, history,
         + ("(rows) " if args.family == "eagle3" else "")
         + f"in the response tokens; AdamW lr {args.lr} (betas 0.9/0.95, wd {args.weight_decay}), warmup "
         f"{args.warmup:.0%}, cosine to {args.min_lr_ratio}x, grad-norm clip {args.grad_clip}; LM-head matmul in "
-        f"{args.lm_head_dtype} during training.",
+        f"{args.lm_head_dtype} during training"
+        + (f"; sampled softmax: each step's needed tokens plus {args.vocab_sample} importance-weighted sampled "
+           "others (examples/training/sampled_vocab.py)." if args.vocab_sample else "."),
     ]
     kl = f" + {args.kl_alpha} KL(p_target || p_draft)" if args.kl_alpha else ""
     if args.family == "eagle3":

@@ -150,3 +150,50 @@ def test_lm_head_dtype_auto_follows_the_hardware(tmp_path):
     want = "bfloat16" if fast_bf16_matmul() else "float32"
     assert parse_args(["--family", "dspark", "--out", str(tmp_path)]).lm_head_dtype == want
     assert parse_args(["--family", "dspark", "--out", str(tmp_path), "--lm-head-dtype", "bfloat16"]).lm_head_dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("family", ["dspark", "dflash"])
+def test_sampled_vocabulary_is_exact_when_nothing_is_dropped(family):
+    """--vocab-sample with N >= the rest of the vocabulary: the same logits (on the kept columns)
+    and the same loss as the full-vocabulary path."""
+    from examples.training.losses import dspark_loss
+    from examples.training.sampled_vocab import sample_vocabulary, sampled_block_scores
+
+    drafter = _build(family)
+    G, g = drafter.config.block_size, torch.Generator().manual_seed(6)
+    hidden = torch.randn(3, G, H, generator=g)
+    prev = torch.randint(0, V, (3, G), generator=g)
+    labels = torch.randint(0, V, (3, G), generator=g)
+    tk_ids = torch.stack([torch.randperm(V, generator=g)[:8] for _ in range(3 * G)]).view(3, G, 8)
+    tk_lp = torch.log_softmax(torch.randn(3, G, 8, generator=g), -1) - 0.5
+    valid = torch.ones(3, G, dtype=torch.bool)
+    full, conf = block_scores(drafter, hidden, prev)
+    ids, log_w, lookup = sample_vocabulary(torch.cat([tk_ids.reshape(-1), labels.reshape(-1)]), V, V, g)
+    assert sorted(ids.tolist()) == list(range(V)) and (log_w == 0).all()
+    part, part_conf = sampled_block_scores(drafter, hidden, prev, ids, log_w)
+    assert close(part, full[..., ids])
+    if conf is not None:
+        assert close(part_conf, conf)
+    ref = dspark_loss(full, conf, labels, valid, tk_ids, tk_lp, fused=True)[0]
+    got = dspark_loss(part, part_conf, lookup[labels], valid, lookup[tk_ids], tk_lp, fused=True)[0]
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_sampled_vocabulary_estimates_the_normaliser_without_bias():
+    """Needed tokens are always kept, exactly; the importance weights make the sampled rest's
+    exp-sum an unbiased estimate of the dropped tokens' share of the softmax normaliser."""
+    from examples.training.sampled_vocab import sample_vocabulary
+
+    g = torch.Generator().manual_seed(7)
+    vocab, needed = 400, torch.tensor([3, 3, 17, 250, 399])
+    z = torch.randn(vocab, generator=g)
+    estimates = []
+    for _ in range(2000):
+        ids, log_w, lookup = sample_vocabulary(needed, vocab, 40, g)
+        assert ids[:4].tolist() == [3, 17, 250, 399] and (log_w[:4] == 0).all() and ids.numel() == 44
+        assert torch.equal(lookup[ids], torch.arange(44)) and (lookup >= 0).sum() == 44
+        estimates.append(float((z[ids] + log_w).exp().sum()))
+    mean = sum(estimates) / len(estimates)
+    assert abs(mean / float(z.exp().sum()) - 1) < 0.01
+    # negative control: without the weights the same draws miss ~90 % of the rest's mass
+    assert float((z[ids]).exp().sum()) < 0.3 * float(z.exp().sum())
