@@ -7,5 +7,6 @@ Modules:
 - `forward`: batched training forwards built from the product's drafter modules (many anchors per
   sequence for DSpark/DFlash; training-time-test unrolling for Eagle3).
 - `losses`: DeepSpec's loss (CE + L1/TV + confidence BCE, position weights exp(-k/4)).
+- `sampled_vocab`: `--vocab-sample N`, a sampled-softmax LM head for the block drafters (training speed).
 - `export`: config.json + model.safetensors in DeepSpec's format (bf16, without embed/lm_head).
 """
