@@ -195,7 +195,9 @@ def plot(results: dict, sets: list[str], path: Path) -> None:
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sets))], sets)
         ax.set_ylabel("accepted length τ")
         ax.set_title(f"T = {temp}")
-        ax.legend()
+        top = max((by_temp[temp][s]["tau"] for by_temp in results.values() if temp in by_temp for s in sets), default=1.0)
+        ax.set_ylim(0, top * 1.2)  # headroom: the legend sits above the bars instead of over one
+        ax.legend(loc="upper center", ncol=max(len(results), 1))
         ax = axes[1, col]
         for drafter, by_temp in results.items():
             if temp in by_temp:

@@ -69,7 +69,8 @@ def _concat(summaries: list[dict]) -> dict:
 
 def merge_results(paths: list[Path]) -> tuple[dict, dict]:
     """(merged results, the shared run arguments) of several `results.json` files. Refuses runs whose
-    prompts differ (sets, prompt counts, tokens, seeds, ...) and a drafter name present twice."""
+    prompts differ (sets, prompt counts, tokens, seeds, ...) and a (drafter, temperature) present twice;
+    one drafter's runs at different temperatures are joined."""
     merged: dict = {}
     reference_args, reference_path = None, None
     for path in paths:
@@ -86,9 +87,11 @@ def merge_results(paths: list[Path]) -> tuple[dict, dict]:
             raise ValueError(f"{path} and {reference_path} ran different prompts or settings ({', '.join(differing)}): "
                              "a paired comparison needs the same --sets, --num-prompts, --max-new-tokens, --seed, ...")
         for name, by_temp in results.items():
-            if name in merged:
-                raise ValueError(f"drafter {name!r} appears in more than one results file")
-            merged[name] = by_temp
+            # One drafter may come from several runs (say T=0 and T=1 run apart), never one temperature twice.
+            both = sorted(set(merged.get(name, {})) & set(by_temp))
+            if both:
+                raise ValueError(f"drafter {name!r} at T={', '.join(both)} appears in more than one results file")
+            merged.setdefault(name, {}).update(by_temp)
     if not merged:
         raise ValueError("--compare needs at least one results.json")
     return merged, reference_args

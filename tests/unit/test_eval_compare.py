@@ -59,11 +59,11 @@ def test_unpaired_inputs_are_refused():
         paired_tau_difference(per_prompt(torch.ones(3, 2, dtype=torch.long)), per_prompt(torch.ones(4, 2, dtype=torch.long)))
 
 
-def write_run(path, name, accepted, **overrides):
+def write_run(path, name, accepted, temperature="0", **overrides):
     args = {"sets": "gsm8k", "num_prompts": 2, "max_new_tokens": 32, "seed": 1, "scheduler": "verify-all",
             "fixed_len": None, "dtype": "float32", "target": None, **overrides}
     summary = summarize(records(accepted, [0, 0, 1, 1], num_prompts=2), GAMMA)
-    path.write_text(json.dumps({"args": args, "results": {name: {"0": {"gsm8k": summary}}}}))
+    path.write_text(json.dumps({"args": args, "results": {name: {temperature: {"gsm8k": summary}}}}))
     return path
 
 
@@ -88,6 +88,15 @@ def test_compare_refuses_runs_of_different_prompts_and_duplicate_names(tmp_path)
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(SystemExit, match="not a dspark-eval results.json"):
         main(["--compare", str(tmp_path / "bad.json"), "--out", str(tmp_path / "o")])
+
+
+def test_one_drafters_runs_at_different_temperatures_are_joined(tmp_path):
+    greedy = write_run(tmp_path / "t0.json", "dspark", [2, 3, 1, 2])
+    sampled = write_run(tmp_path / "t1.json", "dspark", [0, 1, 0, 1], temperature="1")
+    merged, _ = merge_results([greedy, sampled])
+    assert sorted(merged["dspark"]) == ["0", "1"]
+    assert merged["dspark"]["0"]["gsm8k"]["tau"] == pytest.approx(3.0)
+    assert merged["dspark"]["1"]["gsm8k"]["tau"] == pytest.approx(1.5)
 
 
 def test_cli_needs_drafters_or_a_comparison():
