@@ -4,7 +4,7 @@ engine's token for token (4 real prompts x 48 tokens, batched and one at a time)
 length per round stays above a floor measured for that drafter.
 
 Floors: set from the accepted lengths measured on these prompts and tokens with the committed zoo
-drafters (DSpark 1.263 over 152 rounds, DFlash 1.272 over 151, Eagle3 1.352 over 142), minus a margin, so a regression to
+drafters (DSpark 1.333 over 144 rounds, DFlash 1.315 over 146, Eagle3 1.352 over 142), minus a margin, so a regression to
 "drafts always rejected" (accepted length 1.0, e.g. a shifted slot or a random-init head) fails while
 run-to-run noise does not. The zoo drafters are small and briefly trained (see their TRAINING.md).
 """
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.e2e
 MAX_NEW = 48
 PROMPT_SETS = ("gsm8k", "humaneval", "mtbench", "gsm8k")
 # family -> minimum mean accepted tokens per verification round (incl. the bonus token)
-FLOORS = {"dspark": 1.12, "dflash": 1.12, "eagle3": 1.2}
+FLOORS = {"dspark": 1.2, "dflash": 1.2, "eagle3": 1.2}
 
 
 @pytest.fixture(scope="module")
