@@ -188,14 +188,15 @@ def plot(results: dict, sets: list[str], path: Path) -> None:
     for col, temp in enumerate(temps):
         ax = axes[0, col]
         width = 0.8 / max(len(results), 1)
+        top = 1.0
         for i, (drafter, by_temp) in enumerate(results.items()):
             if temp in by_temp:
-                ax.bar([j + i * width for j in range(len(sets))], [by_temp[temp][s]["tau"] for s in sets],
-                       width, label=drafter)
+                taus = [by_temp[temp][s]["tau"] for s in sets]
+                ax.bar([j + i * width for j in range(len(sets))], taus, width, label=drafter)
+                top = max(top, *taus)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sets))], sets)
         ax.set_ylabel("accepted length τ")
         ax.set_title(f"T = {temp}")
-        top = max((by_temp[temp][s]["tau"] for by_temp in results.values() if temp in by_temp for s in sets), default=1.0)
         ax.set_ylim(0, top * 1.2)  # headroom: the legend sits above the bars instead of over one
         ax.legend(loc="upper center", ncol=max(len(results), 1))
         ax = axes[1, col]
