@@ -17,6 +17,8 @@ Pipeline (each stage cached under --cache-dir, outside the repository, so reruns
      lm_head copies, which the loader borrows from the target), reloaded through `load_drafter`
      and evaluated on held-out sequences (teacher-forced acceptance 1 - TV per slot, greedy top-1
      agreement), then TRAINING.md.
+DSpark, afterwards: examples/refit_confidence.py refits the confidence head on fresh text (a head
+trained for many epochs on a small corpus is over-confident on new text; the tokens do not change).
 
 Deterministic for a given --seed and thread count (BLAS reductions depend on the thread count).
 Respects OMP_NUM_THREADS (default 1 thread: the development machine is shared).
