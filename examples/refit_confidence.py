@@ -45,6 +45,7 @@ from examples.training.features import build_features  # noqa: E402
 from examples.training.target import load_target, target_path  # noqa: E402
 
 SECTION = "## Confidence head refit"
+REPORT = "confidence_refit.json"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -78,6 +79,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--num-prompts must be >= 4")
     if not (args.drafter / "config.json").is_file():
         p.error(f"--drafter {args.drafter}: no config.json there")
+    if (args.drafter / REPORT).exists():
+        # the fit starts from the stored head, and the report's "before" means the trained head
+        p.error(f"--drafter {args.drafter}: its confidence head was already refitted ({REPORT}); "
+                "refit the checkpoint train_drafter.py wrote")
     return args
 
 
@@ -197,7 +202,7 @@ def main(argv=None) -> None:
     after = dict(fit=head_report(saved, fit_rows, args.loss_decay), held_out=head_report(saved, held_rows, args.loss_decay))
     print("[after, saved head]", json.dumps(after), flush=True)
     update_training_md(out, describe(args, gen, len(fit_ids), len(held_ids), before, after, fit))
-    (out / "confidence_refit.json").write_text(json.dumps(dict(before=before, after=after, fit=fit, generation=gen), indent=2))
+    (out / REPORT).write_text(json.dumps(dict(before=before, after=after, fit=fit, generation=gen), indent=2))
     print(f"[done] {out}: confidence head refitted in {(time.time() - t0) / 60:.1f} min", flush=True)
 
 
