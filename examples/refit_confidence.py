@@ -79,6 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--num-prompts must be >= 4")
     if not (args.drafter / "config.json").is_file():
         p.error(f"--drafter {args.drafter}: no config.json there")
+    if args.out is not None and args.out.exists():
+        p.error(f"--out {args.out} exists; choose a new directory")
     if (args.drafter / REPORT).exists():
         # the fit starts from the stored head, and the report's "before" means the trained head
         p.error(f"--drafter {args.drafter}: its confidence head was already refitted ({REPORT}); "
@@ -194,8 +196,6 @@ def main(argv=None) -> None:
 
     out = args.out or args.drafter
     if args.out:
-        if args.out.exists():
-            raise SystemExit(f"--out {args.out} exists; choose a new directory")
         shutil.copytree(args.drafter, args.out)
     write_confidence_head(out, head)
     saved = load_drafter(out, spec, torch.float32, "cpu").confidence_head  # what was written (bf16)

@@ -175,6 +175,9 @@ def test_cli_refuses_bad_arguments(tmp_path, capsys):
         parse_args(["--drafter", str(tmp_path), "--fit-fraction", "1"])
     assert "held out" in capsys.readouterr().err
     assert parse_args(["--drafter", str(tmp_path)]).num_prompts == 96
+    with pytest.raises(SystemExit):  # checked before any generation, not after
+        parse_args(["--drafter", str(tmp_path), "--out", str(tmp_path)])
+    assert "exists" in capsys.readouterr().err
     (tmp_path / "confidence_refit.json").write_text("{}")  # refitting a refitted head is refused
     with pytest.raises(SystemExit):
         parse_args(["--drafter", str(tmp_path)])
