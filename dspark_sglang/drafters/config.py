@@ -28,6 +28,11 @@ EAGLE3_DEFAULT_GAMMA = 7  # DeepSpec's ttt_length; SpecForge exports carry no st
 # Sanity cap on drafts per block (block_size, ttt_length): real drafters use 4-16; a hostile value
 # such as 10**9 would only surface later as an absurd allocation in the worker.
 MAX_DRAFTS_PER_BLOCK = 1024
+# Sanity caps on a decoder's shape: beyond them a hostile config.json (say intermediate_size 2**55)
+# would surface as a torch overflow or a hang building modules instead of a DrafterConfigError.
+# Widths and vocabularies: real ones stay far below 2**24, and a product of two fits int64.
+MAX_WIDTH = 2**24
+MAX_COUNT = 1024  # layers and heads
 FORMAT_FAMILY = {
     "deepspec_dspark": ("dspark", "deepspec"),
     "deepspec_dflash": ("dflash", "deepspec"),
@@ -165,9 +170,14 @@ def parse_dims(config: dict, path: str) -> DecoderDims:
         rms_norm_eps=_get(config, "rms_norm_eps", float, path, default=1e-6),
         rope_theta=rope_theta(config, path),
     )
+    config_key = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads"}
     for field in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size"):
-        if getattr(dims, field) <= 0:
-            raise DrafterConfigError(_config_file(path), field, f"must be positive, got {getattr(dims, field)}")
+        value, key = getattr(dims, field), config_key.get(field, field)
+        if value <= 0:
+            raise DrafterConfigError(_config_file(path), key, f"must be positive, got {value}")
+        cap = MAX_COUNT if field in config_key else MAX_WIDTH
+        if value > cap:
+            raise DrafterConfigError(_config_file(path), key, f"{value} exceeds the sanity limit {cap}")
     for field in ("rms_norm_eps", "rope_theta"):  # a negative RoPE base gives NaN frequencies
         if getattr(dims, field) <= 0:
             raise DrafterConfigError(_config_file(path), field, f"must be > 0, got {getattr(dims, field)}")
@@ -237,8 +247,8 @@ def parse_block_config(config: dict, fmt: str, path: str) -> BlockDrafterConfig:
         head = _get(config, "markov_head_type", str, path) if rank > 0 else None
         conf = _get(config, "enable_confidence_head", bool, path, default=False)
         conf_markov = _get(config, "confidence_head_with_markov", bool, path, default=False) if conf else False
-        if rank < 0:
-            raise DrafterConfigError(_config_file(path), "markov_rank", f"must be >= 0, got {rank}")
+        if not 0 <= rank <= MAX_WIDTH:
+            raise DrafterConfigError(_config_file(path), "markov_rank", f"must be in [0, {MAX_WIDTH}], got {rank}")
         if head is not None and head not in MARKOV_HEAD_TYPES:
             raise DrafterConfigError(_config_file(path), "markov_head_type", f"{head!r} is not one of {list(MARKOV_HEAD_TYPES)}")
         if conf_markov and rank == 0:
@@ -281,6 +291,8 @@ def parse_eagle3_config(config: dict, fmt: str, path: str, target_num_layers: in
         # Without the key and without a target (describe_drafter), the ids stay unresolved: ().
         layer_ids = _int_list(eagle, "eagle_aux_hidden_state_layer_ids", path, where="eagle_config.", default=default) or ()
         draft_vocab = _get(config, "draft_vocab_size", int, path, default=dims.vocab_size)
+        if not 0 < draft_vocab <= MAX_WIDTH:
+            raise DrafterConfigError(_config_file(path), "draft_vocab_size", f"must be in [1, {MAX_WIDTH}], got {draft_vocab}")
     gamma = _get(config, "ttt_length", int, path, default=EAGLE3_DEFAULT_GAMMA)
     if gamma > MAX_DRAFTS_PER_BLOCK:
         raise DrafterConfigError(_config_file(path), "ttt_length", f"{gamma} exceeds the sanity limit {MAX_DRAFTS_PER_BLOCK}")

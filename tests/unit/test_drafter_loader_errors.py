@@ -136,6 +136,20 @@ def test_bad_config_values(tmp_path):
         _load(path)
 
 
+@pytest.mark.parametrize("key,value", [
+    ("intermediate_size", 2**55),  # found by test_fuzz_inputs: torch's storage-size overflow
+    ("intermediate_size", 2**63),  # ... and its int64 unpacking overflow
+    ("vocab_size", 2**40),
+    ("num_hidden_layers", 10**6),  # would build a million modules before failing
+    ("markov_rank", 2**40),
+])
+def test_absurd_sizes_are_config_errors(tmp_path, key, value):
+    path = _copy(tmp_path)
+    _edit_config(path, **{key: value})
+    with pytest.raises(DrafterConfigError, match=f"{key}: .*{value}"):
+        _load(path)
+
+
 def test_malformed_json(tmp_path):
     path = _copy(tmp_path)
     (path / "config.json").write_text('{"architectures": ["Qwen3DSparkModel"], "block_size": 7,')
