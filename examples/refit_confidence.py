@@ -19,7 +19,6 @@ This script:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import random
@@ -36,7 +35,6 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from dspark_sglang.drafters.loader import load_drafter  # noqa: E402
-from examples.train_drafter import block_targets, collate  # noqa: E402
 from examples.training import data as data_mod  # noqa: E402
 from examples.training.confidence_refit import (  # noqa: E402
     collect_rows, fit_head, head_report, require_confidence_head, write_confidence_head)
@@ -104,27 +102,21 @@ def fresh_samples(model, tokenizer, args, target_name: str) -> tuple[list, dict]
                    train_prompts=args.train_prompts, train_seed=args.train_seed, max_prompt_tokens=args.max_prompt_tokens,
                    max_new_tokens=args.max_new_tokens, greedy_fraction=args.greedy_fraction,
                    temperature=args.gen_temperature, top_p=args.gen_top_p, version=1)
-    root = args.cache_dir / "refit" / hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    root = args.cache_dir / "refit" / data_mod.cache_key(payload)
     root.mkdir(parents=True, exist_ok=True)
-    prompts_file, out_file, manifest = root / "prompts.json", root / "responses.jsonl", root / "manifest.json"
+    prompts_file = root / "prompts.json"
     if prompts_file.exists():
         prompts = [tuple(p) for p in json.loads(prompts_file.read_text())]
     else:
         prompts = fresh_prompts(tokenizer, args)
         prompts_file.write_text(json.dumps(prompts))
-    if not manifest.exists():
-        start = time.time()
-        data_mod.generate_responses(model, tokenizer, [p[:3] for p in prompts], out_file, max_new_tokens=args.max_new_tokens,
-                                    batch_size=args.gen_batch, greedy_fraction=args.greedy_fraction,
-                                    temperature=args.gen_temperature, top_p=args.gen_top_p, seed=args.seed)
-        rows = [json.loads(line) for line in out_file.read_text().splitlines()]
-        manifest.write_text(json.dumps(dict(payload, num_samples=len(rows), seconds=round(time.time() - start, 1),
-                                            response_tokens=sum(len(r["response_ids"]) for r in rows)), indent=2))
-    order = {p[0]: i for i, p in enumerate(prompts)}
-    rows = sorted((json.loads(line) for line in out_file.read_text().splitlines()), key=lambda r: order[r["prompt_id"]])
+    rows, manifest = data_mod.generate_once(model, tokenizer, [p[:3] for p in prompts], root, payload,
+                                            max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch,
+                                            greedy_fraction=args.greedy_fraction, temperature=args.gen_temperature,
+                                            top_p=args.gen_top_p, seed=args.seed)
     samples = [data_mod.Sample(r["prompt_id"], r["domain"], r["prompt_ids"], r["response_ids"], r["mode"])
                for r in rows if len(r["response_ids"]) >= 2]
-    return samples, json.loads(manifest.read_text())
+    return samples, manifest
 
 
 def update_training_md(checkpoint: Path, text: str) -> None:
@@ -184,10 +176,7 @@ def main(argv=None) -> None:
     n_fit = int(round(args.fit_fraction * len(order)))
     fit_ids, held_ids = order[:n_fit], order[n_fit:]
 
-    def rows(d, ids):
-        return collect_rows(d, fs, ids, collate=collate, block_targets=block_targets)
-
-    fit_rows, held_rows = rows(drafter, fit_ids), rows(drafter, held_ids)
+    fit_rows, held_rows = collect_rows(drafter, fs, fit_ids), collect_rows(drafter, fs, held_ids)
     head = drafter.confidence_head
     before = dict(fit=head_report(head, fit_rows, args.loss_decay), held_out=head_report(head, held_rows, args.loss_decay))
     print("[before]", json.dumps(before), flush=True)

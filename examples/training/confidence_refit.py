@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from examples.training.batches import collate, supervised_blocks
 from examples.training.features import FeatureSet
-from examples.training.forward import block_hidden_train, block_scores
+from examples.training.forward import block_scores
 from examples.training.losses import distill_terms
 
 CONFIDENCE_KEYS = ("confidence_head.proj.weight", "confidence_head.proj.bias")
@@ -53,32 +54,24 @@ def require_confidence_head(drafter) -> None:
 
 
 @torch.no_grad()
-def collect_rows(drafter, fs: FeatureSet, seq_ids: list[int], *, collate, block_targets, max_anchors: int = 96,
-                 seed: int = 1234) -> HeadRows:
+def collect_rows(drafter, fs: FeatureSet, seq_ids: list[int], *, max_anchors: int = 96, seed: int = 1234) -> HeadRows:
     """Run the frozen drafter teacher-forced over `seq_ids` (`max_anchors` seeded anchors each) and keep
-    every supervised slot's head input and acceptance target. `collate` / `block_targets` are
-    train_drafter's batch builders, so the rows are exactly what training supervised."""
+    every supervised slot's head input and acceptance target: the rows training supervises."""
     require_confidence_head(drafter)
     rng = random.Random(seed)
-    G = drafter.config.block_size
     parts: dict[str, list[torch.Tensor]] = {"hidden": [], "prev_rows": [], "accept": [], "slot": []}
     for s in seq_ids:
         b = collate(fs, [s], rng, max_anchors)
         if not bool(b["keep"].any()):
             continue
-        hidden = block_hidden_train(drafter, b["feats"], b["valid"], b["tokens"], b["anchors"])  # [1, A, G, H]
-        labels, prev, valid, tk_ids, tk_lp = block_targets(b, G)  # [1, A, G], ..., [1, A, G, K]
-        keep = b["keep"].reshape(-1)
-        hidden = hidden.reshape(-1, G, hidden.shape[-1])[keep]  # [N, G, H]
-        sel = lambda x: x.reshape(-1, *x.shape[2:])[keep]  # noqa: E731
-        labels, prev, valid, tk_ids, tk_lp = sel(labels), sel(prev), sel(valid), sel(tk_ids), sel(tk_lp)
+        hidden, labels, prev, valid, tk_ids, tk_lp = supervised_blocks(drafter, b)  # [N, G, H], [N, G], ...
         logits, _ = block_scores(drafter, hidden, prev)  # [N, G, V] full vocabulary, float32
         accept = distill_terms(logits, labels, tk_ids, tk_lp)["accept"]  # [N, G]
         rows = drafter.markov_head.markov_w1(prev) if drafter.confidence_head.with_markov else hidden[..., :0]
         parts["hidden"].append(hidden[valid].float())
         parts["prev_rows"].append(rows[valid].float())
         parts["accept"].append(accept[valid].float())
-        parts["slot"].append(torch.arange(G).expand_as(valid)[valid])
+        parts["slot"].append(torch.arange(valid.shape[-1]).expand_as(valid)[valid])
     if not parts["accept"]:
         raise ValueError("no supervised slot in the given sequences (every response shorter than 2 tokens?)")
     return HeadRows(*(torch.cat(parts[k]) for k in ("hidden", "prev_rows", "accept", "slot")))

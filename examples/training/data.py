@@ -112,7 +112,8 @@ def select_prompts(tokenizer, num_prompts: int, seed: int, max_prompt_tokens: in
     return chosen
 
 
-def _key(payload: dict) -> str:
+def cache_key(payload: dict) -> str:
+    """A short stable digest of a cache payload (the folder name of one configuration)."""
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -161,6 +162,26 @@ def generate_responses(model, tokenizer, prompts, out_file: Path, *, max_new_tok
     bar.close()
 
 
+def generate_once(model, tokenizer, prompts, root: Path, payload: dict, **generate_kw) -> tuple[list[dict], dict]:
+    """(the target's responses to `prompts` [(id, domain, prompt ids)] in prompt order, the manifest).
+
+    Generated once into `root/responses.jsonl` (resumable) and sealed by `root/manifest.json` (payload +
+    counts + seconds); later calls only read. `generate_kw` goes to `generate_responses`."""
+    manifest, out_file = root / "manifest.json", root / "responses.jsonl"
+    read = lambda: [json.loads(l) for l in out_file.read_text().splitlines()] if out_file.exists() else []  # noqa: E731
+    if not manifest.exists():
+        start = time.time()
+        if prompts:
+            generate_responses(model, tokenizer, prompts, out_file, **generate_kw)
+        rows = read()
+        manifest.write_text(json.dumps(dict(payload, num_samples=len(rows), seconds=round(time.time() - start, 1),
+                                            response_tokens=sum(len(r["response_ids"]) for r in rows),
+                                            prompt_tokens=sum(len(r["prompt_ids"]) for r in rows)), indent=2))
+    order = {p[0]: i for i, p in enumerate(prompts)}
+    rows = sorted(read(), key=lambda r: order.get(r["prompt_id"], len(order)))  # prompt order, independent of batching
+    return rows, json.loads(manifest.read_text())
+
+
 def build_samples(model, tokenizer, cache_dir: Path, *, num_generated: int, num_answers: int, seed: int,
                   max_prompt_tokens: int, max_new_tokens: int, batch_size: int, greedy_fraction: float,
                   temperature: float, top_p: float, target_name: str, generate: bool = True
@@ -175,30 +196,19 @@ def build_samples(model, tokenizer, cache_dir: Path, *, num_generated: int, num_
     payload = dict(target=target_name, num_generated=num_generated, pool=num_generated + num_answers, seed=seed,
                    max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens, greedy_fraction=greedy_fraction,
                    temperature=temperature, top_p=top_p, source="sharegpt-v3-first-human-turns", version=2)
-    root = cache_dir / "gen" / _key(payload)
+    root = cache_dir / "gen" / cache_key(payload)
     root.mkdir(parents=True, exist_ok=True)
-    manifest, out_file, prompts_file = root / "manifest.json", root / "responses.jsonl", root / "prompts.json"
+    prompts_file = root / "prompts.json"
     if prompts_file.exists():
         pool = [tuple(p) for p in json.loads(prompts_file.read_text())]
     else:
         pool = select_prompts(tokenizer, num_generated + num_answers, seed, max_prompt_tokens)
         prompts_file.write_text(json.dumps(pool))
-    to_generate = [p[:3] for p in pool[:num_generated]]
-    if not manifest.exists() and not generate:
-        to_generate = []
-    elif not manifest.exists():
-        start = time.time()
-        if to_generate:
-            generate_responses(model, tokenizer, to_generate, out_file, max_new_tokens=max_new_tokens,
-                               batch_size=batch_size, greedy_fraction=greedy_fraction, temperature=temperature,
-                               top_p=top_p, seed=seed)
-        rows = [json.loads(l) for l in out_file.read_text().splitlines()] if out_file.exists() else []
-        manifest.write_text(json.dumps(dict(payload, num_samples=len(rows), seconds=round(time.time() - start, 1),
-                                            response_tokens=sum(len(r["response_ids"]) for r in rows),
-                                            prompt_tokens=sum(len(r["prompt_ids"]) for r in rows)), indent=2))
-    rows = [json.loads(l) for l in out_file.read_text().splitlines()] if out_file.exists() and manifest.exists() else []
-    order = {p[0]: i for i, p in enumerate(pool)}
-    rows.sort(key=lambda r: order.get(r["prompt_id"], len(order)))  # pool order, independent of batching
+    rows = []
+    if (root / "manifest.json").exists() or generate:
+        rows, _ = generate_once(model, tokenizer, [p[:3] for p in pool[:num_generated]], root, payload,
+                                max_new_tokens=max_new_tokens, batch_size=batch_size, greedy_fraction=greedy_fraction,
+                                temperature=temperature, top_p=top_p, seed=seed)
     generated = [Sample(r["prompt_id"], r["domain"], r["prompt_ids"], r["response_ids"], r["mode"]) for r in rows if r["response_ids"]]
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     answers = [Sample(pid, domain, ids, tokenizer.encode(answer, add_special_tokens=False) + [eos], "sharegpt")

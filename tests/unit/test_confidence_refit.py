@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from dspark_sglang.drafters.interface import TargetSpec  # noqa: E402
 from examples.refit_confidence import SECTION, parse_args, update_training_md  # noqa: E402
-from examples.train_drafter import block_step, block_targets, collate  # noqa: E402
+from examples.train_drafter import block_step  # noqa: E402
+from examples.training.batches import collate  # noqa: E402
 from examples.training.confidence_refit import (  # noqa: E402
     collect_rows, fit_head, head_logits, head_report, require_confidence_head, slot_weights, write_confidence_head)
 from examples.training.export import build_modules, drafter_config, save_checkpoint  # noqa: E402
@@ -67,8 +68,7 @@ def _features(num_seqs: int = 6, seed: int = 3) -> FeatureSet:
 
 
 def _rows(drafter, fs, ids=None, max_anchors=8):
-    return collect_rows(drafter, fs, ids if ids is not None else list(range(fs.num_seqs)), collate=collate,
-                        block_targets=block_targets, max_anchors=max_anchors)
+    return collect_rows(drafter, fs, ids if ids is not None else list(range(fs.num_seqs)), max_anchors=max_anchors)
 
 
 def test_rows_are_what_training_supervises():
