@@ -168,7 +168,7 @@ def load_prompt_file(path: str) -> list:
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError as exc:
+        except (ValueError, RecursionError) as exc:  # bad syntax, huge integer, deep nesting
             raise SystemExit(f"dspark-bench: {path}:{n}: not valid JSON ({exc})") from None
         messages = obj.get("messages") if isinstance(obj, dict) else None
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m

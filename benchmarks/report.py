@@ -246,7 +246,7 @@ def read_document(path: str | Path) -> dict:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise ValueError(f"{path}: cannot read ({exc.strerror})") from None
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:  # bad syntax, not UTF-8, huge integer, deep nesting
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
     for key in ("tool", "load_kind", "configs"):
         if not isinstance(doc, dict) or key not in doc:

@@ -87,7 +87,7 @@ def load_configs(path: str | Path) -> list[ServerConfig]:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise ServerError(f"{path}: cannot read ({exc.strerror})") from None
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:  # bad syntax, not UTF-8, huge integer, deep nesting
         raise ServerError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(data, list) or not data:
         raise ServerError(f"{path}: expected a non-empty JSON list of configurations")

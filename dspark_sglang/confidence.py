@@ -325,7 +325,8 @@ class StsCalibration:
     def from_json(cls, text: str, *, path: str = _IN_MEMORY) -> "StsCalibration":
         try:
             obj = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as exc:  # RecursionError: absurd nesting
+        # ValueError: bad syntax or an integer past Python's 4300-digit limit; RecursionError: nesting.
+        except (ValueError, RecursionError) as exc:
             raise StsFileError(path, "<root>", f"not valid JSON ({exc})") from None
         if not isinstance(obj, dict):
             raise StsFileError(path, "<root>", f"expected a JSON object, got {type(obj).__name__}")
@@ -553,7 +554,7 @@ class ProposalProbEstimator:
     def from_json(cls, text: str, *, path: str = _IN_MEMORY) -> "ProposalProbEstimator":
         try:
             obj = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as exc:
+        except (ValueError, RecursionError) as exc:  # as in StsCalibration.from_json
             raise EstimatorFileError(path, "<root>", f"not valid JSON ({exc})") from None
         if not isinstance(obj, dict):
             raise EstimatorFileError(path, "<root>", "expected a JSON object")

@@ -129,7 +129,7 @@ def _int_list(obj: dict, name: str, path: str) -> list[int]:
         if v < 0:
             raise CostTableError(path, f"{name}[{i}]", f"must be >= 0, got {v}")
         if v > _MAX_PROBE:
-            raise CostTableError(path, f"{name}[{i}]", f"must be <= 2**53 (exact in float64), got {v:.3g}")
+            raise CostTableError(path, f"{name}[{i}]", f"must be <= 2**53 (exact in float64), got a {v.bit_length()}-bit integer")
     for i in range(1, len(values)):
         if values[i] <= values[i - 1]:
             kind = "duplicate" if values[i] == values[i - 1] else "unsorted"
@@ -374,7 +374,8 @@ def parse_cost_table(
     SGLang; ``interpolation`` applies to the step form only."""
     try:
         obj = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
+    # ValueError: bad syntax, or an integer past Python's 4300-digit limit; RecursionError: deep nesting.
+    except (ValueError, RecursionError) as exc:
         raise CostTableError(path, "<root>", f"not valid JSON ({exc})") from None
     if isinstance(obj, dict) and "bias_seconds" in obj:
         return AdditiveSpsTable.from_dict(obj, path=path)

@@ -48,7 +48,8 @@ def read_config(path: str | os.PathLike) -> dict:
         raise DrafterConfigError(str(file), CONFIG_NAME, "file not found")
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: [[[[...
+    # ValueError: bad syntax, not UTF-8, or an integer past Python's 4300-digit limit; RecursionError: [[[[...
+    except (ValueError, RecursionError) as exc:
         raise DrafterConfigError(str(file), CONFIG_NAME, f"malformed JSON: {exc}") from None
     except OSError as exc:
         raise DrafterConfigError(str(file), CONFIG_NAME, f"cannot read ({exc})") from None
@@ -70,7 +71,7 @@ def _shard_files(root: Path) -> dict[str, list[str]]:
     try:
         index = json.loads(index_file.read_text(encoding="utf-8"))
         weight_map = index["weight_map"]
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # as in read_config
         raise DrafterWeightsError(str(index_file), INDEX_NAME, f"malformed JSON: {exc}") from None
     except OSError as exc:
         raise DrafterWeightsError(str(index_file), INDEX_NAME, f"cannot read ({exc})") from None

@@ -177,13 +177,17 @@ def _coerce(source: str, name: str, value: Any) -> Any:
 
 def _read_json(path: str) -> dict[str, Any]:
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise PluginSettingsError(f"{CONFIG_ENV}: file {path!r} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+    except UnicodeDecodeError as exc:
         raise PluginSettingsError(f"{path}: not valid JSON ({exc})") from None
     except (OSError, ValueError) as exc:  # unreadable, embedded NUL in the path
         raise PluginSettingsError(f"{CONFIG_ENV}: file {path!r} cannot be read ({exc})") from None
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # bad syntax, an integer past 4300 digits, deep nesting
+        raise PluginSettingsError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(data, dict):
         raise PluginSettingsError(f"{path}: expected a JSON object, got {type(data).__name__}")
     known = {f.name for f in fields(PluginSettings)}

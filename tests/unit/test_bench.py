@@ -380,6 +380,12 @@ def test_configs_from_file_and_preset(tmp_path):
     path.write_text(json.dumps([{"name": "a", "argz": []}]))
     with pytest.raises(ServerError, match=r"c.json\[0\]: unknown keys \['argz'\]"):
         load_configs(path)
+    for text in ("[" * 200_000, '[{"name": "a", "env": {"K": ' + "9" * 5000 + "}}]"):  # nesting, 5000 digits
+        path.write_text(text)
+        with pytest.raises(ServerError, match="c.json: not valid JSON"):
+            load_configs(path)
+        with pytest.raises(ValueError, match="c.json: not valid JSON"):
+            report.read_document(path)
     names = [c.name for c in preset_configs("D", [3, 7], "sps.json")]
     assert names == ["no-spec", "fixed-3", "fixed-7", "lagged"]
     lagged = preset_configs("D", [], "sps.json")[-1]

@@ -165,10 +165,15 @@ def test_config_random_bytes(fmt, raw):
         exercise_checkpoint(root)
 
 
-def test_config_deeply_nested_json():
+# An integer literal longer than Python's 4300-digit str limit: json.loads raises a plain ValueError.
+HUGE_INT_LITERAL = "9" * 5000
+
+
+@pytest.mark.parametrize("text", ["[" * 200_000, '{"hidden_size": ' + HUGE_INT_LITERAL + "}"])
+def test_config_deeply_nested_or_huge_integer_json(text):
     with checkpoint_copy(FORMATS[0]) as root:
-        (root / "config.json").write_text("[" * 200_000)
-        with pytest.raises(DrafterLoadError, match="config.json"):
+        (root / "config.json").write_text(text)
+        with pytest.raises(DrafterLoadError, match="config.json: malformed JSON"):
             read_config(root)
 
 
@@ -422,12 +427,20 @@ def test_sts_and_estimator_random_files(raw, tmp_path_factory):
     parses_or_raises(EstimatorFileError, ProposalProbEstimator.load, file)
 
 
-def test_json_parsers_refuse_deep_nesting():
-    deep = "[" * 200_000
+@pytest.mark.parametrize("text", ["[" * 200_000, '{"temperatures": [' + HUGE_INT_LITERAL + "]}"])
+def test_json_parsers_refuse_deep_nesting_and_huge_integers(text):
     for error, call in ((CostTableError, parse_cost_table), (StsFileError, StsCalibration.from_json),
                         (EstimatorFileError, ProposalProbEstimator.from_json)):
         with pytest.raises(error, match="not valid JSON"):
-            call(deep)
+            call(text)
+
+
+@pytest.mark.parametrize("probe", [2**53 + 1, 10**400], ids=["2**53+1", "10**400"])
+def test_cost_table_probe_past_float64_names_the_field(probe):
+    # 10**400 once escaped as OverflowError: the message formatted it as a float (CI, hypothesis).
+    table = {**STEP_TABLE, "sample_batch_tokens": [1, probe], "sample_steps_per_sec": [50.0, 45.0]}
+    with pytest.raises(CostTableError, match=r"sample_batch_tokens\[1\].*must be <= 2\*\*53.*-bit integer"):
+        parse_cost_table(dump(table))
 
 
 RECORD_DTYPES = [torch.float32, torch.float16, torch.int64, torch.int32, torch.uint8, torch.bool]
@@ -510,8 +523,10 @@ def test_settings_unreadable_paths(tmp_path):
         with pytest.raises(PluginSettingsError, match="DSPARK_CONFIG"):
             load_settings({"DSPARK_CONFIG": path})
     (tmp_path / "deep.json").write_text("[" * 200_000)
-    with pytest.raises(PluginSettingsError, match="deep.json: not valid JSON"):
-        load_settings({"DSPARK_CONFIG": str(tmp_path / "deep.json")})
+    (tmp_path / "huge.json").write_text('{"gamma": ' + HUGE_INT_LITERAL + "}")
+    for name in ("deep.json", "huge.json"):
+        with pytest.raises(PluginSettingsError, match=f"{name}: not valid JSON"):
+            load_settings({"DSPARK_CONFIG": str(tmp_path / name)})
 
 
 # ------------------------------------------------------------------------------------------------
