@@ -52,11 +52,10 @@ class RunRecords:
     num_prompts: int = 0  # prompts run (a prompt may end before its first round)
 
     def tensors(self, keep: torch.Tensor | None = None) -> CalibrationRecords:
-        conf = torch.stack(self.conf_logits)
-        acc, lens = torch.tensor(self.num_accepted), torch.tensor(self.verify_lens)
-        if keep is not None:
-            conf, acc, lens = conf[keep], acc[keep], lens[keep]
-        return CalibrationRecords(conf.float(), acc, lens)
+        records = CalibrationRecords(torch.stack(self.conf_logits).float(), torch.tensor(self.num_accepted),
+                                     torch.tensor(self.verify_lens),
+                                     prompt_ids=torch.tensor(self.prompt_index, dtype=torch.long))
+        return records if keep is None else records.take(keep)
 
 
 def target_spec_of(model) -> TargetSpec:

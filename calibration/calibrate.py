@@ -1,8 +1,9 @@
 """dspark-calibrate: fit STS temperatures from (confidence, accepted) records; write SGLang's STS JSON.
 
 Reads calibration records (`CalibrationRecords`, .safetensors or .npz: conf_logits [n, γ],
-num_accepted [n], verify_lens [n]) as written by `dspark-eval` or the worker, splits the rounds
-into a fit part and a held-out part, fits sequential temperature scaling per position
+num_accepted [n], verify_lens [n], optional prompt_ids [n]) as written by `dspark-eval` or the
+worker, splits them into a fit part and a held-out part (whole prompts when the records carry
+prompt ids, else single rounds), fits sequential temperature scaling per position
 (`dspark_sglang.confidence.fit_sts`, censoring unverified positions) on the fit part, and reports
 ECE / AUC of the cumulative survival Π_{i≤k} c_i before and after on the held-out part. Writes:
 
@@ -20,6 +21,7 @@ applies after the estimator.
 
     dspark-calibrate eval-out/records_dspark_T0_gsm8k.safetensors --out sts.json
     dspark-calibrate records/*.safetensors --holdout-fraction 0.3 --seed 1 --gamma 6
+    dspark-calibrate eval-out/records_dspark_T0_*.safetensors --holdout-unit round
 """
 
 from __future__ import annotations
@@ -52,11 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "in the order given (they must share γ)")
     p.add_argument("--out", type=Path, default=Path("sts.json"), help="STS JSON path (default: %(default)s)")
     p.add_argument("--holdout-fraction", type=float, default=0.5,
-                   help="fraction of rounds held out for the before/after report, in [0, 1); 0 = "
-                        "report on the fit data itself (default: %(default)s)")
+                   help="fraction of prompts (or rounds, see --holdout-unit) held out for the "
+                        "before/after report, in [0, 1); 0 = report on the fit data itself "
+                        "(default: %(default)s)")
+    p.add_argument("--holdout-unit", choices=("prompt", "round"), default=None,
+                   help="hold out whole prompts (needs prompt ids in every record file, as "
+                        "dspark-eval writes them) or single rounds (default: prompt when every "
+                        "file has prompt ids, else round)")
     p.add_argument("--seed", type=int, default=None,
-                   help="split rounds at random with this seed (default: by record order, the last "
-                        "rounds held out, which keeps most prompts on one side)")
+                   help="choose the held-out prompts/rounds at random with this seed (default: "
+                        "by record order, the last ones held out: with several files, mostly the "
+                        "last file's)")
     p.add_argument("--gamma", type=int, default=None,
                    help="fit only the first GAMMA positions (default: all recorded)")
     p.add_argument("--num-bins", type=int, default=15, help="ECE bins, as SGLang (default: %(default)s)")
@@ -76,37 +84,50 @@ def load_records(paths: list[Path], gamma: Optional[int]) -> CalibrationRecords:
     if len(widths) > 1:
         detail = ", ".join(f"{p} (γ={r.gamma})" for p, r in zip(paths, parts))
         raise UsageError(f"record files have different γ: {detail}")
-    records = CalibrationRecords(
-        torch.cat([r.conf_logits for r in parts]), torch.cat([r.num_accepted for r in parts]),
-        torch.cat([r.verify_lens for r in parts]), path=", ".join(map(str, paths)),
-    )
+    records = CalibrationRecords.concat(parts, path=", ".join(map(str, paths)))
     if len(records) == 0:
         raise UsageError(f"{records.path}: no records")
     if gamma is not None:
         if not 1 <= gamma <= records.gamma:
             raise UsageError(f"--gamma {gamma}: the records have γ={records.gamma}")
         lens = records.verify_lens.clamp(max=gamma)
-        records = CalibrationRecords(records.conf_logits[:, :gamma],
-                                     records.num_accepted.clamp(max=gamma), lens, path=records.path)
+        records = CalibrationRecords(records.conf_logits[:, :gamma], records.num_accepted.clamp(max=gamma),
+                                     lens, path=records.path, prompt_ids=records.prompt_ids)
     return records
 
 
-def split(records: CalibrationRecords, fraction: float, seed: Optional[int]):
-    """(fit, held-out) record sets; held-out is ``fraction`` of the rounds (all rounds if 0)."""
-    n = len(records)
+def holdout_unit(records: CalibrationRecords, requested: Optional[str]) -> str:
+    if requested == "prompt" and records.prompt_ids is None:
+        raise UsageError(f"--holdout-unit prompt: {records.path}: no prompt ids in (every one of) these "
+                         "records; record with dspark-eval, or use --holdout-unit round")
+    return requested or ("prompt" if records.prompt_ids is not None else "round")
+
+
+def split(records: CalibrationRecords, fraction: float, seed: Optional[int], unit: str = "round"):
+    """(fit, held-out) record sets. Held out: ``fraction`` of the rounds, or of the prompts with
+    every round of each (``unit`` "prompt"); the last ones in record order, or chosen with ``seed``.
+    With ``fraction`` 0 both parts are all the records."""
+    if unit == "prompt":
+        # Group index = rank of the prompt id; ids grow with file order and prompt order (concat).
+        group_of_row = torch.unique(records.prompt_ids, return_inverse=True)[1]
+    else:
+        group_of_row = torch.arange(len(records))
+    n = int(group_of_row.max()) + 1 if len(records) else 0
     order = torch.arange(n) if seed is None else torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     num_held = int(round(fraction * n))
     if fraction > 0 and not 1 <= num_held < n:
         raise UsageError(f"--holdout-fraction {fraction} leaves {n - num_held} fit and {num_held} "
-                         f"held-out rounds of {n}: need at least one of each")
-    fit_rows = order[: n - num_held]
-    held_rows = order[n - num_held:] if num_held else order
+                         f"held-out {unit}s of {n}: need at least one of each")
+    if not num_held:
+        return records, records
+    held_group = torch.zeros(n, dtype=torch.bool)
+    held_group[order[n - num_held:]] = True
+    held_row = held_group[group_of_row]  # [rounds]
+    return records.take(~held_row), records.take(held_row)
 
-    def take(rows):
-        return CalibrationRecords(records.conf_logits[rows], records.num_accepted[rows],
-                                  records.verify_lens[rows], path=records.path)
 
-    return take(fit_rows), take(held_rows)
+def count_prompts(records: CalibrationRecords) -> Optional[int]:
+    return None if records.prompt_ids is None else len(torch.unique(records.prompt_ids))
 
 
 def _json_safe(obj):
@@ -165,7 +186,8 @@ def main_inner(argv=None) -> int:
         parser.error("--num-bins must be >= 1")
 
     records = load_records(args.records, args.gamma)
-    fit_part, held_out = split(records, args.holdout_fraction, args.seed)
+    unit = holdout_unit(records, args.holdout_unit)
+    fit_part, held_out = split(records, args.holdout_fraction, args.seed, unit)
     gamma = records.gamma
     dataset = args.dataset if args.dataset is not None else ",".join(p.name for p in args.records)
 
@@ -188,8 +210,13 @@ def main_inner(argv=None) -> int:
         rows["est+STS"] = evaluate(held_out, held_logits, sts.temperatures, args.num_bins)
     else:
         rows["STS"] = evaluate(held_out, held_logits, sts.temperatures, args.num_bins)
-    where = (f"{len(held_out)} held-out rounds (fit on {len(fit_part)})" if args.holdout_fraction
-             else f"the {len(fit_part)} fit rounds (no hold-out)")
+    if not args.holdout_fraction:
+        where = f"the {len(fit_part)} fit rounds (no hold-out)"
+    elif unit == "prompt":
+        where = (f"{len(held_out)} rounds of {count_prompts(held_out)} held-out prompts "
+                 f"(fit on {len(fit_part)} of {count_prompts(fit_part)})")
+    else:
+        where = f"{len(held_out)} held-out rounds (fit on {len(fit_part)})"
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     sts.save(args.out)
@@ -200,7 +227,8 @@ def main_inner(argv=None) -> int:
         written.append(str(args.estimator))
     report = {"records": [str(p) for p in args.records], "rounds": len(records), "gamma": gamma,
               "fit_rounds": len(fit_part), "held_out_rounds": len(held_out),
-              "holdout_fraction": args.holdout_fraction, "split_seed": args.seed,
+              "fit_prompts": count_prompts(fit_part), "held_out_prompts": count_prompts(held_out),
+              "holdout_fraction": args.holdout_fraction, "holdout_unit": unit, "split_seed": args.seed,
               "temperatures": sts.temperatures, "held_out": rows}
     report_path = args.out.with_name(args.out.stem + ".report.json")
     report_path.write_text(json.dumps(_json_safe(report), indent=1, allow_nan=False), encoding="utf-8")

@@ -354,6 +354,7 @@ class StsCalibration:
 
 
 _RECORD_FIELDS = ("conf_logits", "num_accepted", "verify_lens")
+_PROMPT_IDS = "prompt_ids"  # optional: lets a calibrator hold out whole prompts
 
 
 @dataclass(eq=False)
@@ -363,13 +364,17 @@ class CalibrationRecords:
     conf_logits [n, gamma] float32 raw confidence logits (for head-less drafters:
     ``logit(top-1 draft probability)``, see ``ProposalProbEstimator``); num_accepted [n] int64;
     verify_lens [n] int64 with 0 <= num_accepted <= verify_lens <= gamma. Positions k >=
-    verify_lens[n] are censored (module doc).
+    verify_lens[n] are censored (module doc). Optional prompt_ids [n] int64 >= 0 name the prompt
+    each round came from (`dspark-eval` writes them), so a fit can hold out whole prompts: rounds of
+    one prompt are correlated, and splitting them between fit and held-out flatters the held-out
+    metrics.
     """
 
     conf_logits: torch.Tensor  # [n, gamma] float32
     num_accepted: torch.Tensor  # [n] int64
     verify_lens: torch.Tensor  # [n] int64
     path: str = field(default=_IN_MEMORY, compare=False, repr=False)
+    prompt_ids: Optional[torch.Tensor] = None  # [n] int64, or None when not recorded
 
     def __post_init__(self) -> None:
         p = self.path
@@ -391,6 +396,15 @@ class CalibrationRecords:
             raise RecordsFileError(p, "verify_lens", f"values must lie in [0, {gamma}]")
         if bool(((self.num_accepted < 0) | (self.num_accepted > self.verify_lens)).any()):
             raise RecordsFileError(p, "num_accepted", "values must lie in [0, verify_lens]")
+        ids = self.prompt_ids
+        if ids is not None:
+            if (not isinstance(ids, torch.Tensor) or ids.shape != (logits.shape[0],)
+                    or ids.dtype.is_floating_point or ids.dtype == torch.bool):
+                got = f"{tuple(ids.shape)} {ids.dtype}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+                raise RecordsFileError(p, _PROMPT_IDS, f"expected [{logits.shape[0]}] integer, got {got}")
+            self.prompt_ids = ids.to(torch.int64)
+            if bool((self.prompt_ids < 0).any()):
+                raise RecordsFileError(p, _PROMPT_IDS, "values must be >= 0")
 
     @property
     def gamma(self) -> int:
@@ -398,6 +412,26 @@ class CalibrationRecords:
 
     def __len__(self) -> int:
         return self.conf_logits.shape[0]
+
+    def take(self, rows: torch.Tensor) -> "CalibrationRecords":
+        """The rounds selected by ``rows`` (indices or a bool mask [n]), prompt ids included."""
+        ids = None if self.prompt_ids is None else self.prompt_ids[rows]
+        return CalibrationRecords(self.conf_logits[rows], self.num_accepted[rows], self.verify_lens[rows],
+                                  path=self.path, prompt_ids=ids)
+
+    @classmethod
+    def concat(cls, parts: Sequence["CalibrationRecords"], *, path: str = _IN_MEMORY) -> "CalibrationRecords":
+        """The rounds of several record sets, in order. Prompt ids survive only if every part has
+        them, offset per part so that prompts of different files (sets, runs) never share an id."""
+        ids = None
+        if parts and all(r.prompt_ids is not None for r in parts):
+            offsets, shifted = 0, []
+            for r in parts:
+                shifted.append(r.prompt_ids + offsets)
+                offsets += int(r.prompt_ids.max()) + 1 if len(r) else 0
+            ids = torch.cat(shifted)
+        return cls(torch.cat([r.conf_logits for r in parts]), torch.cat([r.num_accepted for r in parts]),
+                   torch.cat([r.verify_lens for r in parts]), path=path, prompt_ids=ids)
 
     @classmethod
     def from_prefix_mask(cls, logits: torch.Tensor, prefix_mask: torch.Tensor) -> "CalibrationRecords":
@@ -413,6 +447,8 @@ class CalibrationRecords:
         """``.safetensors`` or ``.npz`` by suffix."""
         path = Path(path)
         tensors = {n: getattr(self, n).contiguous().cpu() for n in _RECORD_FIELDS}
+        if self.prompt_ids is not None:
+            tensors[_PROMPT_IDS] = self.prompt_ids.contiguous().cpu()
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
 
@@ -443,7 +479,7 @@ class CalibrationRecords:
         for name in _RECORD_FIELDS:
             if name not in raw:
                 raise RecordsFileError(str(path), name, "missing")
-        return cls(*(raw[n] for n in _RECORD_FIELDS), path=str(path))
+        return cls(*(raw[n] for n in _RECORD_FIELDS), path=str(path), prompt_ids=raw.get(_PROMPT_IDS))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -84,6 +84,48 @@ def test_calibrate_split_options(tmp_path):
     assert reports["seed"]["held_out"]["raw"]["ece"] != reports["order"]["held_out"]["raw"]["ece"]
 
 
+def test_calibrate_holds_out_whole_prompts(tmp_path, capsys):
+    # Two files of 10 prompts x 30 rounds; prompt ids restart per file (as dspark-eval writes them).
+    files = []
+    for i in range(2):
+        rec = synthetic_records(300, TRUE_TEMPS, seed=10 + i)
+        rec = CalibrationRecords(rec.conf_logits, rec.num_accepted, rec.verify_lens,
+                                 prompt_ids=torch.arange(10).repeat_interleave(30))
+        files.append(tmp_path / f"set{i}.safetensors")
+        rec.save(files[-1])
+    reports = {}
+    for name, extra in {"order": [], "seed": ["--seed", "3"], "rounds": ["--holdout-unit", "round", "--seed", "3"],
+                        "fifth": ["--holdout-fraction", "0.2", "--seed", "3"]}.items():
+        out = tmp_path / f"{name}.json"
+        assert calibrate.main([*map(str, files), "--out", str(out), "--no-plot", *extra]) == 0
+        reports[name] = json.loads((tmp_path / f"{name}.report.json").read_text())
+    order = reports["order"]
+    assert order["holdout_unit"] == "prompt" and order["fit_prompts"] == order["held_out_prompts"] == 10
+    assert order["held_out_rounds"] == 300  # the last 10 prompts: all of the second file
+    printed = " ".join(capsys.readouterr().out.split())  # rich wraps the table title
+    assert "300 rounds of 10 held-out prompts (fit on 300 of 10)" in printed
+    fifth = reports["fifth"]
+    assert (fifth["held_out_prompts"], fifth["held_out_rounds"], fifth["fit_prompts"]) == (4, 120, 16)
+    # Whole prompts only: every held-out round count is a multiple of a prompt's 30 rounds ...
+    assert reports["seed"]["held_out_rounds"] % 30 == 0
+    # ... and a round split is a different split of the same records.
+    rounds = reports["rounds"]
+    assert rounds["holdout_unit"] == "round" and rounds["held_out_rounds"] == 300
+    assert rounds["held_out"]["raw"]["ece"] != reports["seed"]["held_out"]["raw"]["ece"]
+
+
+def test_calibrate_prompt_split_needs_prompt_ids(tmp_path, capsys):
+    plain = tmp_path / "plain.npz"
+    synthetic_records(40, TRUE_TEMPS).save(plain)
+    _expect_input_error(capsys, calibrate.main([str(plain), "--holdout-unit", "prompt"]),
+                        "--holdout-unit prompt", "no prompt ids", "--holdout-unit round")
+    few = tmp_path / "few.npz"
+    rec = synthetic_records(40, TRUE_TEMPS)
+    CalibrationRecords(rec.conf_logits, rec.num_accepted, rec.verify_lens,
+                       prompt_ids=torch.zeros(40, dtype=torch.long)).save(few)
+    _expect_input_error(capsys, calibrate.main([str(few)]), "leaves 1 fit and 0 held-out prompts of 1")
+
+
 def test_calibrate_estimator_and_several_files(tmp_path):
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     synthetic_records(3000, [1.0, 1.0, 1.0], seed=3).save(a)

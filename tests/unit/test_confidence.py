@@ -295,6 +295,31 @@ def test_records_round_trip(tmp_path, suffix):
     assert torch.equal(back.num_accepted, records().num_accepted)
     assert torch.equal(back.verify_lens, records().verify_lens)
     assert back.conf_logits.dtype == torch.float32 and back.verify_lens.dtype == torch.int64
+    assert back.prompt_ids is None  # optional, absent when not recorded
+
+    with_ids = records().take(torch.tensor([0, 1]))
+    with_ids.prompt_ids = None
+    with_ids = CalibrationRecords(with_ids.conf_logits, with_ids.num_accepted, with_ids.verify_lens,
+                                  prompt_ids=torch.tensor([7, 7], dtype=torch.int32))
+    with_ids.save(path)
+    back = CalibrationRecords.load(path)
+    assert back.prompt_ids.tolist() == [7, 7] and back.prompt_ids.dtype == torch.int64
+
+
+def test_records_take_and_concat_keep_prompts_apart():
+    a = CalibrationRecords(torch.zeros(3, 2), torch.tensor([0, 1, 2]), torch.full((3,), 2),
+                           prompt_ids=torch.tensor([0, 0, 1]))
+    b = CalibrationRecords(torch.ones(2, 2), torch.tensor([2, 2]), torch.full((2,), 2),
+                           prompt_ids=torch.tensor([0, 4]))
+    both = CalibrationRecords.concat([a, b])
+    # b's prompt 0 is not a's prompt 0: ids are offset past a's largest.
+    assert both.prompt_ids.tolist() == [0, 0, 1, 2, 6]
+    assert both.num_accepted.tolist() == [0, 1, 2, 2, 2]
+    picked = both.take(torch.tensor([False, True, False, True, True]))
+    assert picked.prompt_ids.tolist() == [0, 2, 6] and picked.num_accepted.tolist() == [1, 2, 2]
+    # One part without ids: the union has none (a prompt split would be a guess).
+    plain = CalibrationRecords(torch.zeros(1, 2), torch.tensor([0]), torch.tensor([2]))
+    assert CalibrationRecords.concat([a, plain]).prompt_ids is None
 
 
 def write_npz(path, **arrays):
@@ -315,6 +340,9 @@ GOOD = dict(conf_logits=np.zeros((2, 3), np.float32), num_accepted=np.array([1, 
     ({"num_accepted": np.array([3, 0])}, "num_accepted"),  # more accepted than verified
     ({"verify_lens": np.array([2, 4])}, "verify_lens"),  # beyond gamma
     ({"verify_lens": np.array([2, -1])}, "verify_lens"),
+    ({"prompt_ids": np.array([0])}, "prompt_ids"),
+    ({"prompt_ids": np.array([0.0, 1.0])}, "prompt_ids"),
+    ({"prompt_ids": np.array([0, -3])}, "prompt_ids"),
 ])
 def test_records_reject_malformed(tmp_path, change, field):
     arrays = {k: v for k, v in {**GOOD, **change}.items() if v is not None}

@@ -7,6 +7,7 @@ import torch
 
 from dspark_sglang.benchmarks.eval_acceptance import RunRecords, main, summarize
 from dspark_sglang.benchmarks.eval_compare import merge_results, paired_tau_difference, pooled_tau
+from dspark_sglang.confidence import CalibrationRecords
 
 GAMMA = 3
 
@@ -27,6 +28,15 @@ def test_summary_counts_per_position_and_per_prompt():
     # the pooled τ of the per-prompt counts is the summary's τ
     rounds, accepted = torch.tensor(summary["prompt_rounds"]), torch.tensor(summary["prompt_accepted"])
     assert float(pooled_tau(rounds[None], accepted[None])) == pytest.approx(summary["tau"])
+
+
+def test_written_records_name_each_rounds_prompt(tmp_path):
+    run = records([0, 2, 1, 3], [0, 0, 2, 2], num_prompts=3)
+    run.tensors().save(tmp_path / "r.safetensors")  # as dspark-eval writes records_<name>_T<t>_<set>
+    back = CalibrationRecords.load(tmp_path / "r.safetensors")
+    assert back.prompt_ids.tolist() == [0, 0, 2, 2] and back.num_accepted.tolist() == [0, 2, 1, 3]
+    odd = run.tensors(torch.tensor([False, False, True, True]))
+    assert odd.prompt_ids.tolist() == [2, 2] and odd.num_accepted.tolist() == [1, 3]
 
 
 def per_prompt(accepted_per_round: torch.Tensor) -> dict:  # [P, rounds] -> the summary's per-prompt counts
