@@ -152,7 +152,7 @@ class FakeServer:
     def __init__(self, chunks=4, tokens_per_chunk=2, first_delay=0.02, delay=0.03, status=200):
         self.chunks, self.per, self.first_delay, self.delay, self.status = chunks, tokens_per_chunk, first_delay, delay, status
         self.lock = threading.Lock()
-        self.active = self.max_active = self.requests = 0
+        self.requests = 0
         self.bodies = []
         outer = self
 
@@ -183,41 +183,35 @@ class FakeServer:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with outer.lock:
                     outer.requests += 1
-                    outer.active += 1
-                    outer.max_active = max(outer.max_active, outer.active)
                     outer.bodies.append((self.path, body))
-                try:
-                    if outer.status != 200:
-                        msg = b"boom"
-                        self.send_response(outer.status)
-                        self.send_header("Content-Length", str(len(msg)))
-                        self.end_headers()
-                        self.wfile.write(msg)
-                        return
-                    self.send_response(200)
-                    self.send_header("Content-Type", "text/event-stream")
-                    self.send_header("Transfer-Encoding", "chunked")
+                if outer.status != 200:
+                    msg = b"boom"
+                    self.send_response(outer.status)
+                    self.send_header("Content-Length", str(len(msg)))
                     self.end_headers()
-                    for i in range(outer.chunks):
-                        time.sleep(outer.first_delay if i == 0 else outer.delay)
-                        done = 1 + outer.per * i
-                        if self.path == "/generate":
-                            meta = {"completion_tokens": done, "prompt_tokens": 7}
-                            if i == outer.chunks - 1:
-                                meta.update(spec_verify_ct=outer.chunks - 1, spec_accept_length=2.5)
-                            event = {"text": "x" * done, "meta_info": meta}
-                        else:
-                            event = {"choices": [{"delta": {"content": "ab"}}]}
-                        self._chunk(b"data: " + json.dumps(event).encode() + b"\n\n")
-                    if self.path != "/generate":
-                        usage = {"choices": [], "usage": {"completion_tokens": 1 + outer.per * (outer.chunks - 1),
-                                                          "prompt_tokens": 7}}
-                        self._chunk(b"data: " + json.dumps(usage).encode() + b"\n\n")
-                    self._chunk(b"data: [DONE]\n\n")
-                    self.wfile.write(b"0\r\n\r\n")
-                finally:
-                    with outer.lock:
-                        outer.active -= 1
+                    self.wfile.write(msg)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                for i in range(outer.chunks):
+                    time.sleep(outer.first_delay if i == 0 else outer.delay)
+                    done = 1 + outer.per * i
+                    if self.path == "/generate":
+                        meta = {"completion_tokens": done, "prompt_tokens": 7}
+                        if i == outer.chunks - 1:
+                            meta.update(spec_verify_ct=outer.chunks - 1, spec_accept_length=2.5)
+                        event = {"text": "x" * done, "meta_info": meta}
+                    else:
+                        event = {"choices": [{"delta": {"content": "ab"}}]}
+                    self._chunk(b"data: " + json.dumps(event).encode() + b"\n\n")
+                if self.path != "/generate":
+                    usage = {"choices": [], "usage": {"completion_tokens": 1 + outer.per * (outer.chunks - 1),
+                                                      "prompt_tokens": 7}}
+                    self._chunk(b"data: " + json.dumps(usage).encode() + b"\n\n")
+                self._chunk(b"data: [DONE]\n\n")
+                self.wfile.write(b"0\r\n\r\n")
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
@@ -278,12 +272,25 @@ def test_parse_url_is_loopback_only_by_default():
 def test_closed_loop_keeps_concurrency_and_bounds():
     with FakeServer(chunks=3, tokens_per_chunk=2, first_delay=0.01, delay=0.02) as srv:
         ep = Endpoint("127.0.0.1", srv.port, "generate")
-        send = lambda prompt, record: send_streaming(ep, build_body(ep, prompt, Sampling()), record)
+        lock, in_flight, max_in_flight = threading.Lock(), [0], [0]
+
+        def send(prompt, record):
+            # Counted on the client side: the server's own count also holds a finished request's
+            # handler thread until it returns, after the client may already have sent the next one.
+            with lock:
+                in_flight[0] += 1
+                max_in_flight[0] = max(max_in_flight[0], in_flight[0])
+            try:
+                return send_streaming(ep, build_body(ep, prompt, Sampling()), record)
+            finally:
+                with lock:
+                    in_flight[0] -= 1
+
         done = []
         records = run_closed_loop(send, ["a", "b", "c"], concurrency=3, max_requests=9, max_seconds=30.0,
                                   offset=1, on_done=done.append)
         assert len(records) == 9 == len(done) and srv.requests == 9
-        assert srv.max_active == 3  # three clients, back to back
+        assert max_in_flight[0] == 3  # three clients, back to back, never more
         assert [r.prompt_id for r in records[:3]] == ["b", "c", "a"]  # cycling from the offset
         assert {r.client for r in records} == {0, 1, 2}
         s = summarize_level(records)
