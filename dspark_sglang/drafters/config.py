@@ -227,12 +227,21 @@ def zlab_default_layer_ids(num_target_layers: int, num_draft_layers: int) -> tup
     return tuple(int(round(1 + i * span / (num_draft_layers - 1))) for i in range(num_draft_layers))
 
 
+def _num_target_layers(config: dict, path: str) -> int | None:
+    """The target depth a drafter declares (optional); z-lab derives default layer ids from it."""
+    num = _get(config, "num_target_layers", int, path, default=None)
+    if num is not None and not 1 <= num <= MAX_COUNT:
+        shown = num if abs(num) < 10**12 else f"a {num.bit_length()}-bit integer"
+        raise DrafterConfigError(_config_file(path), "num_target_layers", f"must be in [1, {MAX_COUNT}], got {shown}")
+    return num
+
+
 def parse_block_config(config: dict, fmt: str, path: str) -> BlockDrafterConfig:
     dims = parse_dims(config, path)
     if fmt == "zlab_dflash":
         nested = _get(config, "dflash_config", dict, path)
         where = "dflash_config."
-        num_target = _get(config, "num_target_layers", int, path, default=None)
+        num_target = _num_target_layers(config, path)
         mask = _get(nested, "mask_token_id", int, path, where=where)
         default_ids = None if num_target is None else zlab_default_layer_ids(num_target, dims.num_layers)
         layer_ids = _int_list(nested, "target_layer_ids", path, where=where, default=default_ids)
@@ -240,7 +249,7 @@ def parse_block_config(config: dict, fmt: str, path: str) -> BlockDrafterConfig:
             raise DrafterConfigError(_config_file(path), "dflash_config.target_layer_ids", "missing, and no num_target_layers for z-lab's default")
         rank, head, conf, conf_markov = 0, None, False, False
     else:
-        num_target = _get(config, "num_target_layers", int, path, default=None)
+        num_target = _num_target_layers(config, path)
         mask = _get(config, "mask_token_id", int, path)
         layer_ids = _int_list(config, "target_layer_ids", path)
         rank = _get(config, "markov_rank", int, path, default=0)
@@ -296,7 +305,7 @@ def parse_eagle3_config(config: dict, fmt: str, path: str, target_num_layers: in
     gamma = _get(config, "ttt_length", int, path, default=EAGLE3_DEFAULT_GAMMA)
     if gamma > MAX_DRAFTS_PER_BLOCK:
         raise DrafterConfigError(_config_file(path), "ttt_length", f"{gamma} exceeds the sanity limit {MAX_DRAFTS_PER_BLOCK}")
-    num_target = _get(config, "num_target_layers", int, path, default=None)
+    num_target = _num_target_layers(config, path)
     return Eagle3Config(fmt, dims, layer_ids, num_target, draft_vocab, gamma)
 
 

@@ -150,6 +150,16 @@ def test_absurd_sizes_are_config_errors(tmp_path, key, value):
         _load(path)
 
 
+@pytest.mark.parametrize("fmt", ["zlab_dflash", DSPARK, "deepspec_eagle3"])
+@pytest.mark.parametrize("value,shown", [(10**400, "a 1329-bit integer"), (0, "0"), (2000, "2000")])
+def test_absurd_target_depth_is_a_config_error(tmp_path, fmt, value, shown):
+    # 10**400 found by scripts/fuzz.sh: z-lab's default layer ids divided it into a float (OverflowError).
+    path = _copy(tmp_path, fmt)
+    _edit_config(path, num_target_layers=value)
+    with pytest.raises(DrafterConfigError, match=rf"num_target_layers: must be in \[1, 1024\], got {shown}"):
+        _load(path)
+
+
 def test_malformed_json(tmp_path):
     path = _copy(tmp_path)
     (path / "config.json").write_text('{"architectures": ["Qwen3DSparkModel"], "block_size": 7,')
