@@ -38,6 +38,7 @@ from dspark_sglang.benchmarks.metrics import RequestRecord, summarize_level
 from dspark_sglang.benchmarks.servers import (
     CPU_SERVER_ARGS, ManagedServer, ServerConfig, ServerError, cpu_environment, load_configs, preset_configs,
 )
+from dspark_sglang.jsonio import JSON_PARSE_ERRORS
 
 DEFAULT_SETS = "gsm8k,humaneval,mtbench"
 _SERVER_INFO_KEYS = ("version", "speculative_algorithm", "speculative_draft_model_path", "dtype", "device",
@@ -168,7 +169,7 @@ def load_prompt_file(path: str) -> list:
             continue
         try:
             obj = json.loads(line)
-        except (ValueError, RecursionError) as exc:  # bad syntax, huge integer, deep nesting
+        except JSON_PARSE_ERRORS as exc:
             raise SystemExit(f"dspark-bench: {path}:{n}: not valid JSON ({exc})") from None
         messages = obj.get("messages") if isinstance(obj, dict) else None
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m

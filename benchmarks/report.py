@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from dspark_sglang.benchmarks.curves import Curve, MatchedSpeedup, curve_from_repeats, matched_speedup
+from dspark_sglang.jsonio import JSON_PARSE_ERRORS
 
 __all__ = ["new_document", "make_console", "host_info", "load_average", "analyze", "curves_of", "print_report",
            "plot_document", "summary_line", "write_document", "read_document"]
@@ -246,7 +247,7 @@ def read_document(path: str | Path) -> dict:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise ValueError(f"{path}: cannot read ({exc.strerror})") from None
-    except (ValueError, RecursionError) as exc:  # bad syntax, not UTF-8, huge integer, deep nesting
+    except JSON_PARSE_ERRORS as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
     for key in ("tool", "load_kind", "configs"):
         if not isinstance(doc, dict) or key not in doc:

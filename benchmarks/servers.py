@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 from dspark_sglang.benchmarks.http_stream import get_json
+from dspark_sglang.jsonio import JSON_PARSE_ERRORS
 
 __all__ = ["ServerConfig", "ServerError", "load_configs", "preset_configs", "cpu_environment",
            "CPU_SERVER_ARGS", "ManagedServer", "free_port"]
@@ -87,7 +88,7 @@ def load_configs(path: str | Path) -> list[ServerConfig]:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise ServerError(f"{path}: cannot read ({exc.strerror})") from None
-    except (ValueError, RecursionError) as exc:  # bad syntax, not UTF-8, huge integer, deep nesting
+    except JSON_PARSE_ERRORS as exc:
         raise ServerError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(data, list) or not data:
         raise ServerError(f"{path}: expected a non-empty JSON list of configurations")

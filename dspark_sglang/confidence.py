@@ -32,6 +32,8 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+from dspark_sglang.jsonio import JSON_PARSE_ERRORS
+
 __all__ = [
     "CalibrationFileError", "StsFileError", "RecordsFileError", "EstimatorFileError",
     "CalibrationDataError",
@@ -325,8 +327,7 @@ class StsCalibration:
     def from_json(cls, text: str, *, path: str = _IN_MEMORY) -> "StsCalibration":
         try:
             obj = json.loads(text)
-        # ValueError: bad syntax or an integer past Python's 4300-digit limit; RecursionError: nesting.
-        except (ValueError, RecursionError) as exc:
+        except JSON_PARSE_ERRORS as exc:
             raise StsFileError(path, "<root>", f"not valid JSON ({exc})") from None
         if not isinstance(obj, dict):
             raise StsFileError(path, "<root>", f"expected a JSON object, got {type(obj).__name__}")
@@ -379,13 +380,16 @@ class CalibrationRecords:
     def __post_init__(self) -> None:
         p = self.path
         logits, acc, lens = self.conf_logits, self.num_accepted, self.verify_lens
-        for name, t in zip(_RECORD_FIELDS, (logits, acc, lens)):
+        per_round = {"num_accepted": acc, "verify_lens": lens}  # the [n] integer fields
+        if self.prompt_ids is not None:
+            per_round[_PROMPT_IDS] = self.prompt_ids
+        for name, t in {"conf_logits": logits, **per_round}.items():
             if not isinstance(t, torch.Tensor):
                 raise RecordsFileError(p, name, f"expected a tensor, got {type(t).__name__}")
         if logits.dim() != 2 or not logits.is_floating_point():
             raise RecordsFileError(p, "conf_logits", f"expected [n, gamma] float, got "
                                    f"{tuple(logits.shape)} {logits.dtype}")
-        for name, t in (("num_accepted", acc), ("verify_lens", lens)):
+        for name, t in per_round.items():
             if t.shape != (logits.shape[0],) or t.dtype.is_floating_point or t.dtype == torch.bool:
                 raise RecordsFileError(p, name, f"expected [{logits.shape[0]}] integer, got "
                                        f"{tuple(t.shape)} {t.dtype}")
@@ -396,13 +400,8 @@ class CalibrationRecords:
             raise RecordsFileError(p, "verify_lens", f"values must lie in [0, {gamma}]")
         if bool(((self.num_accepted < 0) | (self.num_accepted > self.verify_lens)).any()):
             raise RecordsFileError(p, "num_accepted", "values must lie in [0, verify_lens]")
-        ids = self.prompt_ids
-        if ids is not None:
-            if (not isinstance(ids, torch.Tensor) or ids.shape != (logits.shape[0],)
-                    or ids.dtype.is_floating_point or ids.dtype == torch.bool):
-                got = f"{tuple(ids.shape)} {ids.dtype}" if isinstance(ids, torch.Tensor) else type(ids).__name__
-                raise RecordsFileError(p, _PROMPT_IDS, f"expected [{logits.shape[0]}] integer, got {got}")
-            self.prompt_ids = ids.to(torch.int64)
+        if self.prompt_ids is not None:
+            self.prompt_ids = self.prompt_ids.to(torch.int64)
             if bool((self.prompt_ids < 0).any()):
                 raise RecordsFileError(p, _PROMPT_IDS, "values must be >= 0")
 
@@ -590,7 +589,7 @@ class ProposalProbEstimator:
     def from_json(cls, text: str, *, path: str = _IN_MEMORY) -> "ProposalProbEstimator":
         try:
             obj = json.loads(text)
-        except (ValueError, RecursionError) as exc:  # as in StsCalibration.from_json
+        except JSON_PARSE_ERRORS as exc:
             raise EstimatorFileError(path, "<root>", f"not valid JSON ({exc})") from None
         if not isinstance(obj, dict):
             raise EstimatorFileError(path, "<root>", "expected a JSON object")

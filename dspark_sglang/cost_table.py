@@ -48,6 +48,8 @@ from typing import Iterable, Protocol, Sequence, Union, runtime_checkable
 
 import torch
 
+from dspark_sglang.jsonio import JSON_PARSE_ERRORS
+
 __all__ = [
     "RATE_FLOOR_FRACTION",
     "CostTableError",
@@ -374,8 +376,7 @@ def parse_cost_table(
     SGLang; ``interpolation`` applies to the step form only."""
     try:
         obj = json.loads(text)
-    # ValueError: bad syntax, or an integer past Python's 4300-digit limit; RecursionError: deep nesting.
-    except (ValueError, RecursionError) as exc:
+    except JSON_PARSE_ERRORS as exc:
         raise CostTableError(path, "<root>", f"not valid JSON ({exc})") from None
     if isinstance(obj, dict) and "bias_seconds" in obj:
         return AdditiveSpsTable.from_dict(obj, path=path)

@@ -27,6 +27,7 @@ from dspark_sglang.drafters.errors import (
     DrafterWeightsError,
     TargetMismatchError,
 )
+from dspark_sglang.jsonio import JSON_PARSE_ERRORS
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -48,8 +49,7 @@ def read_config(path: str | os.PathLike) -> dict:
         raise DrafterConfigError(str(file), CONFIG_NAME, "file not found")
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
-    # ValueError: bad syntax, not UTF-8, or an integer past Python's 4300-digit limit; RecursionError: [[[[...
-    except (ValueError, RecursionError) as exc:
+    except JSON_PARSE_ERRORS as exc:
         raise DrafterConfigError(str(file), CONFIG_NAME, f"malformed JSON: {exc}") from None
     except OSError as exc:
         raise DrafterConfigError(str(file), CONFIG_NAME, f"cannot read ({exc})") from None
@@ -71,7 +71,7 @@ def _shard_files(root: Path) -> dict[str, list[str]]:
     try:
         index = json.loads(index_file.read_text(encoding="utf-8"))
         weight_map = index["weight_map"]
-    except (ValueError, RecursionError) as exc:  # as in read_config
+    except JSON_PARSE_ERRORS as exc:
         raise DrafterWeightsError(str(index_file), INDEX_NAME, f"malformed JSON: {exc}") from None
     except OSError as exc:
         raise DrafterWeightsError(str(index_file), INDEX_NAME, f"cannot read ({exc})") from None

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from dspark_sglang.draft_cost import DraftCostError, parse_draft_cost
+from dspark_sglang.jsonio import JSON_PARSE_ERRORS
 
 SCHEDULER_KINDS = ("lagged", "algorithm1", "fixed", "verify_all", "none")  # as make_scheduler names them
 OPT_OUT_ENV = "DSPARK_USE_BUILTIN"
@@ -186,7 +187,7 @@ def _read_json(path: str) -> dict[str, Any]:
         raise PluginSettingsError(f"{CONFIG_ENV}: file {path!r} cannot be read ({exc})") from None
     try:
         data = json.loads(text)
-    except (ValueError, RecursionError) as exc:  # bad syntax, an integer past 4300 digits, deep nesting
+    except JSON_PARSE_ERRORS as exc:
         raise PluginSettingsError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(data, dict):
         raise PluginSettingsError(f"{path}: expected a JSON object, got {type(data).__name__}")
