@@ -235,6 +235,9 @@ def parse_args(argv=None):
     parser.add_argument("--fixed-len", type=int, default=None, help="drafts verified per round with --scheduler fixed")
     parser.add_argument("--seed", type=int, default=980406, help="base seed; prompt i uses seed+i (default: %(default)s)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--draft-vocab", default="auto", metavar="auto|none|PATH",
+                        help="reduced draft vocabulary: auto (default) = draft_vocab.safetensors beside each drafter "
+                        "when present, none = the full vocabulary, or a file for every drafter")
     parser.add_argument("--out", default="eval-out", help="output directory for JSON, PNG and records")
     args = parser.parse_args(argv)
     if bool(args.drafter) == bool(args.compare):
@@ -296,8 +299,10 @@ def main(argv=None) -> dict:
         if target is None:
             target = HFTarget(target_path, layer_ids, dtype)
         target.layer_ids = tuple(layer_ids)
-        drafter = load_drafter(path, target_spec_of(target.model), dtype=dtype)
-        print(f"{name}: {path} (gamma {drafter.info.gamma}, {drafter.info.family}/{drafter.info.format})")
+        drafter = load_drafter(path, target_spec_of(target.model), dtype=dtype, draft_vocab=args.draft_vocab)
+        vocab = getattr(drafter, "draft_vocab", None)
+        print(f"{name}: {path} (gamma {drafter.info.gamma}, {drafter.info.family}/{drafter.info.format}, "
+              f"draft vocabulary {'full' if vocab is None else vocab.size})")
         for temp in args.temperature:
             key = f"{temp:g}"
             for set_name in sets:

@@ -51,6 +51,7 @@ from examples.training.features import FeatureSet, build_features, build_part  #
 from examples.training.forward import block_scores, eagle3_logits, eagle3_ttt_train  # noqa: E402
 from examples.training.losses import dspark_loss, eagle3_loss  # noqa: E402
 from examples.training.sampled_vocab import sample_vocabulary, sampled_block_scores  # noqa: E402
+from examples.training import train_state  # noqa: E402
 from examples.training.target import load_target, target_path  # noqa: E402
 
 MASK_TOKEN_CANDIDATES = ("<empty_output>", "<jupyter_script>", "<jupyter_output>", "<gh_stars>")
@@ -90,10 +91,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--greedy-fraction", type=float, default=0.5, help="share of prompts answered greedily (rest: sampled)")
     g.add_argument("--gen-temperature", type=float, default=0.7)
     g.add_argument("--gen-top-p", type=float, default=0.9)
-    g.add_argument("--max-len", type=int, default=512, help="training sequence length cap (prompt + response)")
+    g.add_argument("--max-len", type=int, default=None,
+                   help="training sequence length cap, prompt + response (default: 512; 2048 with --corpus)")
     g.add_argument("--topk", type=int, default=64, help="target log-probs kept per position for the L1/TV loss")
     g.add_argument("--eval-seqs", type=int, default=24, help="held-out self-distilled sequences for the final metrics")
     g.add_argument("--prepare-only", action="store_true", help="stop after building the cached data (stages 1-3)")
+    g.add_argument("--corpus", type=Path, default=None,
+                   help="train on a self-distillation corpus (examples/training/corpus.py) with its cached features "
+                        "(examples/training/corpus_features.py) instead of stages 1-3")
+    g.add_argument("--corpus-shards", type=str, default=None, metavar="A:B",
+                   help="--corpus: train on shards A..B-1 only (default: every shard but the held-out ones)")
+    g.add_argument("--holdout-shards", type=str, default=None, metavar="A:B",
+                   help="--corpus: held-out shards for the metrics (default: the last shard)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=2400)
@@ -119,11 +128,24 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "slower without those units); the loss math is float32, and the final evaluation uses float32")
     g.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     g.add_argument("--log-every", type=int, default=25)
+    g.add_argument("--eval-every", type=int, default=0,
+                   help="held-out metrics every N steps (the learning curve, in <out>/learning_curve.json); 0: at the end only")
+    g.add_argument("--save-every", type=int, default=0,
+                   help="write the resumable training state (<out>/train_state) and an exported checkpoint every N steps")
+    g.add_argument("--resume", action="store_true", help="continue from <out>/train_state (same arguments)")
+    g.add_argument("--max-minutes", type=float, default=None,
+                   help="stop after this much training time, save the state and exit (resume later with --resume)")
+    g.add_argument("--stop-after", type=int, default=None, metavar="STEP",
+                   help="stop at this step, save the state and exit (resume later with --resume)")
+    g.add_argument("--init-from", type=Path, default=None,
+                   help="start from an exported drafter checkpoint of the same architecture (warm start, fresh optimizer)")
     args = p.parse_args(argv)
     if args.vocab_sample < 0:
         p.error("--vocab-sample must be >= 0")
     if args.vocab_sample and args.family == "eagle3":
         p.error("--vocab-sample is implemented for the block drafters (dspark, dflash), not eagle3")
+    if args.max_len is None:
+        args.max_len = 2048 if args.corpus is not None else 512
     if args.lm_head_dtype == "auto":
         args.lm_head_dtype = "bfloat16" if fast_bf16_matmul() else "float32"
     return args
@@ -259,24 +281,9 @@ def evaluate(family: str, drafter, fs: FeatureSet, seq_ids: list[int], args, max
     return out
 
 
-# ---- main ------------------------------------------------------------------------------------------
-
-
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    t0 = time.time()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    if args.family == "eagle3" and args.layers != 1:
-        raise SystemExit("Eagle3 drafters have exactly one decoder layer (--layers 1)")
-
-    path = target_path(args.target_path)
-    target, tokenizer = load_target(path, torch.float32)
-    tcfg = target.config
-    target_name = "SmolLM2-135M-Instruct" if "smollm2" in str(path).lower() else path.name
-    layer_ids = [int(x) for x in args.layer_ids.split(",")] if args.layer_ids else list(zlab_default_layer_ids(tcfg.num_hidden_layers, 5))
-
-    # 1-2. prompts and the target's own responses (float32, the serving target; cached)
+def legacy_data(args, target, tokenizer, target_name: str, layer_ids):
+    """Stages 1-3 of the small built-in pipeline: (train fs, eval fs, train ids, eval ids, info, mask id);
+    fs is None after --prepare-only."""
     sample_kw = dict(num_generated=args.num_generated, num_answers=args.num_answers, seed=args.seed,
                      max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch,
                      greedy_fraction=args.greedy_fraction, temperature=args.gen_temperature, top_p=args.gen_top_p,
@@ -293,13 +300,72 @@ def main(argv=None) -> None:
     mask_id = args.mask_token_id if args.mask_token_id is not None else pick_mask_token(tokenizer, generated + answers)
     if args.prepare_only:
         print(f"[data] {gen_root}: {len(generated)} self-distilled + {len(answers)} ShareGPT-answer sequences, "
-              f"{fs.tokens.numel()} tokens")
-        return
-
+              f"{fs.num_tokens} tokens")
+        return None, None, None, None, None, None
     gen_ids = list(range(len(generated)))
     random.Random(args.seed).shuffle(gen_ids)
     eval_ids = gen_ids[: args.eval_seqs]
     train_ids = [s for s in gen_ids[args.eval_seqs:] + list(range(len(generated), fs.num_seqs)) if anchor_candidates(fs.seq(s))]
+    info = dict(kind="legacy", gen=gen_manifest, feats=feat_manifests, num_answers=len(answers))
+    return fs, fs, train_ids, eval_ids, info, mask_id
+
+
+def _shard_range(text: str | None, default: tuple[int, int]) -> list[int]:
+    if text is None:
+        return list(range(*default))
+    a, _, b = text.partition(":")
+    return list(range(int(a), int(b)))
+
+
+def corpus_data(args, layer_ids):
+    """(train fs, held-out fs, train ids, held-out ids, info) from a corpus and its cached features."""
+    from examples.training import corpus as corpus_mod
+    from examples.training.corpus_features import ShardedFeatureSet, cache_folder, feature_files
+
+    manifest = corpus_mod.verify(args.corpus, quiet=True)
+    shards = corpus_mod.done_shards(args.corpus)
+    held = _shard_range(args.holdout_shards, (shards[-1], shards[-1] + 1))
+    train = [k for k in _shard_range(args.corpus_shards, (shards[0], shards[-1] + 1)) if k not in held and k in shards]
+    folder = cache_folder(args.cache_dir, args.corpus, layer_ids, args.topk, args.max_len, "bfloat16")
+    fs = ShardedFeatureSet(feature_files(folder, train))
+    eval_fs = ShardedFeatureSet(feature_files(folder, held))
+    train_ids = [s for s in range(fs.num_seqs) if anchor_candidates(fs.seq(s))]
+    order = list(range(eval_fs.num_seqs))
+    random.Random(args.seed).shuffle(order)
+    eval_ids = [s for s in order if anchor_candidates(eval_fs.seq(s))][: args.eval_seqs]
+    info = dict(kind="corpus", corpus=str(args.corpus), train_shards=train, holdout_shards=held,
+                train_tokens=fs.num_tokens, train_seqs=len(train_ids), corpus_manifest={
+                    k: manifest[k] for k in ("num_samples", "response_tokens", "prompt_tokens", "generation_seconds",
+                                             "response_tokens_per_second_per_process", "settings")})
+    return fs, eval_fs, train_ids, eval_ids, info
+
+
+# ---- main ------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    t0 = time.time()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    if args.family == "eagle3" and args.layers != 1:
+        raise SystemExit("Eagle3 drafters have exactly one decoder layer (--layers 1)")
+
+    path = target_path(args.target_path)
+    target, tokenizer = load_target(path, torch.float32)
+    tcfg = target.config
+    target_name = "SmolLM2-135M-Instruct" if "smollm2" in str(path).lower() else path.name
+    layer_ids = [int(x) for x in args.layer_ids.split(",")] if args.layer_ids else list(zlab_default_layer_ids(tcfg.num_hidden_layers, 5))
+    if args.corpus is not None:
+        fs, eval_fs, train_ids, eval_ids, data_info = corpus_data(args, layer_ids)
+        mask_id = args.mask_token_id if args.mask_token_id is not None else pick_mask_token(tokenizer, [])
+        if args.prepare_only:
+            print(f"[data] corpus {args.corpus}: {fs.num_seqs} training + {eval_fs.num_seqs} held-out sequences")
+            return
+    else:
+        fs, eval_fs, train_ids, eval_ids, data_info, mask_id = legacy_data(args, target, tokenizer, target_name, layer_ids)
+        if fs is None:
+            return
 
     # 4. the product's modules, built from the config that will be saved
     config = drafter_config(args.family, tcfg, num_layers=args.layers, intermediate_size=args.intermediate_size,
@@ -309,6 +375,8 @@ def main(argv=None) -> None:
     spec = target_spec(target)
     drafter = build_modules(args.family, config, spec, args.seed, final_norm=target.model.norm.weight.detach())
     del target
+    if args.init_from is not None:
+        warm_start(drafter, args.init_from, spec)
     drafter.train()
     params = [p for p in drafter.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in params)
@@ -319,13 +387,41 @@ def main(argv=None) -> None:
     rng = random.Random(args.seed + 1)
     vocab_gen = torch.Generator().manual_seed(args.seed + 2) if args.vocab_sample else None
     print(f"[train] {args.family}: {n_params / 1e6:.2f}M trainable parameters, {len(train_ids)} train / {len(eval_ids)} "
-          f"held-out sequences ({fs.tokens.numel()} tokens), layer ids {layer_ids}, mask token {mask_id}, "
+          f"held-out sequences ({fs.num_tokens} tokens), layer ids {layer_ids}, mask token {mask_id}, "
           f"{args.threads} thread(s)", flush=True)
 
     pool: list[int] = []
-    history, ema = [], {}
+    history, ema, curve = [], {}, []
+    first_step, seconds_before = 0, 0.0
+    state_dir = args.out / "train_state"
+    if args.resume:
+        if not (state_dir / "state.json").exists():
+            raise SystemExit(f"--resume: no saved state in {state_dir}")
+        saved = train_state.load(state_dir, drafter, opt, {"vocab": vocab_gen}, rng)
+        first_step, pool, history, ema, curve = (saved["step"], saved["pool"], saved["history"], saved["ema"],
+                                                 saved["curve"])
+        seconds_before = saved["seconds"]
+        print(f"[train] resumed at step {first_step} ({seconds_before / 60:.1f} min of training so far)", flush=True)
+
+    def checkpoint(step: int) -> None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(args.out, args.family, config, drafter)
+        train_state.save(state_dir, drafter, opt, {"vocab": vocab_gen}, rng, dict(
+            step=step, pool=pool, history=history, ema=ema, curve=curve, seconds=seconds_before + time.time() - t_train))
+
+    def held_out(step: int) -> None:
+        drafter.eval()
+        with torch.no_grad():
+            metrics = evaluate(args.family, drafter, eval_fs, eval_ids, args)
+        drafter.train()
+        curve.append(dict(step=step, seconds=round(seconds_before + time.time() - t_train, 1),
+                          sequences_seen=step * args.batch_seqs, anchors_seen=step * args.batch_seqs * args.anchors, **metrics))
+        (args.out / "learning_curve.json").write_text(json.dumps(curve, indent=1))
+        print("[curve]", json.dumps(curve[-1]), flush=True)
+
     t_train = time.time()
-    bar = tqdm(range(args.steps), desc=f"training {args.family}", unit="step")
+    args.out.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(range(first_step, args.steps), desc=f"training {args.family}", unit="step", initial=first_step, total=args.steps)
     for step in bar:
         if len(pool) < args.batch_seqs:
             fresh = list(train_ids)
@@ -343,28 +439,96 @@ def main(argv=None) -> None:
         for k, v in stats.items():
             ema[k] = v if k not in ema else 0.95 * ema[k] + 0.05 * v
         bar.set_postfix({k: f"{v:.3f}" for k, v in ema.items() if k in ("loss", "ce", "l1", "kl", "conf")})
-        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
-            history.append(dict(step=step + 1, lr=lr_at(step, args), grad_norm=round(float(gnorm), 3),
+        done = step + 1
+        if done % args.log_every == 0 or done == args.steps:
+            history.append(dict(step=done, lr=lr_at(step, args), grad_norm=round(float(gnorm), 3),
                                 **{k: round(v, 4) for k, v in ema.items()}))
             print(json.dumps(history[-1]), flush=True)
+        if args.eval_every and done % args.eval_every == 0 and done < args.steps:
+            held_out(done)
+        if args.save_every and done % args.save_every == 0 and done < args.steps:
+            checkpoint(done)
+        out_of_time = args.max_minutes is not None and time.time() - t_train > 60 * args.max_minutes
+        if done < args.steps and (out_of_time or done == args.stop_after):
+            checkpoint(done)
+            bar.close()
+            print(f"[train] stopped at step {done} of {args.steps}; state in {state_dir} (continue with --resume)", flush=True)
+            return
     bar.close()
-    train_seconds = time.time() - t_train
+    train_seconds = seconds_before + time.time() - t_train
+    if args.save_every:
+        checkpoint(args.steps)
 
     # 5. export, reload through the product's loader, evaluate what was saved
     n_saved = save_checkpoint(args.out, args.family, config, drafter)
-    reloaded = load_drafter(args.out, spec, torch.float32, "cpu")
+    reloaded = load_drafter(args.out, spec, torch.float32, "cpu", draft_vocab=None)
     desc = describe_drafter(args.out)
-    metrics = evaluate(args.family, reloaded, fs, eval_ids, args)
+    metrics = evaluate(args.family, reloaded, eval_fs, eval_ids, args)
+    curve.append(dict(step=args.steps, seconds=round(train_seconds, 1), sequences_seen=args.steps * args.batch_seqs,
+                      anchors_seen=args.steps * args.batch_seqs * args.anchors, reloaded_bf16=True, **metrics))
+    (args.out / "learning_curve.json").write_text(json.dumps(curve, indent=1))
     print("[eval] held-out, reloaded bf16 checkpoint:", json.dumps(metrics), flush=True)
     size_mb = (args.out / "model.safetensors").stat().st_size / 2**20
-    write_training_md(args, config, desc, n_saved, size_mb, gen_manifest, feat_manifests, history, metrics,
-                      train_seconds, time.time() - t0, len(train_ids), len(eval_ids), len(answers))
+    write_training_md(args, config, desc, n_saved, size_mb, data_info, history, metrics,
+                      train_seconds, time.time() - t0, len(train_ids), len(eval_ids))
     print(f"[done] {args.out} ({size_mb:.1f} MB, {n_saved / 1e6:.2f}M saved parameters), "
           f"train {train_seconds / 60:.1f} min, total {(time.time() - t0) / 60:.1f} min", flush=True)
 
 
-def write_training_md(args, config, desc, n_saved, size_mb, gen, feats, history, metrics, train_s, total_s, n_train, n_eval,
-                      n_answers):
+def warm_start(drafter, path: Path, spec) -> None:
+    """Copy every trainable weight from an exported checkpoint of the same architecture."""
+    source = load_drafter(path, spec, torch.float32, "cpu", draft_vocab=None)
+    theirs = dict(source.named_parameters()) if args_family(drafter) != "eagle3" else dict(source.model.named_parameters())
+    mine = {n: p for n, p in (drafter.named_parameters() if args_family(drafter) != "eagle3"
+                              else drafter.model.named_parameters()) if p.requires_grad}
+    missing = sorted(n for n in mine if n not in theirs or theirs[n].shape != mine[n].shape)
+    if missing:
+        raise SystemExit(f"--init-from {path}: not the same architecture ({missing[:3]} differ)")
+    with torch.no_grad():
+        for name, p in mine.items():
+            p.copy_(theirs[name])
+    print(f"[train] warm start from {path} ({len(mine)} tensors)", flush=True)
+
+
+def args_family(drafter) -> str:
+    return drafter.info.family
+
+
+def _data_lines(args, info: dict, n_train: int, n_eval: int) -> list[str]:
+    if info["kind"] == "corpus":
+        m = info["corpus_manifest"]
+        st = m.get("settings", {})
+        return [
+            f"- Corpus: `{info['corpus']}` (examples/training/corpus.py): {m['num_samples']} training-only prompts "
+            f"(ShareGPT past the serving tools' first prompts, some multi-turn; AlpacaEval; Arena-Hard; no prompt sharing a "
+            f"10-word shingle with GSM8K, AIME25, HumanEval or MT-Bench) answered by the target itself in SGLang's CPU "
+            f"engine ({st.get('dtype')}, {int(100 * st.get('greedy_fraction', 0))}% greedy, the rest T={st.get('temperature')} "
+            f"top-p {st.get('top_p')}, up to {st.get('max_new_tokens')} new tokens): {m['response_tokens']} response + "
+            f"{m['prompt_tokens']} prompt tokens, {m['response_tokens_per_second_per_process']} response tokens/s per process.",
+            f"- Training shards {info['train_shards'][0]}..{info['train_shards'][-1]} ({len(info['train_shards'])} shards, "
+            f"{info['train_tokens']} tokens incl. prompts, {n_train} sequences); held-out shard(s) {info['holdout_shards']} "
+            f"({n_eval} sequences for the metrics below).",
+            f"- Target features: bfloat16 teacher-forced target forwards (examples/training/corpus_features.py), float32 LM head "
+            f"for the top-{args.topk} next-token log-probs; sequences capped at {args.max_len} tokens.",
+        ]
+    gen, feats, n_answers = info["gen"], info["feats"], info["num_answers"]
+    return [
+        "- Prompts: ShareGPT V3 first human turns only (code/math/chat-stratified, seeded; a training-only source: "
+        "no prompt of GSM8K, AIME25, HumanEval, MT-Bench, Arena-Hard or AlpacaEval).",
+        f"- Self-distilled part: {gen['num_samples']} prompts answered by the target itself: "
+        f"{int(args.greedy_fraction * 100)}% greedy, the rest sampled at T={args.gen_temperature}, top-p {args.gen_top_p}; "
+        f"max {args.max_new_tokens} new tokens, float32 generation; {gen['response_tokens']} response + "
+        f"{gen['prompt_tokens']} prompt tokens; generation took {gen['seconds'] / 60:.1f} min.",
+        f"- ShareGPT-answer part: {n_answers} further prompts with ShareGPT's own first answer (no generation; "
+        "the loss still matches the target's distributions on that text).",
+        f"- Target features: float32 teacher-forced target forwards, fp16 storage, top-{args.topk} next-token "
+        f"log-probs; {sum(f['num_tokens'] for f in feats)} tokens, {sum(f['seconds'] for f in feats) / 60:.1f} min. "
+        f"Sequences capped at {args.max_len} tokens.",
+        f"- {n_train} training sequences; {n_eval} held-out self-distilled sequences (seeded split).",
+    ]
+
+
+def write_training_md(args, config, desc, n_saved, size_mb, data_info, history, metrics, train_s, total_s, n_train, n_eval):
     argv = " ".join(shlex.quote(a) for a in sys.argv[1:])
     last = history[-1] if history else {}
     fam = {"dspark": "DSpark (DeepSpec `Qwen3DSparkModel`, Markov head + confidence head)",
@@ -407,18 +571,7 @@ def write_training_md(args, config, desc, n_saved, size_mb, gen, feats, history,
         "",
         "## Data",
         "",
-        f"- Prompts: ShareGPT V3 first human turns only (code/math/chat-stratified, seeded; a training-only source: "
-        "no prompt of GSM8K, AIME25, HumanEval, MT-Bench, Arena-Hard or AlpacaEval).",
-        f"- Self-distilled part: {gen['num_samples']} prompts answered by the target itself: "
-        f"{int(args.greedy_fraction * 100)}% greedy, the rest sampled at T={args.gen_temperature}, top-p {args.gen_top_p}; "
-        f"max {args.max_new_tokens} new tokens, float32 generation; {gen['response_tokens']} response + "
-        f"{gen['prompt_tokens']} prompt tokens; generation took {gen['seconds'] / 60:.1f} min.",
-        f"- ShareGPT-answer part: {n_answers} further prompts with ShareGPT's own first answer (no generation; "
-        "the loss still matches the target's distributions on that text).",
-        f"- Target features: float32 teacher-forced target forwards, fp16 storage, top-{args.topk} next-token "
-        f"log-probs; {sum(f['num_tokens'] for f in feats)} tokens, {sum(f['seconds'] for f in feats) / 60:.1f} min. "
-        f"Sequences capped at {args.max_len} tokens.",
-        f"- {n_train} training sequences; {n_eval} held-out self-distilled sequences (seeded split).",
+        *_data_lines(args, data_info, n_train, n_eval),
         "",
         "## Training",
         "",

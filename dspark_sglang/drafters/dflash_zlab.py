@@ -57,6 +57,8 @@ class ZlabDFlashDrafter(BlockDrafterBase, nn.Module):
         self.register_buffer("target_embed", embed_tokens.to(device=device, dtype=dtype), persistent=False)
         self.register_buffer("target_lm_head", lm_head.to(device=device, dtype=dtype), persistent=False)
         self._init_cache(dtype, device)
+        self.draft_vocab = None  # DraftVocab when drafting over a reduced vocabulary (restrict_vocab)
+        self._head_rows = None  # [Vd, H] its rows of the target's LM head
         self.info = DrafterInfo(
             family="dflash",
             format="zlab",
@@ -83,9 +85,17 @@ class ZlabDFlashDrafter(BlockDrafterBase, nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:  # [R, B] int64 -> [R, B, H]
         return F.embedding(ids, self.target_embed)
 
-    def _draft_logits(self, slots, anchor_tokens, anchor_positions) -> torch.Tensor:
+    def restrict_vocab(self, vocab) -> None:
+        """Draft over a reduced vocabulary (`draft_vocab.DraftVocab`; None: the full one again)."""
+        if vocab is not None and vocab.vocab_size != self.info.vocab_size:
+            raise ValueError(f"draft vocabulary over {vocab.vocab_size} tokens, drafter vocabulary {self.info.vocab_size}")
+        self.draft_vocab = None if vocab is None else vocab.to(self.device)
+        self._head_rows = None if vocab is None else self.draft_vocab.rows(self.target_lm_head)
+
+    def _draft_logits(self, slots, anchor_tokens, anchor_positions, head: torch.Tensor | None = None) -> torch.Tensor:
         hidden = self.block_hidden(slots, anchor_tokens, anchor_positions)  # [R, B, H]
-        return F.linear(hidden[:, 1:], self.target_lm_head)  # [R, B-1, V]: mask slot j -> a + j
+        head = self.target_lm_head if head is None else head
+        return F.linear(hidden[:, 1:], head)  # [R, B-1, V or Vd]: mask slot j -> a + j
 
     @torch.no_grad()
     def propose_with_logits(
@@ -100,8 +110,10 @@ class ZlabDFlashDrafter(BlockDrafterBase, nn.Module):
         if not slots:
             block = empty_block(self.info.gamma, self.info.vocab_size, False, self.device)
             return block, block.probs
-        logits = self._draft_logits(slots, anchor_tokens, anchor_positions)
-        return sample_independent(logits, sampling, generator), logits
+        vocab = self.draft_vocab
+        logits = self._draft_logits(slots, anchor_tokens, anchor_positions, self._head_rows)
+        block = sample_independent(logits, sampling, generator)
+        return (block if vocab is None else vocab.lift(block)), logits
 
     def propose(
         self,

@@ -19,6 +19,7 @@ must have the target's [V, H] shape (config validation checks V and H against th
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dspark_sglang.drafters.block import BlockBackbone, BlockDrafterBase
@@ -74,6 +75,8 @@ class DSparkDrafter(BlockDrafterBase, nn.Module):
         if not meta:
             self.to(dtype)
         self._init_cache(dtype, device)
+        self.draft_vocab = None  # DraftVocab when drafting over a reduced vocabulary (restrict_vocab)
+        self._head_rows = self._w2_rows = None  # [Vd, H], [Vd, rank]: its rows of lm_head / markov W2
         self.info = DrafterInfo(
             family=config.family,
             format="deepspec",
@@ -120,18 +123,37 @@ class DSparkDrafter(BlockDrafterBase, nn.Module):
             block = empty_block(self.info.gamma, self.info.vocab_size, self.confidence_head is not None, self.device)
             return block, block.probs
         hidden = self.block_hidden(slots, anchor_tokens, anchor_positions)  # [R, gamma, H]
-        base_logits = self.lm_head(hidden)  # [R, gamma, V]; slot k predicts anchor + k + 1
+        vocab = self.draft_vocab
+        # [R, gamma, V] (or [R, gamma, Vd] over a reduced vocabulary); slot k predicts anchor + k + 1
+        base_logits = self.lm_head(hidden) if vocab is None else F.linear(hidden, self._head_rows)
         if self.markov_head is None and self.confidence_head is None:  # DFlash: independent slots
-            return sample_independent(base_logits, sampling, generator), base_logits
+            block = sample_independent(base_logits, sampling, generator)
+            return (block if vocab is None else vocab.lift(block)), base_logits
         # The same uniforms `sample_sequential` would draw, so the kernel path samples identically.
         uniforms = draw_uniforms(base_logits.shape[:2], base_logits, generator)  # [R, gamma]
-        sampler = getattr(self, "sequential_fn", sample_sequential_with_uniforms)
-        block, logits = sampler(
-            base_logits, hidden, anchor_tokens, self.markov_head, self.confidence_head, sampling, uniforms
-        )
+        if vocab is None:
+            sampler = getattr(self, "sequential_fn", sample_sequential_with_uniforms)
+            block, logits = sampler(
+                base_logits, hidden, anchor_tokens, self.markov_head, self.confidence_head, sampling, uniforms
+            )
+        else:  # the fused kernel scores the full vocabulary; the reference handles the subset
+            block, logits = sample_sequential_with_uniforms(
+                base_logits, hidden, anchor_tokens, self.markov_head, self.confidence_head, sampling, uniforms,
+                vocab=vocab, w2_rows=self._w2_rows,
+            )
         if block.confidence_logits is None:  # a Markov head without a confidence head
             block.top1_probs = top1_of_logits(logits)
         return block, logits
+
+    def restrict_vocab(self, vocab) -> None:
+        """Draft over a reduced vocabulary (`draft_vocab.DraftVocab`; None: the full one again).
+        q stays exact (0 outside the subset); teacher-forced scoring keeps the full vocabulary."""
+        if vocab is not None and vocab.vocab_size != self.info.vocab_size:
+            raise ValueError(f"draft vocabulary over {vocab.vocab_size} tokens, drafter vocabulary {self.info.vocab_size}")
+        self.draft_vocab = None if vocab is None else vocab.to(self.device)
+        self._head_rows = None if vocab is None else self.draft_vocab.rows(self.lm_head.weight)
+        self._w2_rows = (None if vocab is None or self.markov_head is None
+                         else self.draft_vocab.rows(self.markov_head.markov_w2.weight))
 
     def use_kernels(self, attention_fn, sequential_fn) -> None:
         """Route the block attention and the sequential head through the given functions (the

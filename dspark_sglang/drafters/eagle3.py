@@ -162,6 +162,7 @@ class Eagle3Drafter(nn.Module):
             # Non-persistent: it belongs to the target and never appears in the drafter's state_dict.
             self.register_buffer("target_embed", target_embed.to(device=device, dtype=dtype), persistent=False)
         self.draft_ids: torch.Tensor | None = None  # [Vd] target id of each draft index; None = identity
+        self._head_rows: torch.Tensor | None = None  # [Vd, H] lm_head rows of an external reduced vocabulary
         gamma = cfg.gamma if gamma is None else gamma
         if gamma < 1:
             raise ValueError(f"gamma must be >= 1, got {gamma}")
@@ -184,6 +185,21 @@ class Eagle3Drafter(nn.Module):
             self.draft_ids = check_vocab_map(self.model.d2t, self.model.t2d, self.info.vocab_size, path)
 
     # ---- vocabulary ----------------------------------------------------------------------------
+
+    def restrict_vocab(self, vocab) -> None:
+        """Draft over a reduced vocabulary (`draft_vocab.DraftVocab`; None: the full one again), for a
+        full-vocabulary checkpoint (DeepSpec); a SpecForge checkpoint already has its own (d2t)."""
+        if self.layout.has_vocab_map:
+            raise ValueError("this Eagle3 checkpoint already drafts over its own reduced vocabulary (d2t/t2d)")
+        if vocab is not None and vocab.vocab_size != self.info.vocab_size:
+            raise ValueError(f"draft vocabulary over {vocab.vocab_size} tokens, drafter vocabulary {self.info.vocab_size}")
+        self.draft_ids = None if vocab is None else vocab.ids.to(self.device)
+        self._head_rows = None if vocab is None else vocab.rows(self.model.lm_head.weight)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., Vd]
+        if self._head_rows is None:
+            return self.model.logits(x)
+        return F.linear(self.model.norm(x), self._head_rows)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:  # [...] int64 TARGET ids -> [..., H]
         weight = self.model.embed_tokens.weight if self.layout.embed_in_checkpoint else self.target_embed
@@ -290,7 +306,7 @@ class Eagle3Drafter(nn.Module):
         for j in range(num_steps):
             g = layer.step(self.embed(tokens), g, positions + j, keys, values, n_max + j, mask)
             hidden.append(g)
-            logits.append(self.model.logits(g))
+            logits.append(self._logits(g))
             tokens = pick(j, logits[-1])
         return torch.stack(logits, dim=1), torch.stack(hidden, dim=1)
 

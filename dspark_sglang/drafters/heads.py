@@ -20,6 +20,7 @@ Attribute names equal the checkpoint's (`markov_w1`, `markov_w2`, `gate_proj`, `
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dspark_sglang.drafters.interface import DraftBlock
@@ -48,17 +49,19 @@ class MarkovHead(nn.Module):
         hidden: torch.Tensor,  # [R, H] h_k
         prev_rows: torch.Tensor,  # [R, rank] W1[p_k]
         state: torch.Tensor | None,  # [R, rank] s_{k-1} (rnn only)
+        w2_rows: torch.Tensor | None = None,  # [Vd, rank] W2's rows of a reduced draft vocabulary
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Bias B_k [R, V] for one slot, and the next RNN state."""
+        """Bias B_k [R, V] (or [R, Vd] with `w2_rows`) for one slot, and the next RNN state."""
+        project = self.markov_w2 if w2_rows is None else (lambda x: F.linear(x, w2_rows))
         if self.kind == "vanilla":
-            return self.markov_w2(prev_rows), None
+            return project(prev_rows), None
         if self.kind == "gated":
             gate = torch.sigmoid(self.gate_proj(torch.cat([hidden, prev_rows], dim=-1)))
-            return self.markov_w2(gate * prev_rows), None
+            return project(gate * prev_rows), None
         gate_in, cell_in, out_in = self.joint_proj(torch.cat([state, prev_rows, hidden], dim=-1)).chunk(3, dim=-1)
         gate = torch.sigmoid(gate_in)
         state = gate * state + (1 - gate) * torch.tanh(cell_in)
-        return self.markov_w2(torch.tanh(out_in)), state
+        return project(torch.tanh(out_in)), state
 
     def teacher_forced(
         self,
@@ -156,34 +159,43 @@ def sample_sequential_with_uniforms(
     confidence: ConfidenceHead | None,
     sampling: SamplingBatch,  # R requests
     uniforms: torch.Tensor,  # [R, G] U(0,1): uniforms[:, k] draws x_{k+1}
+    vocab=None,  # DraftVocab: base_logits are over its Vd ids (see below)
+    w2_rows: torch.Tensor | None = None,  # [Vd, rank] the Markov W2 rows of `vocab`
 ) -> tuple[DraftBlock, torch.Tensor]:
     """`sample_sequential` with its randomness given as a tensor (the reference the fused
-    kernel in kernels/sequential_head.py is tested against); same returns."""
-    num_reqs, gamma, vocab = base_logits.shape
+    kernel in kernels/sequential_head.py is tested against); same returns.
+
+    With a reduced draft vocabulary (`vocab`, draft_vocab.py) the logits and q_k live on its Vd ids:
+    each sampled index is mapped to its target id before it feeds W1 (the Markov rows and the
+    confidence read target ids), and the block's probs are scattered back to the target vocabulary
+    (0 outside the subset); the returned logits stay [R, G, Vd]."""
+    num_reqs, gamma, _ = base_logits.shape
     if uniforms.shape != (num_reqs, gamma):
         raise ValueError(f"uniforms must be [{num_reqs}, {gamma}], got {tuple(uniforms.shape)}")
     state = markov.initial_state(num_reqs, hidden) if markov is not None else None
     prev = anchors.to(base_logits.device)
-    tokens, probs, logits, conf = [], [], [], []
+    tokens, indices, probs, logits, conf = [], [], [], [], []
     for k in range(gamma):
         rows = markov.markov_w1(prev) if markov is not None else None  # [R, rank]
         if confidence is not None:
             conf.append(confidence(hidden[:, k], rows))
         step_logits = base_logits[:, k]
         if markov is not None:
-            bias, state = markov.step(hidden[:, k], rows, state)
+            bias, state = markov.step(hidden[:, k], rows, state, w2_rows)
             step_logits = step_logits + bias
         q = process_logits(step_logits, sampling.temperatures, sampling.top_ks, sampling.top_ps, sampling.min_ps)
-        prev = sample_from_probs(q, uniforms[:, k])
+        index = sample_from_probs(q, uniforms[:, k])  # [R] over the scored vocabulary
+        prev = index if vocab is None else vocab.to_target(index)
         tokens.append(prev)
+        indices.append(index)
         probs.append(q)
         logits.append(step_logits)
-    tokens_t = torch.stack(tokens, dim=1)  # [R, G]
-    probs_t = torch.stack(probs, dim=1)  # [R, G, V]
+    tokens_t = torch.stack(tokens, dim=1)  # [R, G] target ids
+    probs_t = torch.stack(probs, dim=1)  # [R, G, V or Vd]
     block = DraftBlock(
         tokens=tokens_t,
-        probs=probs_t,
-        token_probs=probs_t.gather(-1, tokens_t[..., None]).squeeze(-1),
+        probs=probs_t if vocab is None else vocab.expand(probs_t),
+        token_probs=probs_t.gather(-1, torch.stack(indices, dim=1)[..., None]).squeeze(-1),
         confidence_logits=torch.stack(conf, dim=1).float() if conf else None,
     )
     return block, torch.stack(logits, dim=1)

@@ -102,9 +102,41 @@ def load_drafter(
     target: TargetSpec,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    draft_vocab: str | os.PathLike | None = "auto",
 ) -> Drafter:
-    """Load the drafter checkpoint at `path` for `target`. Never executes checkpoint code."""
-    path = str(path)
+    """Load the drafter checkpoint at `path` for `target`. Never executes checkpoint code.
+
+    draft_vocab: "auto" (default) drafts over the reduced vocabulary in `draft_vocab.safetensors`
+    beside the checkpoint when there is one (draft_vocab.py); None or "none" over the full
+    vocabulary; any other value is the path of such a file."""
+    drafter = _load_checkpoint(str(path), target, dtype, device)
+    vocab_file = _draft_vocab_file(str(path), draft_vocab)
+    if vocab_file is not None:
+        from dspark_sglang.drafters import draft_vocab as dv
+
+        vocab = dv.load(vocab_file, target.vocab_size)
+        try:
+            drafter.restrict_vocab(vocab)
+        except ValueError as exc:
+            raise DrafterConfigError(str(vocab_file), "draft vocabulary", str(exc)) from None
+    return drafter
+
+
+def _draft_vocab_file(path: str, draft_vocab) -> Path | None:
+    from dspark_sglang.drafters.draft_vocab import beside
+
+    if draft_vocab is None or str(draft_vocab).lower() == "none":
+        return None
+    if str(draft_vocab).lower() == "auto":
+        found = beside(path)
+        return found if found.exists() else None
+    explicit = Path(draft_vocab)
+    if not explicit.is_file():
+        raise DrafterConfigError(str(explicit), "draft vocabulary", "no such file")
+    return explicit
+
+
+def _load_checkpoint(path: str, target: TargetSpec, dtype: torch.dtype, device) -> Drafter:
     config = read_config(path)
     shapes = read_tensor_shapes(path)  # headers only: a garbage file fails before anything heavy
     fmt = detect_format(config, shapes.keys(), path)

@@ -29,6 +29,9 @@ Hook points, and why these:
    `/server_info` as `internal_states[i]["dspark_plugin"]`. SGLang adds a worker's records there only
    for its built-in DSPARK (`is_dspark()`), which our spec class deliberately is not.
 
+5. Opt-in, for every engine of a process tree: `DSPARK_CPU_DECODE_ATTENTION=fast` replaces
+   torch_native's per-request decode attention loop with a 3-5x faster one (cpu_attention.py).
+
 `DSPARK_USE_BUILTIN=1` leaves `DSPARK` to SGLang's built-in worker (CUDA, DSpark checkpoints only).
 
 If the installed SGLang differs from what this was written against (`signatures.py`), nothing
@@ -60,6 +63,10 @@ def register() -> None:
     """Entry point. Idempotent: a second call in the same process does nothing."""
     global _refusal
     from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+    from dspark_sglang.sglang import cpu_attention
+
+    cpu_attention.install()  # opt-in (DSPARK_CPU_DECODE_ATTENTION=fast), plain and speculative engines alike
 
     try:
         SpeculativeAlgorithm.from_string(ALGORITHM_NAME)

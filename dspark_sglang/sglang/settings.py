@@ -22,6 +22,7 @@ SGLang's own flags that we honour: `--speculative-dspark-sps-table-path` (cost t
 | DSPARK_ESTIMATOR       | estimator       | confidence estimator JSON for head-less drafters (DFlash, Eagle3) |
 | DSPARK_STATS_EVERY     | stats_every     | log a worker summary every N rounds (0: never)                 |
 | DSPARK_KEEP_RADIX_CACHE| keep_radix_cache| 1: keep SGLang's radix cache on (see below)                    |
+| DSPARK_DRAFT_VOCAB     | draft_vocab     | auto (default): draft_vocab.safetensors beside the drafter if present · none · a file path |
 | DSPARK_TEST_FAULT      | test_fault      | TESTING ONLY: inject faults into decode rounds (see below)     |
 | DSPARK_USE_BUILTIN     | —               | 1: leave `--speculative-algorithm DSPARK` to SGLang's built-in |
 
@@ -77,6 +78,7 @@ class PluginSettings:
     keep_radix_cache: bool = False
     test_fault: str | None = None  # testing only; parse_fault_spec's format
     draft_cost: str = "measured"  # draft_cost.parse_draft_cost's format
+    draft_vocab: str = "auto"  # reduced draft vocabulary: auto | none | path (drafters/draft_vocab.py)
 
     def __post_init__(self) -> None:
         if self.scheduler not in SCHEDULER_KINDS:
@@ -99,6 +101,8 @@ class PluginSettings:
             parse_draft_cost(self.draft_cost)
         except DraftCostError as exc:
             raise PluginSettingsError(str(exc)) from None
+        if self.draft_vocab.lower() not in ("auto", "none") and not Path(self.draft_vocab).is_file():
+            raise PluginSettingsError(f"draft_vocab: file {self.draft_vocab!r} does not exist (or use auto / none)")
         for name in ("cost_table", "sts", "estimator"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
@@ -118,6 +122,7 @@ _ENV_KEYS = {
     "keep_radix_cache": "DSPARK_KEEP_RADIX_CACHE",
     "test_fault": "DSPARK_TEST_FAULT",
     "draft_cost": "DSPARK_DRAFT_COST",
+    "draft_vocab": "DSPARK_DRAFT_VOCAB",
 }
 _INT_FIELDS = {"fixed_len", "gamma", "lag", "seed", "stats_every"}
 _BOOL_FIELDS = {"keep_radix_cache"}

@@ -50,6 +50,7 @@ from dspark_sglang.schedulers import make_scheduler
 from dspark_sglang.sglang.feature_pool import KvSlotFeatures, kv_slot_count
 from dspark_sglang.sglang.guards import FaultInjector, sanitize_confidences, usable_draft_prefix
 from dspark_sglang.sglang.logit_adjust import adjust_verify_logits, has_adjustments, plain_decoding_rows
+from dspark_sglang.sglang.round_probe import RoundProbe
 from dspark_sglang.sglang.settings import parse_fault_spec
 from dspark_sglang.sglang.spec_class import resolve_plugin_config
 from dspark_sglang.sglang.state import RoundRelay, SlotRegistry, WorkerStats
@@ -104,6 +105,14 @@ def _build_scheduler(settings, gamma: int, max_verify_len: int, draft_cost):
     return make_scheduler(kind, table, **opts)
 
 
+def _vocab_label(drafter) -> str:
+    vocab = getattr(drafter, "draft_vocab", None)
+    if vocab is not None:
+        return f"{vocab.size} of {vocab.vocab_size}"
+    draft_ids = getattr(drafter, "draft_ids", None)  # a SpecForge Eagle3 checkpoint's own d2t
+    return f"{draft_ids.numel()} of {drafter.info.vocab_size}" if draft_ids is not None else "full"
+
+
 class DSparkPluginWorker(BaseSpecWorker):
     def __init__(self, server_args, gpu_id: int, nccl_port: int, target_worker):
         super().__init__()
@@ -138,7 +147,8 @@ class DSparkPluginWorker(BaseSpecWorker):
             lm_head=lm_head_weight(model)[: self.vocab_size],
         )
         t0 = time.perf_counter()
-        self.drafter = load_drafter(self.config.drafter_path, target, dtype=self.model_runner.dtype, device=self.device)
+        self.drafter = load_drafter(self.config.drafter_path, target, dtype=self.model_runner.dtype, device=self.device,
+                                    draft_vocab=settings.draft_vocab)
         if hasattr(self.drafter, "use_kernels"):
             # Fused Triton block attention + sequential head on CUDA tensors; torch references on CPU.
             self.drafter.use_kernels(kernel_dispatch.block_attention, kernel_dispatch.sample_sequential)
@@ -171,6 +181,9 @@ class DSparkPluginWorker(BaseSpecWorker):
         self.faults = FaultInjector(faults, seed=settings.seed) if faults else None
         if self.faults is not None:
             logger.warning("dspark: DSPARK_TEST_FAULT=%s: injecting faults (testing only)", settings.test_fault)
+        self.probe = RoundProbe.from_env()  # benchmarks/round_cost.py only; None otherwise
+        if self.probe is not None:
+            logger.warning("dspark: round-cost probe on (verify windows %s): benchmarking only", self.probe.windows)
         self._warned_prefix = False
         self._zero_block: DraftBlock | None = None  # reused by _no_drafts, grown on demand
         # With the radix cache on, features live next to the KV they belong to (feature_pool.py).
@@ -179,11 +192,11 @@ class DSparkPluginWorker(BaseSpecWorker):
             if settings.keep_radix_cache else None
         )
         logger.info(
-            "dspark worker: drafter %s (%s/%s, gamma %d, layers %s) loaded in %.1f s; scheduler %s, "
-            "max verify %d, STS %s",
+            "dspark worker: drafter %s (%s/%s, gamma %d, layers %s, draft vocabulary %s) loaded in %.1f s; "
+            "scheduler %s, max verify %d, STS %s",
             self.config.drafter_path, self.drafter.info.family, self.drafter.info.format, self.gamma,
-            list(self.drafter.info.target_layer_ids), self._weight_load_time, settings.scheduler,
-            self.max_verify_len, settings.sts or "none",
+            list(self.drafter.info.target_layer_ids), _vocab_label(self.drafter), self._weight_load_time,
+            settings.scheduler, self.max_verify_len, settings.sts or "none",
         )
 
     # ---- what the scheduler reads besides forward_batch_generation ----------------------------
@@ -199,6 +212,8 @@ class DSparkPluginWorker(BaseSpecWorker):
         stats["draft_cost"] = self.draft_cost.describe() if weighed else "not weighed by this scheduler"
         if self.faults is not None:
             stats["faults_injected"] = dict(self.faults.injected)
+        if self.probe is not None:
+            stats["round_probe"] = self.probe.as_dict()
         return stats
 
     def clear_cache_pool(self) -> None:
@@ -302,7 +317,7 @@ class DSparkPluginWorker(BaseSpecWorker):
         Guards (guards.py) cut each chain before its first non-finite draft distribution and
         sanitize the confidences; either fault is counted per request-round.
         """
-        if self.scheduler.skip_round(slots_cpu):
+        if self.probe is None and self.scheduler.skip_round(slots_cpu):
             # Judged on earlier rounds alone, drafting does not pay this round (no draft would be
             # verified, or the draft step costs more than its drafts bring): do not draft.
             # Lossless: decided before drafting.
@@ -324,6 +339,8 @@ class DSparkPluginWorker(BaseSpecWorker):
         unusable = torch.arange(self.gamma, device=usable.device)[None, :] >= usable[:, None]  # [R, gamma]
         confidences = confidences.masked_fill(unusable.to(confidences.device), 0.0)
         verify_lens = self.scheduler.schedule(slots_cpu.to(confidences.device), confidences)
+        if self.probe is not None:  # the probe's window, from the round count only
+            verify_lens = torch.full_like(verify_lens, self.probe.window() - 1)
         verify_lens = torch.minimum(verify_lens, usable.to(verify_lens.device)).to("cpu", torch.int64)
         broken, bad_conf = torch.stack([(usable < self.gamma).sum(), garbage.sum()]).tolist()  # one sync
         # What a skipped draft step saves (after the sync, so a GPU's queued work is counted too).
@@ -360,6 +377,7 @@ class DSparkPluginWorker(BaseSpecWorker):
 
     @torch.no_grad()
     def _decode_round(self, batch) -> GenerationBatchResult:
+        plain_seconds = self.probe.time_plain_decode(self.target_worker, batch) if self.probe is not None else None
         start = time.perf_counter()
         reqs = batch.reqs
         num_reqs = len(reqs)
@@ -450,10 +468,13 @@ class DSparkPluginWorker(BaseSpecWorker):
         if return_logprob:
             self._output_logprobs(out, logits, layout, next_tokens, *logprob_asks)
         t_end = time.perf_counter()
-        self.stats.record(verify_lens, num_accepted_cpu, {
-            "draft": t_draft - start, "verify": t_verify - t_draft,
-            "accept": t_accept - t_verify, "commit": t_end - t_accept,
-        })
+        phases = {"draft": t_draft - start, "verify": t_verify - t_draft, "accept": t_accept - t_verify,
+                  "commit": t_end - t_accept}
+        self.stats.record(verify_lens, num_accepted_cpu, phases)
+        if self.probe is not None:
+            self.probe.record(batch=num_reqs, context_tokens=int(seq_lens.sum()), window=self.probe.window(),
+                              verify_tokens=layout.num_tokens, accepted=int(num_accepted_cpu.sum()),
+                              plain_decode=plain_seconds, **phases)
         return GenerationBatchResult(
             logits_output=out,
             next_token_ids=next_tokens.reshape(-1),

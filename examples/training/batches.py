@@ -21,7 +21,7 @@ def collate(fs: FeatureSet, seq_ids: list[int], rng: random.Random, num_anchors:
     """Right-padded batch tensors and anchors [S, A] (+ keep [S, A]); num_anchors None = all."""
     seqs = [fs.seq(s) for s in seq_ids]
     T = max(s["tokens"].numel() for s in seqs)
-    S, F_, K = len(seqs), fs.features.shape[1], fs.topk_ids.shape[1]
+    S, F_, K = len(seqs), fs.feature_width, fs.topk
     tokens = torch.zeros(S, T, dtype=torch.int64)
     feats = torch.zeros(S, T, F_, dtype=torch.float32)
     tk_ids = torch.zeros(S, T, K, dtype=torch.int64)

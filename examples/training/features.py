@@ -42,6 +42,18 @@ class FeatureSet:
     def num_seqs(self) -> int:
         return self.offsets.numel() - 1
 
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.numel())
+
+    @property
+    def feature_width(self) -> int:
+        return int(self.features.shape[1])
+
+    @property
+    def topk(self) -> int:
+        return int(self.topk_ids.shape[1])
+
     def seq(self, s: int) -> dict[str, torch.Tensor]:
         lo, hi = int(self.offsets[s]), int(self.offsets[s + 1])
         return dict(tokens=self.tokens[lo:hi], features=self.features[lo:hi], topk_ids=self.topk_ids[lo:hi],
@@ -50,8 +62,10 @@ class FeatureSet:
 
 @torch.inference_mode()
 def extract(model, samples: list[Sample], layer_ids: tuple[int, ...], topk: int, max_len: int,
-            token_budget: int = 4096) -> dict[str, torch.Tensor]:
-    """Run the target over every sample (length-sorted, right-padded batches of <= token_budget)."""
+            token_budget: int = 4096, head_weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Run the target over every sample (length-sorted, right-padded batches of <= token_budget).
+    `head_weight` [V, H]: compute the top-K log-probs with this LM head (e.g. a float32 copy for a
+    bfloat16 target), from the final hidden states in its dtype."""
     seqs = [(s.prompt_ids + s.response_ids)[:max_len] for s in samples]
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     hidden_size = model.config.hidden_size
@@ -80,7 +94,9 @@ def extract(model, samples: list[Sample], layer_ids: tuple[int, ...], topk: int,
             f = torch.cat([hs[l + 1][r, :n] for l in layer_ids], dim=-1)  # [n, 5H]
             clamped += int((f.abs() > _FP16_MAX).sum())  # SmolLM2's massive activations peak near 2.5e4
             feats[b] = f.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)
-            logp = torch.log_softmax(model.lm_head(hs[-1][r, :n]).float(), dim=-1)  # [n, V]
+            final = hs[-1][r, :n]
+            logits = model.lm_head(final) if head_weight is None else torch.nn.functional.linear(final.to(head_weight.dtype), head_weight)
+            logp = torch.log_softmax(logits.float(), dim=-1)  # [n, V]
             lp, ix = logp.topk(topk, dim=-1)
             tk_ids[b], tk_lp[b] = ix.to(torch.int32), lp
             bar.update(n)
