@@ -55,7 +55,7 @@ from dspark_sglang.sglang.settings import parse_fault_spec
 from dspark_sglang.sglang.spec_class import resolve_plugin_config
 from dspark_sglang.sglang.state import RoundRelay, SlotRegistry, WorkerStats
 from dspark_sglang.sglang.verify import (
-    all_position_logits,
+    every_position_logits,
     fast_verify_attention,
     capture_target_layers,
     layout_windows,
@@ -410,16 +410,15 @@ class DSparkPluginWorker(BaseSpecWorker):
         logprob_asks = (batch.top_logprobs_nums, batch.token_ids_logprobs) if return_logprob else None
         sampling_info = batch.sampling_info
         turn_into_verify_extend(batch, layout)
-        with fast_verify_attention(self.model_runner.attn_backend):
+        extend = layout.num_tokens > num_reqs  # else a DECODE forward, whose logits are every position's
+        with fast_verify_attention(self.model_runner.attn_backend), \
+                every_position_logits(self.model_runner.model, active=extend):
             target_out = self.target_worker.forward_batch_generation(
                 batch, is_verify=True, capture_hidden_mode=CaptureHiddenMode.FULL
             )
         out = target_out.logits_output
-        if layout.num_tokens == num_reqs:  # a DECODE forward: SGLang's own logits are every position's
-            # [R, V]; a copy, since logit_bias below adjusts in place
-            logits = out.next_token_logits[:, : self.vocab_size].to(torch.float32, copy=True)
-        else:
-            logits = all_position_logits(self.model_runner.model, out.last_hidden_states, self.vocab_size)  # [T, V]
+        # [T, V]; a float32 copy, since logit_bias below adjusts in place
+        logits = out.next_token_logits[:, : self.vocab_size].to(torch.float32, copy=True)
         if has_adjustments(sampling_info, plain):
             adjust_verify_logits(logits, layout.starts, layout.widths, sampling_info)
         t_verify = time.perf_counter()
