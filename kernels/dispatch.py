@@ -25,6 +25,7 @@ import torch
 from dspark_sglang.acceptance import AcceptanceResult
 from dspark_sglang.acceptance import chain_accept as _chain_accept_ref
 from dspark_sglang.drafters.block import context_block_attention as _block_attention_ref
+from dspark_sglang.drafters.block import paged_context_block_attention as _paged_block_attention_ref
 from dspark_sglang.drafters.heads import ConfidenceHead, MarkovHead, sample_sequential_with_uniforms
 from dspark_sglang.drafters.interface import DraftBlock
 from dspark_sglang.kernels._common import interpreting, rank_offsets
@@ -40,6 +41,7 @@ __all__ = [
     "topk_budget",
     "sample_sequential",
     "block_attention",
+    "paged_block_attention",
 ]
 
 ENV_VAR = "DSPARK_KERNELS"
@@ -148,3 +150,21 @@ def block_attention(
         return _block_attention_ref(q, ctx_k, ctx_v, ctx_mask, k, v, scale)
     lens = None if ctx_mask is None else ctx_mask.sum(dim=1)
     return _kernel("block_attention").block_attention(q, ctx_k, ctx_v, lens, k, v, scale)
+
+
+def paged_block_attention(
+    q: torch.Tensor,  # [R, B, heads, d]
+    pool_k: torch.Tensor,  # [P, kv_heads, d]
+    pool_v: torch.Tensor,  # [P, kv_heads, d]
+    rows: torch.Tensor,  # [R, N] int KV slots of each request's context
+    lens: list[int],  # [R]
+    k: torch.Tensor,  # [R, B, kv_heads, d]
+    v: torch.Tensor,  # [R, B, kv_heads, d]
+    scale: float,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:  # [R, B, heads, d]
+    """`drafters.block.paged_context_block_attention`, or the fused paged kernel."""
+    if resolve_backend(q, backend) == "torch":
+        return _paged_block_attention_ref(q, pool_k, pool_v, rows, lens, k, v, scale)
+    return _kernel("block_attention").paged_block_attention(q, pool_k, pool_v, rows, lens, k, v, scale)

@@ -60,9 +60,7 @@ class BlockDecoderLayer(nn.Module):
         self,
         x: torch.Tensor,  # [R, B, H] block residual stream
         positions: torch.Tensor,  # [R, B] int64 block positions
-        ctx_k: torch.Tensor,  # [R, N, kv_heads, head_dim] context keys (normed, rotated)
-        ctx_v: torch.Tensor,  # [R, N, kv_heads, head_dim]
-        ctx_mask: torch.Tensor | None,  # [R, N] bool, True = a real context row; None = all real
+        attend,  # (q [R, B, heads, d], k [R, B, kv_heads, d], v, scale) -> [R, B, heads, d]: over [context ; block]
         theta: float,
     ) -> torch.Tensor:
         attn = self.self_attn
@@ -73,10 +71,7 @@ class BlockDecoderLayer(nn.Module):
         k = k.view(num_reqs, block, attn.num_kv_heads, attn.head_dim)
         v = v.view(num_reqs, block, attn.num_kv_heads, attn.head_dim)
         q, k = _rotate(q, positions, theta), _rotate(k, positions, theta)
-        # `attention_fn` is context_block_attention unless the adapter installed the fused kernel's
-        # dispatcher (`DSparkDrafter.use_kernels`); the drafters never import kernels themselves.
-        attention_fn = getattr(self, "attention_fn", context_block_attention)
-        out = attention_fn(q, ctx_k, ctx_v, ctx_mask, k, v, attn.head_dim**-0.5)
+        out = attend(q, k, v, attn.head_dim**-0.5)
         x = x + attn.o_proj(out.reshape(num_reqs, block, -1))
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -113,6 +108,31 @@ def context_block_attention(
     return out.transpose(1, 2)
 
 
+def paged_context_block_attention(
+    q: torch.Tensor,  # [R, B, heads, d] block queries (normed, rotated)
+    pool_k: torch.Tensor,  # [P, kv_heads, d] one layer's context keys, indexed by KV slot
+    pool_v: torch.Tensor,  # [P, kv_heads, d]
+    rows: torch.Tensor,  # [R, N] int64 KV slots of each request's context positions (right-padded)
+    lens: list[int],  # [R] context rows per request (<= N)
+    k: torch.Tensor,  # [R, B, kv_heads, d] block keys (normed, rotated)
+    v: torch.Tensor,  # [R, B, kv_heads, d]
+    scale: float,
+) -> torch.Tensor:  # [R, B, heads, d]
+    """`context_block_attention` with the context read from a KV-slot pool (`KvSlotContext`): each
+    request attends to its own `lens[r]` rows, so no request is padded to the longest. The torch
+    reference of kernels/block_attention.py's paged kernel (which reads the rows in place)."""
+    out = torch.empty_like(q)
+    group = q.shape[2] != k.shape[2]
+    for r, n in enumerate(lens):
+        slots = rows[r, :n]
+        keys = torch.cat([pool_k.index_select(0, slots), k[r]]).transpose(0, 1)  # [kv_heads, n + B, d]
+        values = torch.cat([pool_v.index_select(0, slots), v[r]]).transpose(0, 1)
+        out[r] = F.scaled_dot_product_attention(
+            q[r].transpose(0, 1), keys, values, scale=scale, enable_gqa=group
+        ).transpose(0, 1)  # [B, heads, d]
+    return out
+
+
 class BlockBackbone(nn.Module):
     """fc + hidden_norm (context fusion), the decoder layers and the final norm."""
 
@@ -147,13 +167,11 @@ class BlockBackbone(nn.Module):
         self,
         x: torch.Tensor,  # [R, B, H] block embeddings
         positions: torch.Tensor,  # [R, B] int64
-        ctx_k: torch.Tensor,  # [num_layers, R, N, kv_heads, head_dim]
-        ctx_v: torch.Tensor,  # [num_layers, R, N, kv_heads, head_dim]
-        ctx_mask: torch.Tensor | None = None,  # [R, N] bool
+        attends: list,  # per layer: (q, k, v, scale) -> out, attention over [its context ; the block]
     ) -> torch.Tensor:
         """Final-normed block hidden states h, [R, B, H]."""
-        for i, layer in enumerate(self.layers):
-            x = layer(x, positions, ctx_k[i], ctx_v[i], ctx_mask, self.dims.rope_theta)
+        for layer, attend in zip(self.layers, attends):
+            x = layer(x, positions, attend, self.dims.rope_theta)
         return self.norm(x)
 
 
@@ -232,6 +250,79 @@ class ContextCache:
             return keys, values, None
         mask = torch.arange(n_max, device=self.device)[None, :] < torch.tensor(lengths, device=self.device)[:, None]
         return keys, values, mask
+
+
+class KvSlotContext:
+    """Context K/V in a pool indexed by the serving engine's KV slots, not per request.
+
+    SGLang keeps the target's K/V of position p of request `slot` (its req_pool_idx) at KV slot
+    `req_to_token[slot, p]`; the drafter's context K/V of that position live at the same index here.
+    So nothing is copied or padded per round (attention reads each request's rows through
+    `req_to_token`), a forward writes the rows of every token it computed in one batched store
+    (rejected drafts included: their slots are overwritten when reused, as the target's are), and a
+    radix-cache hit finds the cached prefix's rows already in place (`set_length`). Memory:
+    num_layers x 2 x kv_heads x head_dim values per KV slot, allocated with the engine's pool.
+    `length(slot)` is how many leading positions of the request hold valid rows.
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device,
+                 num_kv_slots: int, req_to_token: torch.Tensor):
+        self.shape = (num_layers, num_kv_heads, head_dim)
+        self.dtype, self.device = dtype, torch.device(device)
+        self.keys = torch.zeros(num_layers, num_kv_slots, num_kv_heads, head_dim, dtype=dtype, device=device)
+        self.values = torch.zeros_like(self.keys)
+        self.req_to_token = req_to_token  # [max_reqs, row_width], the engine's live table
+        self._lengths: dict[int, int] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.keys.numel() * self.keys.element_size()
+
+    @property
+    def bytes_per_slot(self) -> int:
+        layers, heads, dim = self.shape
+        return 2 * layers * heads * dim * self.keys.element_size()
+
+    def length(self, slot: int) -> int:
+        return self._lengths.get(slot, 0)
+
+    def set_length(self, slot: int, length: int) -> None:
+        """Positions 0..length-1 of `slot` hold valid rows (written, or found by a radix-cache hit)."""
+        if length < 0:
+            raise ValueError(f"slot {slot}: negative context length {length}")
+        self._lengths[slot] = length
+
+    def truncate(self, slot: int, length: int) -> None:
+        if length < 0:
+            raise ValueError(f"cannot truncate slot {slot} to a negative length {length}")
+        if slot in self._lengths:
+            self._lengths[slot] = min(self._lengths[slot], length)
+
+    def release(self, slot: int) -> None:
+        self._lengths.pop(slot, None)
+
+    def write_rows(
+        self,
+        kv_slots: torch.Tensor,  # [T] int KV slots
+        keys: torch.Tensor,  # [num_layers, T, kv_heads, head_dim]
+        values: torch.Tensor,  # [num_layers, T, kv_heads, head_dim]
+    ) -> None:
+        index = kv_slots.to(self.device, torch.int64)
+        self.keys.index_copy_(1, index, keys.to(self.dtype))
+        self.values.index_copy_(1, index, values.to(self.dtype))
+
+    def append(self, slot: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """ContextCache's interface: rows for positions length(slot) .. length(slot) + n - 1."""
+        start, n = self.length(slot), keys.shape[1]
+        self.write_rows(self.req_to_token[slot, start : start + n], keys, values)
+        self._lengths[slot] = start + n
+
+    def index(self, slots: list[int]) -> tuple[torch.Tensor, list[int]]:
+        """([R, N_max] int64 KV slots of each request's context, right-padded with 0; [R] lengths)."""
+        lens = [self.length(s) for s in slots]
+        n_max = max(lens, default=0)
+        rows = self.req_to_token[torch.as_tensor(slots, device=self.req_to_token.device), :n_max]
+        return rows.to(self.device, torch.int64), lens
 
 
 class BlockDrafterBase:
@@ -327,5 +418,44 @@ class BlockDrafterBase:
         ids[:, 0] = anchor_tokens.to(self.device)
         offsets = torch.arange(block, device=self.device)
         positions = anchor_positions.to(self.device)[:, None] + offsets[None, :]  # [R, B]
-        ctx_k, ctx_v, ctx_mask = self.cache.gather(slots)
-        return self.backbone(self.embed(ids), positions, ctx_k, ctx_v, ctx_mask)
+        if isinstance(self.cache, KvSlotContext):
+            rows, lens = self.cache.index(slots)
+            paged = getattr(self, "paged_attention_fn", paged_context_block_attention)
+            attends = [
+                (lambda q, k, v, scale, i=i: paged(q, self.cache.keys[i], self.cache.values[i], rows, lens, k, v, scale))
+                for i in range(len(self.backbone.layers))
+            ]
+        else:
+            ctx_k, ctx_v, ctx_mask = self.cache.gather(slots)
+            # `attention_fn` is context_block_attention unless the adapter installed the fused kernel's
+            # dispatcher (`DSparkDrafter.use_kernels`); the drafters never import kernels themselves.
+            padded = getattr(self, "attention_fn", context_block_attention)
+            attends = [
+                (lambda q, k, v, scale, i=i: padded(q, ctx_k[i], ctx_v[i], ctx_mask, k, v, scale))
+                for i in range(len(self.backbone.layers))
+            ]
+        return self.backbone(self.embed(ids), positions, attends)
+
+    def use_kv_slot_context(self, num_kv_slots: int, req_to_token: torch.Tensor) -> KvSlotContext:
+        """Keep the context in a pool indexed by the engine's KV slots from now on (the serving path);
+        every request starts empty."""
+        dims = self.config.dims
+        self.cache = KvSlotContext(dims.num_layers, dims.num_kv_heads, dims.head_dim, self.dtype, self.device,
+                                   num_kv_slots, req_to_token)
+        return self.cache
+
+    @torch.no_grad()
+    def context_rows(
+        self,
+        features: torch.Tensor,  # [T, len(target_layer_ids) * H] target features of T tokens
+        positions: torch.Tensor,  # [T] int64 their positions
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Context K and V of T tokens, each [num_layers, T, kv_heads, head_dim], for `KvSlotContext.write_rows`."""
+        total = features.shape[0]
+        feats = features.to(self.device, self.dtype)
+        pos = positions.to(self.device)
+        if total < _MIN_GEMM_ROWS:  # the same GEMM path as append_context (see there)
+            feats = torch.cat([feats, feats.new_zeros(_MIN_GEMM_ROWS - total, feats.shape[1])])
+            pos = torch.cat([pos, pos.new_zeros(_MIN_GEMM_ROWS - total)])
+        keys, values = self.backbone.context_kv(feats, pos)
+        return keys[:, :total], values[:, :total]

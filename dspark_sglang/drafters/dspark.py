@@ -155,13 +155,15 @@ class DSparkDrafter(BlockDrafterBase, nn.Module):
         self._w2_rows = (None if vocab is None or self.markov_head is None
                          else self.draft_vocab.rows(self.markov_head.markov_w2.weight))
 
-    def use_kernels(self, attention_fn, sequential_fn) -> None:
-        """Route the block attention and the sequential head through the given functions (the
-        adapter passes `dspark_sglang.kernels.dispatch.block_attention` / `.sample_sequential`,
-        which pick the fused Triton kernel for CUDA tensors and these references otherwise)."""
-        for layer in self.backbone.layers:
-            layer.attention_fn = attention_fn
+    def use_kernels(self, attention_fn, sequential_fn, paged_attention_fn=None) -> None:
+        """Route the block attention (padded and KV-slot-pool forms) and the sequential head through
+        the given functions (the adapter passes `dspark_sglang.kernels.dispatch.block_attention` /
+        `.paged_block_attention` / `.sample_sequential`, which pick the fused Triton kernel for CUDA
+        tensors and these references otherwise)."""
+        self.attention_fn = attention_fn
         self.sequential_fn = sequential_fn
+        if paged_attention_fn is not None:
+            self.paged_attention_fn = paged_attention_fn
 
     def propose(
         self,

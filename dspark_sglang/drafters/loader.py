@@ -163,6 +163,8 @@ class DrafterDescription:
     gamma: int  # drafts per block (Eagle3: autoregressive steps)
     num_layers: int
     hidden_size: int
+    num_kv_heads: int
+    head_dim: int
     vocab_size: int
     draft_vocab_size: int
     target_layer_ids: tuple[int, ...]  # () when the config leaves them to the target
@@ -207,7 +209,8 @@ def describe_drafter(path: str | os.PathLike) -> DrafterDescription:
     return DrafterDescription(
         path=path, format=fmt, family=family, source=source,
         architecture=(config.get("architectures") or ["?"])[0], gamma=cfg.gamma, num_layers=dims.num_layers,
-        hidden_size=dims.hidden_size, vocab_size=dims.vocab_size, draft_vocab_size=draft_vocab,
+        hidden_size=dims.hidden_size, num_kv_heads=dims.num_kv_heads, head_dim=dims.head_dim,
+        vocab_size=dims.vocab_size, draft_vocab_size=draft_vocab,
         target_layer_ids=tuple(cfg.target_layer_ids), num_target_layers=cfg.num_target_layers,
         block_size=block, mask_token_id=mask, markov_head_type=head, has_confidence_head=conf,
         borrows_from_target=tuple(borrows),

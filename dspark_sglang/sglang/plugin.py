@@ -29,7 +29,11 @@ Hook points, and why these:
    `/server_info` as `internal_states[i]["dspark_plugin"]`. SGLang adds a worker's records there only
    for its built-in DSPARK (`is_dspark()`), which our spec class deliberately is not.
 
-5. Opt-in, for every engine of a process tree: `DSPARK_CPU_DECODE_ATTENTION=fast` replaces
+5. An AFTER hook on `DefaultPoolConfigurator.__init__` adds the drafter's context pool (one row
+   per KV slot) to SGLang's per-token KV cost, so a pool sized from free memory leaves room for it
+   (memory_budget.py).
+
+6. Opt-in, for every engine of a process tree: `DSPARK_CPU_DECODE_ATTENTION=fast` replaces
    torch_native's per-request decode attention loop with a 3-5x faster one (cpu_attention.py).
 
 `DSPARK_USE_BUILTIN=1` leaves `DSPARK` to SGLang's built-in worker (CUDA, DSpark checkpoints only).
@@ -98,6 +102,9 @@ def register() -> None:
     )(_worker_factory)
     _install_takeover(refusal=None)
     _install_stats_report()
+    from dspark_sglang.sglang import memory_budget
+
+    memory_budget.install()
     logger.info("dspark-sglang registered speculative algorithm %s", ALGORITHM_NAME)
 
 

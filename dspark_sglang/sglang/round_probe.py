@@ -21,6 +21,9 @@ import time
 from collections import deque
 
 ENV = "DSPARK_ROUND_PROBE"
+# What turn_into_verify_extend sets on a batch for a DECODE forward (restored after the baseline).
+_DECODE_FIELDS = ("input_ids", "out_cache_loc", "forward_mode", "seq_lens", "seq_lens_cpu", "seq_lens_sum",
+                  "orig_seq_lens", "req_pool_indices_cpu", "return_logprob", "return_hidden_states", "spec_info")
 
 
 def parse_windows(text: str) -> tuple[int, ...]:
@@ -48,11 +51,21 @@ class RoundProbe:
         """This round's verify window (anchor row included)."""
         return self.windows[self._round % len(self.windows)]
 
-    def time_plain_decode(self, target_worker, batch) -> float:
-        """Seconds of SGLang's own decode step (forward + sampling) for `batch`."""
-        start = time.perf_counter()
-        target_worker.forward_batch_generation(batch)
-        return time.perf_counter() - start
+    def time_plain_decode(self, target_worker, batch, anchors_layout) -> float:
+        """Seconds of SGLang's own decode step (forward + sampling) for `batch`, whose decode fields
+        are set as a plain engine sets them (`anchors_layout`: every window is the anchor alone) and
+        restored afterwards."""
+        from dspark_sglang.sglang.verify import turn_into_verify_extend
+
+        saved = {name: getattr(batch, name) for name in _DECODE_FIELDS}
+        try:
+            turn_into_verify_extend(batch, anchors_layout)
+            start = time.perf_counter()
+            target_worker.forward_batch_generation(batch)
+            return time.perf_counter() - start
+        finally:
+            for name, value in saved.items():
+                setattr(batch, name, value)
 
     def record(self, **fields) -> None:
         self.records.append(fields)

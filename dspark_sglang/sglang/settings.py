@@ -21,16 +21,18 @@ SGLang's own flags that we honour: `--speculative-dspark-sps-table-path` (cost t
 | DSPARK_SEED            | seed            | seed of the acceptance/draft random stream                     |
 | DSPARK_ESTIMATOR       | estimator       | confidence estimator JSON for head-less drafters (DFlash, Eagle3) |
 | DSPARK_STATS_EVERY     | stats_every     | log a worker summary every N rounds (0: never)                 |
-| DSPARK_KEEP_RADIX_CACHE| keep_radix_cache| 1: keep SGLang's radix cache on (see below)                    |
+| DSPARK_KEEP_RADIX_CACHE| keep_radix_cache| auto (default): on for DSpark/DFlash drafters, off for Eagle3 · 1 · 0 (see below) |
 | DSPARK_DRAFT_VOCAB     | draft_vocab     | auto (default): draft_vocab.safetensors beside the drafter if present · none · a file path |
 | DSPARK_TEST_FAULT      | test_fault      | TESTING ONLY: inject faults into decode rounds (see below)     |
 | DSPARK_USE_BUILTIN     | —               | 1: leave `--speculative-algorithm DSPARK` to SGLang's built-in |
 
-Radix cache: on a prefix-cache hit the target does not recompute the cached positions. With
-DSPARK_KEEP_RADIX_CACHE=1 the worker keeps the drafter's target features per KV slot
-(sglang/feature_pool.py: len(target_layer_ids) x hidden values per KV slot, in the model dtype,
-outside SGLang's KV budget), so a hit drafts from the same features as a cold start. Because of that
-extra memory the radix cache stays off by default under DSPARK.
+Radix cache: on a prefix-cache hit the target does not recompute the cached positions, so the
+drafter must find their context elsewhere. DSpark and DFlash drafters keep their context K/V in a
+pool indexed by SGLang's KV slots (drafters/block.py `KvSlotContext`), where a hit finds the cached
+prefix's rows in place: the radix cache stays on for them by default. Eagle3 drafters keep a
+per-request cache; for them the radix cache is off unless DSPARK_KEEP_RADIX_CACHE=1, which stores
+the drafter's target features per KV slot (sglang/feature_pool.py: len(target_layer_ids) x hidden
+values per KV slot, outside SGLang's KV budget). DSPARK_KEEP_RADIX_CACHE=0 turns it off for all.
 
 Fault injection (testing only). `DSPARK_TEST_FAULT=KIND[:P][,KIND[:P]...]` makes the worker inject
 faults into its own decode rounds, to prove that each one falls back to plain decoding without
@@ -75,7 +77,7 @@ class PluginSettings:
     seed: int = 0
     estimator: str | None = None
     stats_every: int = 200
-    keep_radix_cache: bool = False
+    keep_radix_cache: bool | None = None  # None: auto (on where the drafter's context is in the KV-slot pool)
     test_fault: str | None = None  # testing only; parse_fault_spec's format
     draft_cost: str = "measured"  # draft_cost.parse_draft_cost's format
     draft_vocab: str = "auto"  # reduced draft vocabulary: auto | none | path (drafters/draft_vocab.py)
@@ -161,6 +163,8 @@ def _coerce(source: str, name: str, value: Any) -> Any:
     if name in _BOOL_FIELDS:
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return None
         if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
             return value.strip().lower() in _TRUE
         raise PluginSettingsError(f"{source}: {name}: expected true/false (1/0), got {value!r}")

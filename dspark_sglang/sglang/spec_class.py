@@ -60,6 +60,16 @@ def resolve_plugin_config(cfg) -> PluginConfig:
     return PluginConfig(settings, str(drafter_path), gamma, max_verify)
 
 
+def keeps_radix_cache(config: PluginConfig) -> bool:
+    """DSPARK_KEEP_RADIX_CACHE, or by default: on for drafters whose context lives in the KV-slot
+    pool (DSpark, DFlash: a hit finds the cached rows in place), off for Eagle3."""
+    if config.settings.keep_radix_cache is not None:
+        return config.settings.keep_radix_cache
+    from dspark_sglang.drafters.loader import describe_drafter
+
+    return describe_drafter(config.drafter_path).family in ("dspark", "dflash")
+
+
 def make_spec_class():
     """Build the spec class lazily: importing sglang at module import would make the entry point
     heavy for processes that never speculate."""
@@ -86,9 +96,10 @@ def make_spec_class():
             server_args.speculative_num_draft_tokens = config.num_draft_tokens
             # Our worker is synchronous (it needs the accepted tokens before drafting again).
             server_args.disable_overlap_schedule = True
-            if not config.settings.keep_radix_cache:
-                # A prefix-cache hit skips the target forward over the cached positions, leaving the
-                # drafter without their features (lossless, but acceptance drops on shared prefixes).
+            if not keeps_radix_cache(config):
+                # A prefix-cache hit skips the target forward over the cached positions; a drafter
+                # without a KV-slot context would be left without their features (lossless, but
+                # acceptance drops on shared prefixes).
                 server_args.disable_radix_cache = True
             logger.info(
                 "dspark-sglang: drafter %s (gamma %d), verify window %d, scheduler %s",

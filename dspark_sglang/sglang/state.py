@@ -100,6 +100,7 @@ class WorkerStats:
         self.phase_seconds: dict[str, float] = {}  # draft / verify / accept / commit
         self.prefill_fallbacks = 0  # requests whose drafter context could not be rebuilt exactly
         self.prefix_features_reused = 0  # cached-prefix positions whose features came from the KV-slot store
+        self.prefix_rows_adopted = 0  # cached-prefix positions whose drafter rows were found in the KV-slot pool
         self.faults: dict[str, int] = {}  # kind -> request-rounds that fell back (guards.py)
         self.drafting_skipped = 0  # rounds not drafted: drafting did not pay (scheduler.skip_round)
         self._last_log = time.monotonic()
@@ -151,6 +152,7 @@ class WorkerStats:
             "ms_per_phase": {k: 1000.0 * v / max(self.rounds, 1) for k, v in self.phase_seconds.items()},
             "prefill_fallbacks": self.prefill_fallbacks,
             "prefix_features_reused": self.prefix_features_reused,
+            "prefix_rows_adopted": self.prefix_rows_adopted,
             "faults": dict(self.faults),
             "drafting_skipped": self.drafting_skipped,
         }

@@ -151,7 +151,8 @@ class DSparkPluginWorker(BaseSpecWorker):
                                     draft_vocab=settings.draft_vocab)
         if hasattr(self.drafter, "use_kernels"):
             # Fused Triton block attention + sequential head on CUDA tensors; torch references on CPU.
-            self.drafter.use_kernels(kernel_dispatch.block_attention, kernel_dispatch.sample_sequential)
+            self.drafter.use_kernels(kernel_dispatch.block_attention, kernel_dispatch.sample_sequential,
+                                     kernel_dispatch.paged_block_attention)
         self._weight_load_time = time.perf_counter() - t0
         self.gamma = self.drafter.info.gamma
         capture_target_layers(model, self.drafter.info.target_layer_ids)
@@ -186,10 +187,15 @@ class DSparkPluginWorker(BaseSpecWorker):
             logger.warning("dspark: round-cost probe on (verify windows %s): benchmarking only", self.probe.windows)
         self._warned_prefix = False
         self._zero_block: DraftBlock | None = None  # reused by _no_drafts, grown on demand
-        # With the radix cache on, features live next to the KV they belong to (feature_pool.py).
+        # Block drafters keep their context K/V in a pool indexed by SGLang's KV slots (built with the
+        # first prefill, when SGLang's pool exists); a radix-cache hit finds the prefix's rows there.
+        self.uses_context_pool = hasattr(self.drafter, "use_kv_slot_context")
+        self.context_pool = None
+        # Other drafters (Eagle3) keep per-request caches; with the radix cache kept on, their
+        # target features live next to the KV they belong to (feature_pool.py).
         self.kv_features = (
             KvSlotFeatures(lambda: kv_slot_count(self.model_runner), self.model_runner.dtype, self.device)
-            if settings.keep_radix_cache else None
+            if settings.keep_radix_cache and not self.uses_context_pool else None
         )
         logger.info(
             "dspark worker: drafter %s (%s/%s, gamma %d, layers %s, draft vocabulary %s) loaded in %.1f s; "
@@ -214,6 +220,9 @@ class DSparkPluginWorker(BaseSpecWorker):
             stats["faults_injected"] = dict(self.faults.injected)
         if self.probe is not None:
             stats["round_probe"] = self.probe.as_dict()
+        if self.context_pool is not None:
+            stats["context_pool"] = {"bytes": self.context_pool.nbytes, "bytes_per_kv_slot": self.context_pool.bytes_per_slot,
+                                     "kv_slots": int(self.context_pool.keys.shape[1])}
         return stats
 
     def clear_cache_pool(self) -> None:
@@ -249,7 +258,10 @@ class DSparkPluginWorker(BaseSpecWorker):
     def _prefill(self, batch) -> GenerationBatchResult:
         result = self.target_worker.forward_batch_generation(batch, capture_hidden_mode=CaptureHiddenMode.FULL)
         out = result.logits_output
-        self._append_prefill_context(batch, out.hidden_states)  # [T, k*H] packed target features
+        if self.uses_context_pool:
+            self._prefill_context_pool(batch, out.hidden_states)  # [T, k*H] packed target features
+        else:
+            self._append_prefill_context(batch, out.hidden_states)
         if self.kv_features is not None:
             self.kv_features.write(batch.out_cache_loc, out.hidden_states)
         out.hidden_states = out.last_hidden_states = None
@@ -259,6 +271,38 @@ class DSparkPluginWorker(BaseSpecWorker):
         result.next_draft_input = RoundRelay()
         result.speculative_num_draft_tokens = self.speculative_num_draft_tokens
         return result
+
+    def _ensure_context_pool(self, batch):
+        if self.context_pool is None:
+            self.context_pool = self.drafter.use_kv_slot_context(
+                kv_slot_count(self.model_runner), batch.req_to_token_pool.req_to_token)
+            logger.info("dspark: drafter context in a KV-slot pool: %d slots x %d bytes = %.1f MB",
+                        self.context_pool.keys.shape[1], self.context_pool.bytes_per_slot, self.context_pool.nbytes / 2**20)
+        return self.context_pool
+
+    def _write_context_rows(self, pool, features: torch.Tensor, kv_slots: torch.Tensor, starts: torch.Tensor,
+                            counts: torch.Tensor) -> None:
+        """Drafter K/V of T rows (request r's rows at positions starts[r] .. starts[r] + counts[r] - 1)
+        computed in one batch and stored at their KV slots. features [T, k*H], kv_slots [T]."""
+        row_offsets = torch.cumsum(counts, 0) - counts  # [R] first row of each request
+        within = torch.arange(int(counts.sum())) - torch.repeat_interleave(row_offsets, counts)  # [T]
+        positions = torch.repeat_interleave(starts, counts) + within  # [T]
+        keys, values = self.drafter.context_rows(features, positions)
+        pool.write_rows(kv_slots, keys, values)
+
+    def _prefill_context_pool(self, batch, features: torch.Tensor) -> None:
+        """Prefill into the KV-slot pool: every computed position's rows at its KV slot; a cached
+        prefix (radix-cache hit) is adopted as it stands, its rows written by the forward that computed it."""
+        pool = self._ensure_context_pool(batch)
+        prefix = torch.as_tensor(batch.prefix_lens, dtype=torch.int64)  # [R]
+        extend = torch.as_tensor(batch.extend_lens, dtype=torch.int64)  # [R]
+        self._write_context_rows(pool, features, batch.out_cache_loc, prefix, extend)
+        for req, slot, p, n in zip(batch.reqs, batch.req_pool_indices.tolist(), prefix.tolist(), extend.tolist()):
+            self.slots.claim(slot, req.rid)
+            have = pool.length(slot)
+            if have < p:
+                self.stats.prefix_rows_adopted += p - have
+            pool.set_length(slot, p + n)
 
     def _append_prefill_context(self, batch, features: torch.Tensor) -> None:
         """Give the drafter the target features of every position this extend computed.
@@ -377,7 +421,6 @@ class DSparkPluginWorker(BaseSpecWorker):
 
     @torch.no_grad()
     def _decode_round(self, batch) -> GenerationBatchResult:
-        plain_seconds = self.probe.time_plain_decode(self.target_worker, batch) if self.probe is not None else None
         start = time.perf_counter()
         reqs = batch.reqs
         num_reqs = len(reqs)
@@ -388,6 +431,12 @@ class DSparkPluginWorker(BaseSpecWorker):
         anchors = torch.tensor([req.output_ids[-1] for req in reqs], dtype=torch.int64)  # [R]
         sampling = sampling_batch(batch.sampling_info)
         greedy = sampling.is_greedy()  # [R]
+        if self.probe is not None:  # the plain decode step of this very batch, timed apart (benchmarks only)
+            so_far = time.perf_counter() - start
+            idle = torch.zeros(num_reqs, dtype=torch.int64)
+            plain_seconds = self.probe.time_plain_decode(
+                self.target_worker, batch, layout_windows(anchors, idle[:, None].expand(-1, self.gamma), idle, seq_lens))
+            start = time.perf_counter() - so_far
 
         # 1-2. draft a full block, then choose how many drafts to verify. A failure anywhere in this
         # step costs the round its speculation, never the round: verify nothing, commit the target's token.
@@ -448,15 +497,23 @@ class DSparkPluginWorker(BaseSpecWorker):
 
         # 5. commit: drafter context grows by the target features of [anchor, accepted drafts].
         features = out.hidden_states  # [T, k*H]
-        if self.kv_features is not None:
-            self.kv_features.write(batch.out_cache_loc, features)  # the window's KV slots, same order
         commit = num_accepted_cpu + 1
-        self.drafter.append_context(
-            slots,
-            [features[s : s + c] for s, c in zip(layout.starts.tolist(), commit.tolist())],
-            [torch.arange(p, p + c) for p, c in zip(seq_lens.tolist(), commit.tolist())],
-            [layout.tokens[s : s + c] for s, c in zip(layout.starts.tolist(), commit.tolist())],
-        )
+        if self.uses_context_pool:
+            # Every window row's K/V at its KV slot in one batch (rejected rows' slots are rewritten
+            # when SGLang reuses them, as the target's K/V are); the committed rows become context.
+            pool = self.context_pool
+            self._write_context_rows(pool, features, batch.out_cache_loc, seq_lens, layout.widths)
+            for slot, length in zip(slots, (seq_lens + commit).tolist()):
+                pool.set_length(slot, length)
+        else:
+            if self.kv_features is not None:
+                self.kv_features.write(batch.out_cache_loc, features)  # the window's KV slots, same order
+            self.drafter.append_context(
+                slots,
+                [features[s : s + c] for s, c in zip(layout.starts.tolist(), commit.tolist())],
+                [torch.arange(p, p + c) for p, c in zip(seq_lens.tolist(), commit.tolist())],
+                [layout.tokens[s : s + c] for s, c in zip(layout.starts.tolist(), commit.tolist())],
+            )
         out.hidden_states = out.last_hidden_states = None
 
         stride = self.speculative_num_draft_tokens

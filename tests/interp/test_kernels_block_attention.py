@@ -84,3 +84,38 @@ def test_bad_inputs_raise():
         block_attention(q[:, :, :3], ctx_k, ctx_v, lens, k, v)
     with pytest.raises(ValueError, match="ctx_v"):
         block_attention(q, ctx_k, ctx_v.double(), lens, k, v)
+
+
+@pytest.mark.parametrize(
+    "seed, num_reqs, block, heads, kv_heads, head_dim, max_ctx, block_n",
+    [
+        (10, 1, 7, 4, 2, 16, 40, None),  # batch 1, GQA 2
+        (11, 4, 7, 9, 3, 16, 70, 16),  # ragged contexts over several tiles, 9 heads over 3 KV heads
+        (12, 3, 5, 2, 2, 24, 0, None),  # no context at all, d not a power of two
+    ],
+)
+def test_paged_equals_reference(seed, num_reqs, block, heads, kv_heads, head_dim, max_ctx, block_n):
+    from dspark_sglang.kernels.block_attention import paged_block_attention, paged_block_attention_ref
+
+    g = torch.Generator().manual_seed(seed)
+    num_slots = 300
+    pool_k = torch.randn(num_slots, kv_heads, head_dim, generator=g)
+    pool_v = torch.randn(num_slots, kv_heads, head_dim, generator=g)
+    lens = torch.randint(0, max_ctx + 1, (num_reqs,), generator=g).tolist()
+    lens[0] = max_ctx
+    rows = torch.zeros(num_reqs, max(max_ctx, 1), dtype=torch.int32)
+    for r, n in enumerate(lens):  # scattered slots, like an engine's KV pool after many allocations
+        rows[r, :n] = (torch.randperm(num_slots - 1, generator=g)[:n] + 1).to(torch.int32)
+    q = torch.randn(num_reqs, block, heads, head_dim, generator=g)
+    k = torch.randn(num_reqs, block, kv_heads, head_dim, generator=g)
+    v = torch.randn(num_reqs, block, kv_heads, head_dim, generator=g)
+    out = torch.full_like(q, float("nan"))
+    got = paged_block_attention(q, pool_k, pool_v, rows, lens, k, v, 0.3, out=out, block_n=block_n)
+    ref = paged_block_attention_ref(q, pool_k, pool_v, rows.long(), lens, k, v, 0.3)
+    assert not bool(torch.isnan(got).any())
+    torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5)
+    # the paged reference equals the padded one on the gathered rows
+    ctx_k = torch.stack([pool_k[rows[r].long()] for r in range(num_reqs)])
+    ctx_v = torch.stack([pool_v[rows[r].long()] for r in range(num_reqs)])
+    mask = torch.arange(rows.shape[1])[None, :] < torch.tensor(lens)[:, None]
+    torch.testing.assert_close(ref, block_attention_ref(q, ctx_k, ctx_v, mask, k, v, 0.3), atol=2e-6, rtol=1e-5)

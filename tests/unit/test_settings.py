@@ -77,8 +77,24 @@ def test_worker_fields(tmp_path):
     s = load_settings(environ={"DSPARK_ESTIMATOR": str(est), "DSPARK_STATS_EVERY": "0",
                                "DSPARK_KEEP_RADIX_CACHE": "yes"})
     assert (s.estimator, s.stats_every, s.keep_radix_cache) == (str(est), 0, True)
-    assert PluginSettings().keep_radix_cache is False  # radix cache off unless asked (module doc)
+    assert PluginSettings().keep_radix_cache is None  # auto: decided by the drafter family (module doc)
+    assert load_settings(environ={"DSPARK_KEEP_RADIX_CACHE": "auto"}).keep_radix_cache is None
+    assert load_settings(environ={"DSPARK_KEEP_RADIX_CACHE": "0"}).keep_radix_cache is False
     with pytest.raises(PluginSettingsError, match="keep_radix_cache"):
         load_settings(environ={"DSPARK_KEEP_RADIX_CACHE": "maybe"})
     with pytest.raises(PluginSettingsError, match="stats_every"):
         load_settings(environ={"DSPARK_STATS_EVERY": "-5"})
+
+
+def test_radix_cache_default_follows_where_the_drafter_keeps_its_context():
+    from pathlib import Path
+
+    from dspark_sglang.sglang.spec_class import PluginConfig, keeps_radix_cache
+
+    fixtures = Path(__file__).resolve().parents[1] / "fixtures" / "drafters"
+    auto, off, on = PluginSettings(), PluginSettings(keep_radix_cache=False), PluginSettings(keep_radix_cache=True)
+    for name, pooled in (("deepspec_dspark_vanilla", True), ("zlab_dflash", True), ("deepspec_eagle3", False)):
+        path = str(fixtures / name)
+        assert keeps_radix_cache(PluginConfig(auto, path, 7, 7)) is pooled
+        assert keeps_radix_cache(PluginConfig(off, path, 7, 7)) is False
+        assert keeps_radix_cache(PluginConfig(on, path, 7, 7)) is True
