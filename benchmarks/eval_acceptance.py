@@ -47,6 +47,7 @@ class RunRecords:
     num_accepted: list[int]
     verify_lens: list[int]
     prompt_index: list[int]
+    context_lens: list[int] = None  # per round, the anchor's position (prompt + output so far)
     new_tokens: int = 0
     seconds: float = 0.0
     num_prompts: int = 0  # prompts run (a prompt may end before its first round)
@@ -86,7 +87,7 @@ def run_set(target, drafter, prompts, args, temperature: float, seed: int) -> Ru
 
     gamma = drafter.info.gamma
     choose = make_verify_len_chooser(args.scheduler, gamma, args.fixed_len)
-    records = RunRecords([], [], [], [], num_prompts=len(prompts))
+    records = RunRecords([], [], [], [], [], num_prompts=len(prompts))
     eos = target.tokenizer.eos_token_id
     identity = ProposalProbEstimator.identity(gamma)
     for index, prompt in enumerate(tqdm(prompts, desc=f"  T={temperature:g}", leave=False)):
@@ -105,7 +106,26 @@ def run_set(target, drafter, prompts, args, temperature: float, seed: int) -> Ru
             records.num_accepted.append(rnd.num_accepted)
             records.verify_lens.append(rnd.verify_len)
             records.prompt_index.append(index)
+            records.context_lens.append(rnd.context_len)
     return records
+
+
+CONTEXT_BUCKETS = (0, 256, 512, 1024, 2048)  # τ by context length: [0, 256), [256, 512), ..., [2048, inf)
+
+
+def tau_by_context(records: RunRecords) -> list[dict]:
+    """τ over the rounds whose anchor sits in each context-length bucket (prompt + output so far)."""
+    if not records.context_lens:
+        return []
+    acc = torch.tensor(records.num_accepted, dtype=torch.float64)
+    ctx = torch.tensor(records.context_lens)
+    edges = list(CONTEXT_BUCKETS) + [None]
+    out = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        keep = (ctx >= lo) & (ctx < hi if hi is not None else torch.ones_like(ctx, dtype=torch.bool))
+        if keep.any():
+            out.append({"from": lo, "to": hi, "rounds": int(keep.sum()), "tau": float((acc[keep] + 1).mean())})
+    return out
 
 
 def summarize(records: RunRecords, gamma: int) -> dict:
@@ -123,6 +143,7 @@ def summarize(records: RunRecords, gamma: int) -> dict:
         "verify_rate": float(lens.float().mean() / gamma) if len(acc) else float("nan"),
         "conditional_acceptance": cond,
         "tokens_per_second": records.new_tokens / max(records.seconds, 1e-9),
+        "tau_by_context": tau_by_context(records),
         # per prompt, for paired comparisons of drafters on the same prompts (`--compare`)
         "prompt_rounds": torch.bincount(prompt, minlength=num_prompts).tolist(),
         "prompt_accepted": torch.bincount(prompt, weights=acc.double(), minlength=num_prompts).long().tolist(),
@@ -174,6 +195,29 @@ def print_table(results: dict, sets: list[str]) -> None:
             taus = [by_set[s]["tau"] for s in sets]
             table.add_row(drafter, temp, *[f"{t:.2f}" for t in taus], f"{sum(taus) / len(taus):.2f}")
     Console().print(table)
+    rows = {(d, t): context_profile([by_set[s] for s in sets]) for d, by_temp in results.items() for t, by_set in by_temp.items()}
+    if any(rows.values()):
+        by_ctx = Table(title="τ by context length (prompt + output before the round), all sets pooled; rounds in brackets")
+        by_ctx.add_column("drafter")
+        by_ctx.add_column("T")
+        labels = [f"{lo}-{hi if hi is not None else ''}" for lo, hi in zip(CONTEXT_BUCKETS, list(CONTEXT_BUCKETS[1:]) + [None])]
+        for label in labels:
+            by_ctx.add_column(label, justify="right")
+        for (drafter, temp), profile in rows.items():
+            cells = {b["from"]: f"{b['tau']:.2f} ({b['rounds']})" for b in profile}
+            by_ctx.add_row(drafter, temp, *[cells.get(lo, "-") for lo in CONTEXT_BUCKETS])
+        Console().print(by_ctx)
+
+
+def context_profile(summaries: list[dict]) -> list[dict]:
+    """Pool several sets' tau_by_context buckets (round-weighted)."""
+    pooled: dict = {}
+    for summary in summaries:
+        for b in summary.get("tau_by_context", []):
+            rounds, total = pooled.get(b["from"], (0, 0.0))
+            pooled[b["from"]] = (rounds + b["rounds"], total + b["tau"] * b["rounds"])
+    edges = dict(zip(CONTEXT_BUCKETS, list(CONTEXT_BUCKETS[1:]) + [None]))
+    return [{"from": lo, "to": edges[lo], "rounds": n, "tau": total / n} for lo, (n, total) in sorted(pooled.items())]
 
 
 def plot(results: dict, sets: list[str], path: Path) -> None:

@@ -22,6 +22,7 @@ class RoundRecord:
     num_accepted: int
     conf_logits: torch.Tensor | None  # [gamma] raw confidence logits (None without a head)
     top1_probs: torch.Tensor  # [gamma] max_v q_k(v): the head-less confidence feature (reads x_<k only)
+    context_len: int = 0  # the anchor's position: committed tokens (prompt + output) before this round
 
 
 @dataclass
@@ -90,6 +91,7 @@ def speculative_generate(
                 verify_len, accepted,
                 None if block.confidence_logits is None else block.confidence_logits[0].clone(),
                 head_less_feature(block)[0],
+                context_len=position,
             )
         )
         for token in new_tokens:

