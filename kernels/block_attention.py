@@ -17,10 +17,11 @@ Memory traffic per layer (b bytes per element, d = head_dim): context K and V,
 heads re-read it from L2); block K/V 2 * R * B * kv_heads * d * b; q and out R * B * heads * d * b
 each. E.g. R = 16, 4k-token contexts, 8 KV heads, d = 128, bf16: 268 MB of K/V per layer.
 
-Paged variant (`paged_block_attention`): the context rows live in a pool indexed by the serving
-engine's KV slots (`drafters.block.KvSlotContext`); each program loads its request's slot indices
-tile by tile and reads the rows in place, so nothing is gathered or padded per round. The only
-extra traffic is the index, 4-8 bytes per context row.
+One kernel, two layouts. The context rows live in a pool indexed by the serving engine's KV slots
+(`drafters.block.KvSlotContext`, `paged_block_attention`): each program loads its request's slot
+indices tile by tile and reads the rows in place, so nothing is gathered or padded per round. A
+right-padded [R, N] context (`block_attention`) is the same pool with row r * N + n. The only extra
+traffic is the index, 4 bytes per context row.
 """
 
 from __future__ import annotations
@@ -57,64 +58,6 @@ def _attend_tile(q, k_ptrs, v_ptrs, keep, in_d, m_i, l_i, acc, qk_scale, DOT_PRE
     return m_new, l_i, acc
 
 
-@triton.jit(do_not_specialize=["block", "head_dim"])
-def _block_attention_kernel(
-    q_ptr,  # [R, B, heads, d]
-    ctx_k_ptr,  # [R, N, kv_heads, d]
-    ctx_v_ptr,  # [R, N, kv_heads, d]
-    ctx_lens_ptr,  # [R] int
-    blk_k_ptr,  # [R, B, kv_heads, d]
-    blk_v_ptr,  # [R, B, kv_heads, d]
-    out_ptr,  # [R, B, heads, d]
-    block,
-    head_dim,
-    group,
-    qk_scale,
-    stride_q_r, stride_q_b, stride_q_h,
-    stride_ck_r, stride_ck_n, stride_ck_h,
-    stride_cv_r, stride_cv_n, stride_cv_h,
-    stride_bk_r, stride_bk_b, stride_bk_h,
-    stride_bv_r, stride_bv_b, stride_bv_h,
-    stride_o_r, stride_o_b, stride_o_h,
-    BLOCK_Q: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    req = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    kv_head = (head // group).to(tl.int64)
-    rows = tl.arange(0, BLOCK_Q)
-    cols = tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    in_d = cols < head_dim
-    q_mask = (rows[:, None] < block) & in_d[None, :]
-    q = tl.load(q_ptr + req * stride_q_r + rows[:, None] * stride_q_b + head * stride_q_h + cols[None, :], mask=q_mask, other=0.0)
-
-    m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_Q], tl.float32)
-    acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
-    ctx_len = tl.load(ctx_lens_ptr + req).to(tl.int32)
-    ck_base = ctx_k_ptr + req * stride_ck_r + kv_head * stride_ck_h
-    cv_base = ctx_v_ptr + req * stride_cv_r + kv_head * stride_cv_h
-    for n0 in range(0, ctx_len, BLOCK_N):
-        n = n0 + offs_n
-        keep = n < ctx_len
-        k_ptrs = ck_base + n[:, None].to(tl.int64) * stride_ck_n + cols[None, :]
-        v_ptrs = cv_base + n[:, None].to(tl.int64) * stride_cv_n + cols[None, :]
-        m_i, l_i, acc = _attend_tile(q, k_ptrs, v_ptrs, keep, in_d, m_i, l_i, acc, qk_scale, DOT_PRECISION)
-    # The block's own keys (bidirectional): one [BLOCK_Q, BLOCK_D] tile, since B <= BLOCK_Q.
-    b = tl.arange(0, BLOCK_Q)
-    keep = b < block
-    k_ptrs = blk_k_ptr + req * stride_bk_r + b[:, None] * stride_bk_b + kv_head * stride_bk_h + cols[None, :]
-    v_ptrs = blk_v_ptr + req * stride_bv_r + b[:, None] * stride_bv_b + kv_head * stride_bv_h + cols[None, :]
-    m_i, l_i, acc = _attend_tile(q, k_ptrs, v_ptrs, keep, in_d, m_i, l_i, acc, qk_scale, DOT_PRECISION)
-
-    out = acc / l_i[:, None]
-    o_ptrs = out_ptr + req * stride_o_r + rows[:, None] * stride_o_b + head * stride_o_h + cols[None, :]
-    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
-
-
 def block_attention(
     q: torch.Tensor,  # [R, B, heads, d] block queries (normed, rotated)
     ctx_k: torch.Tensor,  # [R, N, kv_heads, d] context keys, right-padded
@@ -146,26 +89,18 @@ def block_attention(
     else:
         check_tensor(_WHERE, "ctx_lens", ctx_lens, (num_reqs,), INDEX_DTYPES, device)
         ctx_lens = ctx_lens.clamp(0, num_ctx)
-    if out is None:
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    else:
-        check_tensor(_WHERE, "out", out, tuple(q.shape), (dtype,), device)
-    if num_reqs == 0:
-        return out
-    scale = head_dim ** -0.5 if scale is None else float(scale)
-    check(_WHERE, math.isfinite(scale), f"scale must be finite, got {scale}")
-    block_q = max(16, next_pow2(block))
-    block_n = block_n or max(16, min(64, next_pow2(num_ctx)))
-    _block_attention_kernel[(num_reqs, heads)](
-        q, ctx_k, ctx_v, ctx_lens, k, v, out,
-        block, head_dim, heads // kv_heads, scale * _LOG2E,
-        *q.stride()[:3], *ctx_k.stride()[:3], *ctx_v.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        *out.stride()[:3],
-        BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(head_dim)),
-        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-        num_warps=num_warps,
-    )
-    return out
+    # The padded layout is a pool whose row r * (stride_r / stride_n) + n is request r's n-th context
+    # row: one kernel serves both layouts (the index costs 4 bytes per context row).
+    if ctx_k.stride() != ctx_v.stride() or ctx_k.stride(0) % max(ctx_k.stride(1), 1) or ctx_k.stride(3) != 1:
+        ctx_k, ctx_v = ctx_k.contiguous(), ctx_v.contiguous()
+    per_req = ctx_k.stride(0) // max(ctx_k.stride(1), 1)
+    num_rows = (num_reqs - 1) * per_req + num_ctx
+    pool_shape, pool_strides = (max(num_rows, 1), kv_heads, head_dim), (ctx_k.stride(1), ctx_k.stride(2), 1)
+    pool_k = torch.as_strided(ctx_k, pool_shape, pool_strides) if num_ctx else ctx_k.new_zeros(1, kv_heads, head_dim)
+    pool_v = torch.as_strided(ctx_v, pool_shape, pool_strides) if num_ctx else ctx_v.new_zeros(1, kv_heads, head_dim)
+    rows = (torch.arange(num_reqs, device=device)[:, None] * per_req
+            + torch.arange(max(num_ctx, 1), device=device)[None, :]).to(torch.int32)
+    return _launch_paged(q, pool_k, pool_v, rows, ctx_lens, k, v, scale, out, block_n, num_warps)
 
 
 @triton.jit(do_not_specialize=["block", "head_dim"])
@@ -260,12 +195,19 @@ def paged_block_attention(
     rows = rows.contiguous()
     lens = torch.as_tensor(lens, dtype=torch.int32, device=device).clamp(0, rows.shape[1])
     check(_WHERE, lens.shape == (num_reqs,), f"lens must hold {num_reqs} lengths")
+    return _launch_paged(q, pool_k, pool_v, rows, lens, k, v, scale, out, block_n, num_warps)
+
+
+def _launch_paged(q, pool_k, pool_v, rows, lens, k, v, scale, out, block_n, num_warps) -> torch.Tensor:
+    """One program per (request, query head) over checked inputs (see the two wrappers above)."""
+    num_reqs, block, heads, head_dim = q.shape
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     else:
-        check_tensor(_WHERE, "out", out, tuple(q.shape), (dtype,), device)
+        check_tensor(_WHERE, "out", out, tuple(q.shape), (q.dtype,), q.device)
     if num_reqs == 0:
         return out
+    kv_heads = pool_k.shape[1]
     scale = head_dim ** -0.5 if scale is None else float(scale)
     check(_WHERE, math.isfinite(scale), f"scale must be finite, got {scale}")
     block_q = max(16, next_pow2(block))
@@ -276,7 +218,7 @@ def paged_block_attention(
         *q.stride()[:3], *pool_k.stride()[:2], *pool_v.stride()[:2], rows.stride(0),
         *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(head_dim)),
-        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps,
     )
     return out

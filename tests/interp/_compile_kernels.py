@@ -65,9 +65,9 @@ def variants():
                  "BLOCK_H": 16, "BLOCK_RANK": 16}, 4, arch)
     for dtype, precision in (("fp32", "ieee"), ("bf16", "tf32")):
         yield f"block_attention[{dtype}]", lambda arch, dtype=dtype, precision=precision: build(
-            block_attention._block_attention_kernel,
-            {name: f"*{dtype}" for name in ("q_ptr", "ctx_k_ptr", "ctx_v_ptr", "blk_k_ptr", "blk_v_ptr", "out_ptr")}
-            | {"ctx_lens_ptr": "*i64"},
+            block_attention._paged_block_attention_kernel,
+            {name: f"*{dtype}" for name in ("q_ptr", "pool_k_ptr", "pool_v_ptr", "blk_k_ptr", "blk_v_ptr", "out_ptr")}
+            | {"rows_ptr": "*i32", "ctx_lens_ptr": "*i32"},
             {"BLOCK_Q": 16, "BLOCK_N": 32, "BLOCK_D": 64, "DOT_PRECISION": precision}, 4, arch,
             floats=("qk_scale",))
 
