@@ -63,7 +63,6 @@ def test_shingles_catch_an_evaluation_prompt_inside_a_longer_one():
     assert not corpus.overlaps_eval([{"role": "assistant", "content": inside[0]["content"]}] + unrelated, banned)
 
 
-@pytest.mark.skipif(not (COMMITTED / "manifest.json").exists(), reason="the corpus is not committed in this checkout")
 def test_committed_corpus_is_intact_and_holds_no_evaluation_prompt():
     manifest = corpus.verify(COMMITTED, quiet=True)
     assert manifest["response_tokens"] >= 100_000
