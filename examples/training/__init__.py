@@ -9,4 +9,8 @@ Modules:
 - `losses`: DeepSpec's loss (CE + L1/TV + confidence BCE, position weights exp(-k/4)).
 - `sampled_vocab`: `--vocab-sample N`, a sampled-softmax LM head for the block drafters (training speed).
 - `export`: config.json + model.safetensors in DeepSpec's format (bf16, without embed/lm_head).
+- `corpus`: the self-distillation data engine (training-only prompts answered by the target in
+  SGLang's CPU engine; checksummed token-id shards, committed under `corpus/`).
+- `corpus_features`: target features of a corpus, cached per shard and memory-mapped (`ShardedFeatureSet`).
+- `train_state`: resumable training state (weights, AdamW moments, random streams) in safetensors/JSON.
 """
