@@ -114,6 +114,11 @@ def _vocab_label(drafter) -> str:
 
 
 class DSparkPluginWorker(BaseSpecWorker):
+    # Optional parts, off unless __init__ turns them on (class defaults keep partial constructions,
+    # e.g. unit tests of one phase, from reaching __getattr__'s delegation to the target).
+    probe: RoundProbe | None = None  # benchmarks/round_cost.py only
+    uses_context_pool = False
+    context_pool = None
     def __init__(self, server_args, gpu_id: int, nccl_port: int, target_worker):
         super().__init__()
         self.server_args = server_args
