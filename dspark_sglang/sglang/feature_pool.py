@@ -13,7 +13,9 @@ as long as the KV they belong to:
   `req_to_token[req_pool_idx, have:prefix]`.
 
 Cost: one row of `len(target_layer_ids) x hidden` per KV slot, in the model dtype, allocated on
-the first write and logged. Enabled with the radix cache (DSPARK_KEEP_RADIX_CACHE=1).
+the first write and logged. Used for drafters that keep per-request caches (Eagle3) when
+DSPARK_KEEP_RADIX_CACHE=1; DSpark and DFlash drafters keep their context K/V per KV slot instead
+(drafters/block.py `KvSlotContext`), which a radix-cache hit finds in place.
 """
 
 from __future__ import annotations
