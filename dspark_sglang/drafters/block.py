@@ -390,16 +390,7 @@ class BlockDrafterBase:
         total = sum(counts)
         if not total:
             return
-        feats = torch.cat(features).to(self.device, self.dtype)  # [sum n_i, F]
-        pos = torch.cat(positions).to(self.device)  # [sum n_i]
-        if total < _MIN_GEMM_ROWS:
-            # CPU BLAS takes a different (gemv-like) path for a handful of rows, whose rounding
-            # differs from the prefill GEMM's; zero rows keep a 1-4 row append on the same path,
-            # so an incrementally built cache matches one built from scratch (measured: exactly).
-            feats = torch.cat([feats, feats.new_zeros(_MIN_GEMM_ROWS - total, feats.shape[1])])
-            pos = torch.cat([pos, pos.new_zeros(_MIN_GEMM_ROWS - total)])
-        keys, values = self.backbone.context_kv(feats, pos)  # [L, rows, kv_heads, d]
-        keys, values = keys[:, :total], values[:, :total]
+        keys, values = self.context_rows(torch.cat(features), torch.cat(positions))  # [L, sum n_i, kv_heads, d]
         for slot, k, v in zip(slots, keys.split(counts, dim=1), values.split(counts, dim=1)):
             if k.shape[1]:
                 self.cache.append(slot, k, v)
@@ -454,7 +445,10 @@ class BlockDrafterBase:
         total = features.shape[0]
         feats = features.to(self.device, self.dtype)
         pos = positions.to(self.device)
-        if total < _MIN_GEMM_ROWS:  # the same GEMM path as append_context (see there)
+        if total < _MIN_GEMM_ROWS:
+            # CPU BLAS takes a different (gemv-like) path for a handful of rows, whose rounding
+            # differs from the prefill GEMM's; zero rows keep a 1-4 row append on the same path,
+            # so an incrementally built cache matches one built from scratch (measured: exactly).
             feats = torch.cat([feats, feats.new_zeros(_MIN_GEMM_ROWS - total, feats.shape[1])])
             pos = torch.cat([pos, pos.new_zeros(_MIN_GEMM_ROWS - total)])
         keys, values = self.backbone.context_kv(feats, pos)

@@ -129,26 +129,31 @@ def _every_position(self, hidden_states, hidden_states_before_norm, aux_hidden_s
     return hidden_states, hidden_states_before_norm, aux_hidden_states, None, None, []
 
 
-class every_position_logits:
+class _instance_override:
+    """Within this context `obj.<name>` is `fn` bound to `obj` (an instance attribute shadows the
+    class's method); nothing happens when `active` is False."""
+
+    def __init__(self, obj, name: str, fn, active: bool = True):
+        self.obj, self.name, self.fn, self.active = obj, name, fn, active
+
+    def __enter__(self):
+        if self.active:
+            setattr(self.obj, self.name, self.fn.__get__(self.obj))
+        return self
+
+    def __exit__(self, *exc):
+        if self.active:
+            delattr(self.obj, self.name)
+        return False
+
+
+def every_position_logits(model, active: bool = True) -> _instance_override:
     """Within this context an EXTEND forward's logits cover every position ([T, V]), computed by the
     model's own LogitsProcessor in one LM-head pass (logit scale, soft-capping and the TP gather
     included). Without it an EXTEND keeps only each request's last position, and all-position
     logits would need a second pass over the LM head: on a CPU at batch 1 that is a fifth of a
     decode step's weight traffic (SmolLM2: 113 of 540 MB)."""
-
-    def __init__(self, model, active: bool = True):
-        self.processor = model.logits_processor
-        self.active = active
-
-    def __enter__(self):
-        if self.active:
-            self.processor._get_pruned_states = _every_position.__get__(self.processor)
-        return self
-
-    def __exit__(self, *exc):
-        if self.active:
-            del self.processor._get_pruned_states
-        return False
+    return _instance_override(model.logits_processor, "_get_pruned_states", _every_position, active)
 
 
 def _sdpa_extend_new_queries_only(
@@ -203,20 +208,8 @@ def _sdpa_extend_new_queries_only(
     return output
 
 
-class fast_verify_attention:
+def fast_verify_attention(backend) -> _instance_override:
     """Within this context, a torch_native backend serves extends with `_sdpa_extend_new_queries_only`
-    (an instance attribute shadows the class method; other backends are left alone)."""
-
-    def __init__(self, backend):
-        self.backend = backend
-        self.active = type(backend).__name__ == "TorchNativeAttnBackend"
-
-    def __enter__(self):
-        if self.active:
-            self.backend._run_sdpa_forward_extend = _sdpa_extend_new_queries_only.__get__(self.backend)
-        return self
-
-    def __exit__(self, *exc):
-        if self.active:
-            del self.backend._run_sdpa_forward_extend
-        return False
+    (other backends are left alone)."""
+    return _instance_override(backend, "_run_sdpa_forward_extend", _sdpa_extend_new_queries_only,
+                              active=type(backend).__name__ == "TorchNativeAttnBackend")
