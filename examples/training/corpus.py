@@ -232,10 +232,17 @@ def done_shards(folder: Path) -> list[int]:
     return sorted(int(p.stem.split("-")[1]) for p in folder.glob("shard-*.json"))
 
 
+def manifest_shards(folder: Path) -> list[int]:
+    """The shards manifest.json lists: a shard a running `generate` has just written is not among them
+    until the manifest is rewritten, so readers see a fixed, checksummed corpus."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    return sorted(int(name.split("-")[1]) for name in manifest["shards"])
+
+
 def load_corpus(folder: Path, shards: list[int] | None = None) -> list[dict]:
     """Every sample of the corpus (or of `shards`), shard by shard, after checking the manifest."""
     verify(folder, quiet=True)
-    return [row for k in (shards if shards is not None else done_shards(folder)) for row in read_shard(folder, k)]
+    return [row for k in (shards if shards is not None else manifest_shards(folder)) for row in read_shard(folder, k)]
 
 
 def write_manifest(folder: Path) -> dict:

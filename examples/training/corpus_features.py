@@ -3,11 +3,11 @@ lazily, so a corpus of millions of tokens trains without holding its features in
 
     python -m examples.training.corpus_features --corpus examples/training/corpus/smollm2-135m --workers 2
 
-For corpus shard k, `<cache>/corpus-features/<key>/shard-0000k.safetensors` holds what
+For corpus shard k, `<cache>/corpus-features/<key>/shard-0000k-<sha>.safetensors` holds what
 features.extract computes for its samples (prompt + response, capped at `max_len` tokens): tokens,
 offsets, prompt_lens, features [N, len(layer_ids) * H] float16, topk_ids [N, K] int32, topk_logp
-[N, K] float32. `key` digests the corpus manifest and the settings, so a changed corpus or setting
-never reads stale features. Files are written atomically; a stage interrupted half-way resumes with
+[N, K] float32. `key` digests the settings and `<sha>` the shard's token file, so a changed shard or
+setting never reads stale features, and new shards leave the old ones' features valid. Files are written atomically; a stage interrupted half-way resumes with
 the shards still missing, and `--workers n` runs n processes on disjoint shards.
 
 The target runs in bfloat16 (twice float32's speed on an AVX512-BF16 CPU); its final hidden states
@@ -37,12 +37,21 @@ from examples.training.data import Sample
 FORMAT_VERSION = 1
 
 
-def cache_folder(cache_dir: Path, corpus: Path, layer_ids, topk: int, max_len: int, dtype: str) -> Path:
-    manifest = json.loads((corpus / "manifest.json").read_text())
-    payload = dict(shards={k: v["sha256_npz"] for k, v in manifest["shards"].items()}, layer_ids=list(layer_ids),
-                   topk=topk, max_len=max_len, dtype=dtype, version=FORMAT_VERSION)
+def cache_folder(cache_dir: Path, layer_ids, topk: int, max_len: int, dtype: str) -> Path:
+    """One folder per extraction setting; the corpus content is keyed per shard (`feature_path`),
+    so a corpus that grows by new shards keeps the features of the old ones."""
+    payload = dict(layer_ids=list(layer_ids), topk=topk, max_len=max_len, dtype=dtype, version=FORMAT_VERSION)
     key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
     return cache_dir / "corpus-features" / key
+
+
+def feature_path(folder: Path, corpus: Path, k: int) -> Path:
+    """Shard k's feature file, named by the digest of its token file: regenerated shard = new file."""
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    name = corpus_mod.shard_name(k)
+    if name not in manifest["shards"]:
+        raise SystemExit(f"{corpus}: {name} is not in manifest.json (run python -m examples.training.corpus manifest)")
+    return folder / f"{name}-{manifest['shards'][name]['sha256_npz'][:12]}.safetensors"
 
 
 def shard_samples(corpus: Path, k: int) -> list[Sample]:
@@ -57,7 +66,7 @@ def build(model, corpus: Path, folder: Path, shards: list[int], layer_ids, topk:
     folder.mkdir(parents=True, exist_ok=True)
     head = model.lm_head.weight.detach().float()
     for k in shards:
-        out = folder / f"{corpus_mod.shard_name(k)}.safetensors"
+        out = feature_path(folder, corpus, k)
         if out.exists():
             continue
         start = time.time()
@@ -122,8 +131,8 @@ class ShardedFeatureSet:
                     prompt_len=int(part.prompt_lens[local]))
 
 
-def feature_files(folder: Path, shards: list[int]) -> list[Path]:
-    files = [folder / f"{corpus_mod.shard_name(k)}.safetensors" for k in shards]
+def feature_files(folder: Path, corpus: Path, shards: list[int]) -> list[Path]:
+    files = [feature_path(folder, corpus, k) for k in shards]
     missing = [f.name for f in files if not f.exists()]
     if missing:
         raise SystemExit(f"{folder}: features missing for {missing} (run python -m examples.training.corpus_features)")
@@ -141,13 +150,18 @@ def main(argv=None) -> int:
     parser.add_argument("--layer-ids", default="1,8,14,20,27", help="target decoder layers (the zoo drafters' default)")
     parser.add_argument("--topk", type=int, default=64)
     parser.add_argument("--max-len", type=int, default=2048)
+    parser.add_argument("--shards", default=None, metavar="A:B",
+                        help="extract shards A..B-1 only (default: every shard of the manifest)")
     parser.add_argument("--workers", type=int, default=1, help="processes (each one OpenMP thread)")
     parser.add_argument("--target-path", default=None)
     parser.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     layer_ids = [int(x) for x in args.layer_ids.split(",")]
-    folder = cache_folder(args.cache_dir, args.corpus, layer_ids, args.topk, args.max_len, "bfloat16")
-    shards = corpus_mod.done_shards(args.corpus)
+    folder = cache_folder(args.cache_dir, layer_ids, args.topk, args.max_len, "bfloat16")
+    shards = corpus_mod.manifest_shards(args.corpus)
+    if args.shards:
+        lo, hi = (int(x) for x in args.shards.split(":"))
+        shards = [k for k in shards if lo <= k < hi]
     corpus_mod.verify(args.corpus, quiet=True)
     if args.worker_index is None and args.workers > 1:
         import subprocess
