@@ -9,6 +9,7 @@ Formats (see shared/reference/drafters-and-paper.md §1-§2 and tests/fixtures/d
 | `zlab_dflash` | `DFlashDraftModel` | dflash | `dflash_config{mask_token_id, target_layer_ids}`, top-level `block_size` |
 | `deepspec_eagle3` | `Qwen3Eagle3Model` (or `Eagle3DraftModel`) | eagle3 | top level |
 | `specforge_eagle3` | `LlamaForCausalLMEagle3` | eagle3 | `eagle_config.eagle_aux_hidden_state_layer_ids`, `draft_vocab_size` |
+| `speculators_dspark`, `speculators_dflash`, `speculators_eagle3` | any, with `speculators_model_type` | per type | vLLM speculators: see speculators_format.py |
 
 Layer ids everywhere mean "the output of target decoder layer l" (HF `hidden_states[l + 1]`);
 DeepSpec allows -1 for the embedding output. Validation errors name the config file and the field.
@@ -39,6 +40,9 @@ FORMAT_FAMILY = {
     "zlab_dflash": ("dflash", "zlab"),
     "deepspec_eagle3": ("eagle3", "deepspec"),
     "specforge_eagle3": ("eagle3", "specforge"),
+    "speculators_dspark": ("dspark", "speculators"),
+    "speculators_dflash": ("dflash", "speculators"),
+    "speculators_eagle3": ("eagle3", "speculators"),
 }
 _ARCHITECTURES = {
     "Qwen3DSparkModel": "deepspec_block",
@@ -72,6 +76,10 @@ def _guess_from_tensors(names: set[str]) -> str | None:
 
 def detect_format(config: dict, tensor_names, path: str) -> str:
     """One of FORMAT_FAMILY's keys, from `architectures[0]` (or the tensor names without it)."""
+    if "speculators_model_type" in config:  # before `architectures`: speculators reuses names such as DSparkDraftModel
+        from dspark_sglang.drafters.speculators_format import detect
+
+        return detect(config, path)
     archs = config.get("architectures")
     if archs is not None and (not isinstance(archs, list) or not archs or not isinstance(archs[0], str)):
         raise DrafterConfigError(_config_file(path), "architectures", f"must be a non-empty list of names, got {archs!r}")
@@ -204,6 +212,12 @@ class BlockDrafterConfig:
     markov_head_type: str | None  # vanilla | gated | rnn when markov_rank > 0
     confidence_head: bool
     confidence_with_markov: bool  # confidence features [h ; W1[prev]] instead of [h]
+    # True: slot k predicts anchor + k + 1 (DeepSpec). False: only mask slot j predicts, anchor + j
+    # (z-lab; speculators' `sample_from_anchor: false`).
+    sample_from_anchor: bool = True
+    # A draft vocabulary of the checkpoint's own (speculators' d2t/t2d): lm_head and Markov W2 have
+    # this many rows. None: the full vocabulary.
+    draft_vocab_size: int | None = None
 
     @property
     def family(self) -> str:
@@ -212,7 +226,7 @@ class BlockDrafterConfig:
     @property
     def gamma(self) -> int:
         """Drafts per block: DeepSpec's anchor slot predicts too; z-lab drafts from mask slots only."""
-        return self.block_size - 1 if self.format == "zlab_dflash" else self.block_size
+        return self.block_size if self.sample_from_anchor else self.block_size - 1
 
     @property
     def context_width(self) -> int:
@@ -267,7 +281,8 @@ def parse_block_config(config: dict, fmt: str, path: str) -> BlockDrafterConfig:
         raise DrafterConfigError(_config_file(path), "block_size", f"must be >= 2 (an anchor and at least one mask), got {block}")
     if block > MAX_DRAFTS_PER_BLOCK:
         raise DrafterConfigError(_config_file(path), "block_size", f"{block} exceeds the sanity limit {MAX_DRAFTS_PER_BLOCK}")
-    return BlockDrafterConfig(fmt, dims, block, mask, layer_ids, num_target, rank, head, conf, conf_markov)
+    return BlockDrafterConfig(fmt, dims, block, mask, layer_ids, num_target, rank, head, conf, conf_markov,
+                              sample_from_anchor=fmt != "zlab_dflash")
 
 
 @dataclass(frozen=True)
@@ -280,9 +295,12 @@ class Eagle3Config:
     num_target_layers: int | None
     draft_vocab_size: int
     gamma: int  # autoregressive steps per block
+    qk_norms: bool | None = None  # None: by format (speculators: by transformer_layer_config.model_type)
 
     @property
     def qk_norm(self) -> bool:
+        if self.qk_norms is not None:
+            return self.qk_norms
         return self.format == "deepspec_eagle3"  # Qwen3 q/k norms; SpecForge's Llama layer has none
 
 
@@ -322,7 +340,8 @@ def validate_against_target(cfg: BlockDrafterConfig | Eagle3Config, target: Targ
         )
     if not cfg.target_layer_ids:
         raise DrafterConfigError(file, "target_layer_ids", "no target layer ids in the config")
-    low = -1 if cfg.format.startswith("deepspec") else 0  # DeepSpec: -1 is the embedding output
+    # DeepSpec: -1 is the embedding output; so is speculators' id 0 (its ids are ours + 1).
+    low = -1 if cfg.format.startswith(("deepspec", "speculators")) else 0
     bad = [l for l in cfg.target_layer_ids if not low <= l < target.num_hidden_layers]
     if bad:
         raise TargetMismatchError(

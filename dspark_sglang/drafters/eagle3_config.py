@@ -28,8 +28,8 @@ from dspark_sglang.drafters.errors import DrafterConfigError, DrafterWeightsErro
 from dspark_sglang.drafters.interface import TargetSpec
 
 # build_eagle3's `fmt` (the source, as in FORMAT_FAMILY) -> config.py's format key.
-EAGLE3_FORMATS = {"deepspec": "deepspec_eagle3", "specforge": "specforge_eagle3"}
-LAYER_PREFIX = {"deepspec_eagle3": "layers.0.", "specforge_eagle3": "midlayer."}
+EAGLE3_FORMATS = {"deepspec": "deepspec_eagle3", "specforge": "specforge_eagle3", "speculators": "speculators_eagle3"}
+LAYER_PREFIX = {"deepspec_eagle3": "layers.0.", "specforge_eagle3": "midlayer.", "speculators_eagle3": "layers.0."}
 
 
 def _config_file(path: str) -> str:
@@ -64,8 +64,19 @@ def parse_layout(
 ) -> Eagle3Layout:
     """Parse and validate the config against the target, then decide the tensor layout."""
     key = resolve_format(fmt, path)
-    cfg = parse_eagle3_config(config, key, path, target.num_hidden_layers)
+    if key == "speculators_eagle3":  # its own config layout (imported lazily: it imports this module)
+        from dspark_sglang.drafters.speculators_format import parse_speculators
+
+        cfg = parse_speculators(config, path)
+    else:
+        cfg = parse_eagle3_config(config, key, path, target.num_hidden_layers)
     validate_against_target(cfg, target, path)  # hidden, vocab, num_target_layers, layer id range
+    return layout_for(cfg, tensors, path)
+
+
+def layout_for(cfg: Eagle3Config, tensors: dict[str, torch.Tensor], path: str) -> Eagle3Layout:
+    """The tensor layout of a parsed, target-checked config (checks that need no format knowledge)."""
+    key = cfg.format
     dims, file = cfg.dims, _config_file(path)
     if dims.num_layers != 1:
         # Both formats train exactly one decoder layer; a deeper stack would need per-layer caches.
@@ -76,7 +87,7 @@ def parse_layout(
         raise DrafterConfigError(file, "draft_vocab_size", "DeepSpec Eagle3 drafts over the full vocabulary")
     if cfg.gamma < 1:
         raise DrafterConfigError(file, "ttt_length", f"must be >= 1, got {cfg.gamma}")
-    has_map = key == "specforge_eagle3" and (cfg.draft_vocab_size < dims.vocab_size or "d2t" in tensors or "t2d" in tensors)
+    has_map = key != "deepspec_eagle3" and (cfg.draft_vocab_size < dims.vocab_size or "d2t" in tensors or "t2d" in tensors)
     embed_in_ckpt = key == "deepspec_eagle3" or "embed_tokens.weight" in tensors
     layout = Eagle3Layout(cfg, LAYER_PREFIX[key], embed_in_ckpt, has_map)
     check_head_shapes(layout, tensors, path)
@@ -99,7 +110,7 @@ def check_head_shapes(layout: Eagle3Layout, tensors: dict[str, torch.Tensor], pa
         )
     head = tensors.get("lm_head.weight")
     if head is not None and tuple(head.shape) != (cfg.draft_vocab_size, hidden):
-        field = "draft_vocab_size" if layout.source == "specforge" else "vocab_size"
+        field = "vocab_size" if layout.source == "deepspec" else "draft_vocab_size"
         raise DrafterWeightsError(
             path, "lm_head.weight", f"shape {list(head.shape)} disagrees with {field}={cfg.draft_vocab_size} x hidden {hidden}"
         )

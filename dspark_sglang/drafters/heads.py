@@ -28,13 +28,14 @@ from dspark_sglang.sampling import SamplingBatch, process_logits, sample_from_pr
 
 
 class MarkovHead(nn.Module):
-    def __init__(self, kind: str, vocab_size: int, hidden_size: int, rank: int):
+    def __init__(self, kind: str, vocab_size: int, hidden_size: int, rank: int, draft_vocab_size: int | None = None):
         super().__init__()
         if kind not in ("vanilla", "gated", "rnn"):
             raise ValueError(f"unknown markov_head_type {kind!r}")
         self.kind, self.rank = kind, rank
-        self.markov_w1 = nn.Embedding(vocab_size, rank)
-        self.markov_w2 = nn.Linear(rank, vocab_size, bias=False)
+        self.markov_w1 = nn.Embedding(vocab_size, rank)  # indexed by the previous TARGET id
+        # W2 projects onto the logits' vocabulary: a checkpoint's own draft vocabulary when it has one.
+        self.markov_w2 = nn.Linear(rank, draft_vocab_size or vocab_size, bias=False)
         if kind == "gated":
             self.gate_proj = nn.Linear(hidden_size + rank, rank)
         elif kind == "rnn":
@@ -58,21 +59,36 @@ class MarkovHead(nn.Module):
         if self.kind == "gated":
             gate = torch.sigmoid(self.gate_proj(torch.cat([hidden, prev_rows], dim=-1)))
             return project(gate * prev_rows), None
+        state, out_in = self._recur(hidden, prev_rows, state)
+        return project(torch.tanh(out_in)), state
+
+    def _recur(self, hidden, prev_rows, state) -> tuple[torch.Tensor, torch.Tensor]:
+        """RNN: (s_k [R, rank], the output pre-activation o [R, rank]) from s_{k-1}."""
         gate_in, cell_in, out_in = self.joint_proj(torch.cat([state, prev_rows, hidden], dim=-1)).chunk(3, dim=-1)
         gate = torch.sigmoid(gate_in)
-        state = gate * state + (1 - gate) * torch.tanh(cell_in)
-        return project(torch.tanh(out_in)), state
+        return gate * state + (1 - gate) * torch.tanh(cell_in), out_in
+
+    def advance(
+        self,
+        hidden: torch.Tensor,  # [R, H] h of a slot that drafts nothing
+        prev_rows: torch.Tensor,  # [R, rank] W1 of its previous token
+        state: torch.Tensor,  # [R, rank]
+    ) -> torch.Tensor:
+        """The RNN state after a slot whose bias is not needed (no W2 projection)."""
+        return self._recur(hidden, prev_rows, state)[0]
 
     def teacher_forced(
         self,
         hidden: torch.Tensor,  # [R, G, H]
         prev_tokens: torch.Tensor,  # [R, G] int64, [anchor, gt_1 .. gt_{G-1}]
+        state: torch.Tensor | None = None,  # [R, rank] s_{-1} (rnn); None: zeros
     ) -> torch.Tensor:
         """Biases [R, G, V] for given previous tokens (the training path)."""
         rows = self.markov_w1(prev_tokens)  # [R, G, rank]
         if self.kind != "rnn":  # stateless: all slots at once
             return self.step(hidden, rows, None)[0]
-        state = self.initial_state(hidden.shape[0], hidden)
+        if state is None:
+            state = self.initial_state(hidden.shape[0], hidden)
         biases = []
         for k in range(hidden.shape[1]):  # the recurrence is inherently sequential over slots
             bias, state = self.step(hidden[:, k], rows[:, k], state)
@@ -161,6 +177,7 @@ def sample_sequential_with_uniforms(
     uniforms: torch.Tensor,  # [R, G] U(0,1): uniforms[:, k] draws x_{k+1}
     vocab=None,  # DraftVocab: base_logits are over its Vd ids (see below)
     w2_rows: torch.Tensor | None = None,  # [Vd, rank] the Markov W2 rows of `vocab`
+    initial_state: torch.Tensor | None = None,  # [R, rank] the RNN state entering slot 0; None: zeros
 ) -> tuple[DraftBlock, torch.Tensor]:
     """`sample_sequential` with its randomness given as a tensor (the reference the fused
     kernel in kernels/sequential_head.py is tested against); same returns.
@@ -173,6 +190,8 @@ def sample_sequential_with_uniforms(
     if uniforms.shape != (num_reqs, gamma):
         raise ValueError(f"uniforms must be [{num_reqs}, {gamma}], got {tuple(uniforms.shape)}")
     state = markov.initial_state(num_reqs, hidden) if markov is not None else None
+    if initial_state is not None:
+        state = initial_state
     prev = anchors.to(base_logits.device)
     tokens, indices, probs, logits, conf = [], [], [], [], []
     for k in range(gamma):
@@ -207,10 +226,11 @@ def teacher_forced_scores(
     prev_tokens: torch.Tensor,  # [R, G] int64, [anchor, gt_1 .. gt_{G-1}]
     markov: MarkovHead | None,
     confidence: ConfidenceHead | None,
+    initial_state: torch.Tensor | None = None,  # [R, rank] the RNN state entering slot 0; None: zeros
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Corrected logits U + B [R, G, V] and confidence logits [R, G] (or None) for given prefixes."""
     rows = markov.markov_w1(prev_tokens) if markov is not None else None
-    logits = base_logits if markov is None else base_logits + markov.teacher_forced(hidden, prev_tokens)
+    logits = base_logits if markov is None else base_logits + markov.teacher_forced(hidden, prev_tokens, initial_state)
     conf = None
     if confidence is not None:
         conf = confidence(hidden, rows)

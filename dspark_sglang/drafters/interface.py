@@ -46,7 +46,7 @@ class DrafterInfo:
     """Static facts the worker and scheduler need; capabilities, not family identity checks."""
 
     family: str  # "dspark" | "dflash" | "eagle3"
-    format: str  # "deepspec" | "zlab" | "specforge"
+    format: str  # "deepspec" | "zlab" | "specforge" | "speculators"
     gamma: int  # drafts per block
     target_layer_ids: tuple[int, ...]  # decoder-layer outputs the drafter reads (0-based layer ids)
     target_hidden_size: int

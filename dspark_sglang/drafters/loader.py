@@ -4,7 +4,8 @@
 |---|---|---|
 | deepspec_dspark, deepspec_dflash | `dspark.DSparkDrafter` | features (embed/lm_head copies: see below) |
 | zlab_dflash | `dflash_zlab.ZlabDFlashDrafter` | features, `embed_tokens`, `lm_head` |
-| deepspec_eagle3, specforge_eagle3 | `eagle3.build_eagle3` (imported lazily) | see eagle3.py |
+| deepspec_eagle3, specforge_eagle3, speculators_eagle3 | `eagle3.build_eagle3` (imported lazily) | see eagle3.py |
+| speculators_dspark, speculators_dflash | `speculators_format.build_block` -> `dspark.DSparkDrafter` | features, `embed_tokens`, `lm_head` (full vocabulary) |
 
 Borrowed copies. DeepSpec checkpoints (DSpark, DFlash, Eagle3) normally carry `embed_tokens.weight`
 and `lm_head.weight`, frozen copies of the target's. A checkpoint may omit either copy (the project's
@@ -53,11 +54,19 @@ def _build_zlab(cfg, tensors, target, path, dtype, device):
     return ZlabDFlashDrafter.from_checkpoint(cfg, tensors, target, path, dtype, device)
 
 
+def _build_speculators_block(cfg, tensors, target, path, dtype, device):
+    from dspark_sglang.drafters.speculators_format import build_block
+
+    return build_block(cfg, tensors, target, path, dtype, device)
+
+
 # format key -> factory(parsed config, tensors, target, path, dtype, device) for the block drafters.
 BLOCK_FACTORIES = {
     "deepspec_dspark": _build_deepspec_block,
     "deepspec_dflash": _build_deepspec_block,
     "zlab_dflash": _build_zlab,
+    "speculators_dspark": _build_speculators_block,
+    "speculators_dflash": _build_speculators_block,
 }
 
 
@@ -83,9 +92,16 @@ def _borrow_target_copies(fmt: str, cfg, tensors: dict[str, torch.Tensor], targe
 
 
 def _parse(config: dict, fmt: str, path: str, target_num_layers: int | None, shapes: dict) -> BlockDrafterConfig | Eagle3Config:
-    if FORMAT_FAMILY[fmt][0] == "eagle3":
+    if fmt.startswith("speculators"):
+        from dspark_sglang.drafters.speculators_format import parse_speculators
+
+        cfg = parse_speculators(config, path)
+        if isinstance(cfg, Eagle3Config):
+            return cfg
+    elif FORMAT_FAMILY[fmt][0] == "eagle3":
         return parse_eagle3_config(config, fmt, path, target_num_layers)
-    cfg = parse_block_config(config, fmt, path)
+    else:
+        cfg = parse_block_config(config, fmt, path)
     # Headers before building: modules are built per layer (on meta, but still one Python object
     # each), so a hostile num_hidden_layers of 10**9 must be refused before anything is built.
     stored = {name.split(".")[1] for name in shapes if name.startswith("layers.") and name.count(".") >= 2}
@@ -141,6 +157,10 @@ def _load_checkpoint(path: str, target: TargetSpec, dtype: torch.dtype, device) 
     shapes = read_tensor_shapes(path)  # headers only: a garbage file fails before anything heavy
     fmt = detect_format(config, shapes.keys(), path)
     cfg = _parse(config, fmt, path, target.num_hidden_layers, shapes)
+    if fmt.startswith("speculators"):
+        from dspark_sglang.drafters.speculators_format import check_target
+
+        check_target(cfg, target, path)
     validate_against_target(cfg, target, path)
     tensors = _borrow_target_copies(fmt, cfg, read_tensors(path), target, path, dtype, device)
     if isinstance(cfg, Eagle3Config):
@@ -158,7 +178,7 @@ class DrafterDescription:
     path: str
     format: str  # FORMAT_FAMILY key, e.g. "deepspec_dspark"
     family: str  # "dspark" | "dflash" | "eagle3"
-    source: str  # "deepspec" | "zlab" | "specforge"
+    source: str  # "deepspec" | "zlab" | "specforge" | "speculators"
     architecture: str
     gamma: int  # drafts per block (Eagle3: autoregressive steps)
     num_layers: int
@@ -200,11 +220,12 @@ def describe_drafter(path: str | os.PathLike) -> DrafterDescription:
     borrows = [name for name in ("embed_tokens", "lm_head") if f"{name}.weight" not in shapes]
     if isinstance(cfg, BlockDrafterConfig):
         block, mask, head, conf, draft_vocab = (
-            cfg.block_size, cfg.mask_token_id, cfg.markov_head_type, cfg.confidence_head, dims.vocab_size
+            cfg.block_size, cfg.mask_token_id, cfg.markov_head_type, cfg.confidence_head,
+            cfg.draft_vocab_size or dims.vocab_size,
         )
     else:
         block, mask, head, conf, draft_vocab = None, None, None, False, cfg.draft_vocab_size
-        if fmt == "specforge_eagle3":  # a reduced-vocabulary lm_head: always the checkpoint's own
+        if fmt in ("specforge_eagle3", "speculators_eagle3"):  # a reduced-vocabulary lm_head: always the checkpoint's own
             borrows = [b for b in borrows if b == "embed_tokens"]
     return DrafterDescription(
         path=path, format=fmt, family=family, source=source,
