@@ -323,12 +323,12 @@ def corpus_data(args, layer_ids):
     from examples.training.corpus_features import ShardedFeatureSet, cache_folder, feature_files
 
     manifest = corpus_mod.verify(args.corpus, quiet=True)
-    shards = corpus_mod.done_shards(args.corpus)
+    shards = corpus_mod.manifest_shards(args.corpus)
     held = _shard_range(args.holdout_shards, (shards[-1], shards[-1] + 1))
     train = [k for k in _shard_range(args.corpus_shards, (shards[0], shards[-1] + 1)) if k not in held and k in shards]
-    folder = cache_folder(args.cache_dir, args.corpus, layer_ids, args.topk, args.max_len, "bfloat16")
-    fs = ShardedFeatureSet(feature_files(folder, train))
-    eval_fs = ShardedFeatureSet(feature_files(folder, held))
+    folder = cache_folder(args.cache_dir, layer_ids, args.topk, args.max_len, "bfloat16")
+    fs = ShardedFeatureSet(feature_files(folder, args.corpus, train))
+    eval_fs = ShardedFeatureSet(feature_files(folder, args.corpus, held))
     train_ids = [s for s in range(fs.num_seqs) if anchor_candidates(fs.seq(s))]
     order = list(range(eval_fs.num_seqs))
     random.Random(args.seed).shuffle(order)
@@ -421,6 +421,8 @@ def main(argv=None) -> None:
 
     t_train = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.eval_every and first_step == 0:
+        held_out(0)  # where the curve starts: a random or --init-from drafter on the same held-out rows
     bar = tqdm(range(first_step, args.steps), desc=f"training {args.family}", unit="step", initial=first_step, total=args.steps)
     for step in bar:
         if len(pool) < args.batch_seqs:

@@ -3,6 +3,8 @@ setting, one file per shard named by the shard's checksum, read lazily per seque
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -70,3 +72,19 @@ def test_sharded_feature_set_slices_each_sequence(tmp_path):
     assert fs.seq(2)["features"][1, 0].item() == 106.0
     with pytest.raises(ValueError, match="no feature files"):
         cf.ShardedFeatureSet([])
+
+
+def test_plot_curves_reads_runs_and_rejects_other_json(tmp_path):
+    from examples.training import plot_curves
+
+    run = tmp_path / "run"
+    run.mkdir()
+    point = dict(step=0, seconds=6.0, anchors_seen=0, accept_at=[0.3, 0.2], agree_at=[0.25, 0.2], tau_prob=1.4)
+    (run / "learning_curve.json").write_text(json.dumps([point, dict(point, step=500, anchors_seen=16000, tau_prob=1.6)]))
+    text = plot_curves.table({"a": plot_curves.load_curve(run)})
+    assert "| a | 500 | 16000 | 0.1 | 0.300 | 0.250 | 1.600 |" in text
+    assert plot_curves.main([f"a={run}", "--out", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").stat().st_size > 0
+    (tmp_path / "bad.json").write_text(json.dumps({"step": 1}))
+    with pytest.raises(SystemExit, match="not a learning_curve.json"):
+        plot_curves.load_curve(tmp_path / "bad.json")
