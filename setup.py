@@ -56,6 +56,7 @@ setup(
             "dspark-bench = dspark_sglang.benchmarks.bench:main",
             "dspark-simulate = dspark_sglang.benchmarks.simulate:main",
             "dspark-soak = dspark_sglang.benchmarks.soak:main",
+            "dspark-convert = dspark_sglang.drafters.convert:main",
         ],
     },
 )

@@ -75,6 +75,9 @@ _BORROWABLE = {
     "deepspec_dspark": ("embed_tokens", "lm_head"),
     "deepspec_dflash": ("embed_tokens", "lm_head"),
     "deepspec_eagle3": ("embed_tokens", "lm_head"),  # full-vocabulary lm_head
+    # speculators rebuilds a missing full-vocabulary lm_head from the verifier (a missing embedding is
+    # borrowed by build_eagle3 itself); a draft-vocabulary lm_head must be in the checkpoint.
+    "speculators_eagle3": ("lm_head",),
 }
 
 
@@ -82,6 +85,8 @@ def _borrow_target_copies(fmt: str, cfg, tensors: dict[str, torch.Tensor], targe
                           dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
     """Fill in a DeepSpec checkpoint's omitted `embed_tokens.weight` / `lm_head.weight` from the target."""
     missing = [name for name in _BORROWABLE.get(fmt, ()) if f"{name}.weight" not in tensors]
+    if getattr(cfg, "draft_vocab_size", None) not in (None, cfg.dims.vocab_size):
+        missing = [name for name in missing if name != "lm_head"]  # [Vd, H]: nothing to borrow
     if not missing:
         return tensors
     shape = (cfg.dims.vocab_size, cfg.dims.hidden_size)
@@ -225,7 +230,7 @@ def describe_drafter(path: str | os.PathLike) -> DrafterDescription:
         )
     else:
         block, mask, head, conf, draft_vocab = None, None, None, False, cfg.draft_vocab_size
-        if fmt in ("specforge_eagle3", "speculators_eagle3"):  # a reduced-vocabulary lm_head: always the checkpoint's own
+        if fmt == "specforge_eagle3" or draft_vocab < dims.vocab_size:  # a reduced-vocabulary lm_head: the checkpoint's own
             borrows = [b for b in borrows if b == "embed_tokens"]
     return DrafterDescription(
         path=path, format=fmt, family=family, source=source,
