@@ -33,7 +33,10 @@ Hook points, and why these:
    per KV slot) to SGLang's per-token KV cost, so a pool sized from free memory leaves room for it
    (memory_budget.py).
 
-6. Opt-in, for every engine of a process tree: `DSPARK_CPU_DECODE_ATTENTION=fast` replaces
+6. An AROUND hook on SGLang's `get_config` reads a vLLM speculators drafter's nested decoder
+   config while server arguments are resolved (speculators_config.py); AutoConfig alone refuses it.
+
+7. Opt-in, for every engine of a process tree: `DSPARK_CPU_DECODE_ATTENTION=fast` replaces
    torch_native's per-request decode attention loop with a 3-5x faster one (cpu_attention.py).
 
 `DSPARK_USE_BUILTIN=1` leaves `DSPARK` to SGLang's built-in worker (CUDA, DSpark checkpoints only).
@@ -102,9 +105,10 @@ def register() -> None:
     )(_worker_factory)
     _install_takeover(refusal=None)
     _install_stats_report()
-    from dspark_sglang.sglang import memory_budget
+    from dspark_sglang.sglang import memory_budget, speculators_config
 
     memory_budget.install()
+    speculators_config.install()
     logger.info("dspark-sglang registered speculative algorithm %s", ALGORITHM_NAME)
 
 

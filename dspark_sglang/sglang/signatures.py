@@ -94,6 +94,8 @@ SGLANG_INTERNALS: list[Internal] = [
              ("self", "kvc"), "memory_budget.py adds the drafter's context pool to the KV cell size"),
     Internal("sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator", "field",
              ("calculate_pool_sizes",), "divides the free bytes by _cell_size (which we extend)"),
+    Internal("sglang.srt.utils.hf_transformers.config.get_config", "override", ("model", "trust_remote_code", "revision"),
+             "speculators_config.py answers for a speculators drafter (no top-level model_type) during resolution"),
     Internal("sglang.srt.managers.utils.GenerationBatchResult", "field",
              ("logits_output", "next_token_ids", "accept_lens", "new_seq_lens", "next_draft_input",
               "speculative_num_draft_tokens", "can_run_cuda_graph", "cap_lens"),

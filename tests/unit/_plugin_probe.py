@@ -27,7 +27,8 @@ try:
     out["registered"] = True
 except ValueError:
     out["registered"] = False
-args = ServerArgs(model_path="dummy", speculative_algorithm=sys.argv[2], device="cpu")
+draft = {"speculative_draft_model_path": sys.argv[3]} if len(sys.argv) > 3 else {}
+args = ServerArgs(model_path="dummy", speculative_algorithm=sys.argv[2], device="cpu", **draft)
 try:
     args.resolve_once()
     out["resolved"] = resolving_view(args).speculative_algorithm

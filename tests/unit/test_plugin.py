@@ -12,11 +12,12 @@ import pytest
 PROBE = Path(__file__).with_name("_plugin_probe.py")
 
 
-def run_probe(mode: str, algorithm: str = "DSPARK", **env) -> dict:
+def run_probe(mode: str, algorithm: str = "DSPARK", draft: str | None = None, **env) -> dict:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("DSPARK_")}
     environ.update(env)
     proc = subprocess.run(
-        [sys.executable, str(PROBE), mode, algorithm], env=environ, capture_output=True, text=True, timeout=300
+        [sys.executable, str(PROBE), mode, algorithm, *([draft] if draft else [])], env=environ,
+        capture_output=True, text=True, timeout=300,
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("PROBE ")]
     assert lines, f"probe failed:\n{proc.stdout}\n{proc.stderr[-3000:]}"
@@ -66,3 +67,30 @@ def test_mismatch_refuses_loudly_and_dspark_fails_with_the_reason():
     assert "refused to register" in out["stderr"] and "sglang 0.6.0" in out["stderr"]
     assert "RuntimeError" in out.get("error", "") and "sglang 0.6.0" in out["error"], out
     assert "DSPARK_USE_BUILTIN" in out["error"]
+
+
+SPECULATORS_DRAFT = Path(__file__).resolve().parents[1] / "fixtures" / "drafters" / "speculators_dspark_vanilla"
+
+
+def test_speculators_drafter_config_resolves():
+    """SGLang reads the draft path's config with AutoConfig while resolving arguments; a speculators
+    config.json has no top-level model_type, so without speculators_config.py's hook that fails."""
+    from transformers import AutoConfig
+
+    with pytest.raises(ValueError, match="model_type"):
+        AutoConfig.from_pretrained(SPECULATORS_DRAFT)
+    out = run_probe("normal", draft=str(SPECULATORS_DRAFT))
+    assert out.get("resolved") == "DSPARK_PLUGIN", out
+
+
+def test_speculators_hook_answers_with_the_nested_decoder_config(tmp_path):
+    from dspark_sglang.sglang.speculators_config import answer_speculators
+
+    config = answer_speculators(None, SPECULATORS_DRAFT)  # a speculators directory: never calls SGLang's
+    assert (config.model_type, config.hidden_size, config.num_hidden_layers) == ("qwen3", 64, 2)
+    assert config.architectures == ["DSparkDraftModel"]
+    other = tmp_path / "plain"
+    other.mkdir()
+    (other / "config.json").write_text('{"model_type": "qwen3"}')
+    assert answer_speculators(lambda model, *a, **k: ("sglang", model), other) == ("sglang", other)
+    assert answer_speculators(lambda model, *a, **k: "sglang", "HuggingFaceTB/SmolLM2-135M") == "sglang"
