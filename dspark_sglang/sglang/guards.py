@@ -78,6 +78,14 @@ class FaultInjector:
             self.injected["draft_exception"] += num_reqs
             raise InjectedFault("DSPARK_TEST_FAULT: injected exception in the draft step")
 
+    def maybe_extra_sync(self, tensor: torch.Tensor) -> None:
+        """extra_sync: one more host read in the round (per round), the negative control that shows
+        the host-sync counter (host_syncs.py) sees a sync added to the decode path."""
+        p = self.faults.get("extra_sync")
+        if p and self.rng.random() < p:
+            self.injected["extra_sync"] += 1
+            tensor.sum().item()
+
     def corrupt_block(self, block: DraftBlock) -> DraftBlock:
         """nan_draft: q (and q(x)) of a chosen request turn NaN from a random position on."""
         rows = self._rows("nan_draft", block.tokens.shape[0])

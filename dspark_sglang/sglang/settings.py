@@ -38,8 +38,9 @@ Fault injection (testing only). `DSPARK_TEST_FAULT=KIND[:P][,KIND[:P]...]` makes
 faults into its own decode rounds, to prove that each one falls back to plain decoding without
 changing a token: `nan_draft` (a request's draft distributions turn NaN from a random position on),
 `garbage_confidence` (a request's confidences turn into NaN / +-inf / huge / negative values),
-`draft_exception` (the draft step raises for the whole round). P in (0, 1] (default 1) is the chance
-per request and round (per round for `draft_exception`), drawn from a generator seeded by `seed` and
+`draft_exception` (the draft step raises for the whole round), `extra_sync` (one more host read per
+round: the negative control of the host-sync counter, `DSPARK_COUNT_HOST_SYNCS=1`). P in (0, 1]
+(default 1) is the chance per request and round (per round for `draft_exception` and `extra_sync`), drawn from a generator seeded by `seed` and
 separate from the acceptance stream. Unset, the worker builds no injector and pays nothing.
 
 This module is pure (no sglang import) so it is unit-testable without an engine.
@@ -59,7 +60,7 @@ from dspark_sglang.jsonio import JSON_PARSE_ERRORS
 SCHEDULER_KINDS = ("lagged", "algorithm1", "fixed", "verify_all", "none")  # as make_scheduler names them
 OPT_OUT_ENV = "DSPARK_USE_BUILTIN"
 CONFIG_ENV = "DSPARK_CONFIG"
-FAULT_KINDS = ("nan_draft", "garbage_confidence", "draft_exception")  # DSPARK_TEST_FAULT kinds
+FAULT_KINDS = ("nan_draft", "garbage_confidence", "draft_exception", "extra_sync")  # DSPARK_TEST_FAULT kinds
 
 
 class PluginSettingsError(ValueError):

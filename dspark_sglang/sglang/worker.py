@@ -45,6 +45,7 @@ from dspark_sglang.cost_table import from_probes, load_cost_table
 from dspark_sglang.draft_cost import parse_draft_cost
 from dspark_sglang.drafters.interface import DraftBlock, TargetSpec
 from dspark_sglang.drafters.loader import load_drafter
+from dspark_sglang.host_syncs import HostSyncCounter, RoundSyncLog
 from dspark_sglang.sampling import GREEDY_EPS, SamplingBatch, process_logits
 from dspark_sglang.schedulers import make_scheduler
 from dspark_sglang.sglang.feature_pool import KvSlotFeatures, kv_slot_count
@@ -119,6 +120,7 @@ class DSparkPluginWorker(BaseSpecWorker):
     probe: RoundProbe | None = None  # benchmarks/round_cost.py only
     uses_context_pool = False
     context_pool = None
+    sync_log = None
     def __init__(self, server_args, gpu_id: int, nccl_port: int, target_worker):
         super().__init__()
         self.server_args = server_args
@@ -188,6 +190,7 @@ class DSparkPluginWorker(BaseSpecWorker):
         if self.faults is not None:
             logger.warning("dspark: DSPARK_TEST_FAULT=%s: injecting faults (testing only)", settings.test_fault)
         self.probe = RoundProbe.from_env()  # benchmarks/round_cost.py only; None otherwise
+        self.sync_log = RoundSyncLog.from_env()  # DSPARK_COUNT_HOST_SYNCS=1; None otherwise
         if self.probe is not None:
             logger.warning("dspark: round-cost probe on (verify windows %s): benchmarking only", self.probe.windows)
         self._warned_prefix = False
@@ -225,6 +228,8 @@ class DSparkPluginWorker(BaseSpecWorker):
             stats["faults_injected"] = dict(self.faults.injected)
         if self.probe is not None:
             stats["round_probe"] = self.probe.as_dict()
+        if self.sync_log is not None:
+            stats["host_syncs"] = self.sync_log.as_dict()
         if self.context_pool is not None:
             stats["context_pool"] = {"bytes": self.context_pool.nbytes, "bytes_per_kv_slot": self.context_pool.bytes_per_slot,
                                      "kv_slots": int(self.context_pool.keys.shape[1])}
@@ -252,7 +257,13 @@ class DSparkPluginWorker(BaseSpecWorker):
         if batch.forward_mode.is_extend():
             result = self._prefill(batch)
         elif batch.forward_mode.is_decode():
-            result = self._decode_round(batch)
+            if self.sync_log is None:
+                result = self._decode_round(batch)
+            else:  # benchmarks and tests: count the round's host syncs (host_syncs.py)
+                with self.sync_log.counter() as counter:
+                    HostSyncCounter.mark_host(batch.seq_lens_cpu)
+                    result = self._decode_round(batch)
+                self.sync_log.record(counter, len(batch.reqs))
         else:
             raise NotImplementedError(f"dspark worker: forward mode {batch.forward_mode!r}")
         if on_publish is not None:
@@ -377,6 +388,7 @@ class DSparkPluginWorker(BaseSpecWorker):
         block = self.drafter.propose(slots, anchors.to(self.device), seq_lens.to(self.device), sampling, self.generator)
         if faults is not None:
             faults.maybe_raise(len(slots))
+            faults.maybe_extra_sync(block.probs)
             block = faults.corrupt_block(block)
         usable = usable_draft_prefix(block.probs, block.tokens, self.vocab_size)  # [R]
         confidences = self._confidences(block)  # [R, gamma]

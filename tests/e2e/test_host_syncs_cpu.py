@@ -1,0 +1,66 @@
+"""Host synchronizations per decode round, counted on the real worker in the CPU engine.
+
+`DSPARK_COUNT_HOST_SYNCS=1` runs every decode round under HostSyncCounter (dspark_sglang/host_syncs.py),
+which counts the calls that would stall a GPU stream (`.item()`, `.tolist()`, host copies,
+data-dependent shapes) as a GPU would see them, and attributes each to its line. The same greedy
+requests run twice: as they are, and with `DSPARK_TEST_FAULT=extra_sync`, which adds one `.item()` to
+the draft step of every round. The negative control must move every round's count by exactly one.
+
+ROUND_SYNC_CEILING is today's count of the worker's own syncs in a round (a regression guard: raise
+it only with a reason). Issue #18's target is 2: the difference is listed site by site in the report
+(`/server_info` -> dspark_plugin.host_syncs.sites).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+ROUND_SYNC_CEILING = 22  # measured 2026-12-07: batch 2, verify_all, zoo DSpark
+PROMPTS = ("gsm8k", "humaneval")
+
+
+def _run(extra_env: dict) -> tuple[list[list[int]], dict]:
+    import sglang as sgl
+    from transformers import AutoTokenizer
+
+    from dspark_sglang.cpu_mode import cpu_engine_kwargs
+    from dspark_sglang.models import ensure_target, zoo_drafter
+    from dspark_sglang.prompts import load_prompts
+
+    target = ensure_target()
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    texts = [tokenizer.apply_chat_template(load_prompts(name, limit=1)[0].messages, tokenize=False,
+                                           add_generation_prompt=True) for name in PROMPTS]
+    env = {"DSPARK_COUNT_HOST_SYNCS": "1", "DSPARK_SCHEDULER": "verify_all", **extra_env}
+    os.environ.update(env)
+    try:
+        engine = sgl.Engine(model_path=str(target), speculative_algorithm="DSPARK",
+                            speculative_draft_model_path=str(zoo_drafter("dspark")),
+                            **cpu_engine_kwargs(speculative=True))
+    finally:
+        for key in env:
+            del os.environ[key]
+    try:
+        outs = engine.generate(texts, {"temperature": 0.0, "max_new_tokens": 12})
+        plugin = engine.get_server_info()["internal_states"][0]["dspark_plugin"]
+    finally:
+        engine.shutdown()
+    return [o["output_ids"] for o in outs], plugin
+
+
+def test_syncs_per_round_counted_and_an_injected_one_is_seen():
+    tokens, plugin = _run({})
+    faulty_tokens, faulty = _run({"DSPARK_TEST_FAULT": "extra_sync"})
+    syncs, faulty_syncs = plugin["host_syncs"], faulty["host_syncs"]
+    print("host syncs per round (ours):", [r["ours"] for r in syncs["per_round"]])
+    print("sites:", syncs["sites"])
+    assert faulty_tokens == tokens  # the fault reads a value, it changes nothing
+    assert syncs["rounds"] > 0 and syncs["rounds"] == faulty_syncs["rounds"]
+    assert faulty["faults_injected"]["extra_sync"] == faulty_syncs["rounds"]
+    assert [r["ours"] + 1 for r in syncs["per_round"]] == [r["ours"] for r in faulty_syncs["per_round"]]
+    assert 0 < syncs["max_ours"] <= ROUND_SYNC_CEILING
+    assert sum(syncs["sites"].values()) == sum(r["ours"] for r in syncs["per_round"])
