@@ -76,13 +76,13 @@ def _guess_from_tensors(names: set[str]) -> str | None:
 
 def detect_format(config: dict, tensor_names, path: str) -> str:
     """One of FORMAT_FAMILY's keys, from `architectures[0]` (or the tensor names without it)."""
-    if "speculators_model_type" in config:  # before `architectures`: speculators reuses names such as DSparkDraftModel
-        from dspark_sglang.drafters.speculators_format import detect
-
-        return detect(config, path)
     archs = config.get("architectures")
     if archs is not None and (not isinstance(archs, list) or not archs or not isinstance(archs[0], str)):
         raise DrafterConfigError(_config_file(path), "architectures", f"must be a non-empty list of names, got {archs!r}")
+    if "speculators_model_type" in config:  # before the names: speculators reuses some, e.g. DSparkDraftModel
+        from dspark_sglang.drafters.speculators_format import detect
+
+        return detect(config, path)
     if archs:
         arch = archs[0]
         if arch in _UNSUPPORTED:

@@ -29,7 +29,10 @@ def speculators_layer_config(model) -> dict | None:
     layer = config.get("transformer_layer_config")
     if not isinstance(layer, dict):
         return None  # malformed: let SGLang fail, and our loader name the field
-    return {"model_type": "qwen3", **layer, "architectures": config.get("architectures")}
+    archs = config.get("architectures")
+    if not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        archs = None  # malformed: our loader names it when the worker starts
+    return {"model_type": "qwen3", **layer, "architectures": archs}
 
 
 def answer_speculators(original, model, *args, **kwargs):

@@ -51,6 +51,18 @@ def test_unsupported_model_type(tmp_path, kind):
     _raises(path, DrafterConfigError, rf"config.json: speculators_model_type: '{kind}' is not supported")
 
 
+@pytest.mark.parametrize("value", [True, {"": None}, [], [3]])
+def test_malformed_architectures(tmp_path, value):
+    """Found by test_fuzz_inputs: describe_drafter read architectures[0] of a speculators config unchecked."""
+    from dspark_sglang.drafters.loader import describe_drafter
+
+    path = _copy(tmp_path, DFLASH)
+    _edit_config(path, lambda c: c.update(architectures=value))
+    with pytest.raises(DrafterConfigError, match="architectures: must be a non-empty list of names"):
+        describe_drafter(path)
+    _raises(path, DrafterConfigError, "architectures: must be a non-empty list of names")
+
+
 @pytest.mark.parametrize("key", ["transformer_layer_config", "aux_hidden_state_layer_ids", "mask_token_id",
                                  "block_size", "draft_vocab_size"])
 def test_missing_required_key(tmp_path, key):
