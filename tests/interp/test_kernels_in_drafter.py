@@ -18,7 +18,9 @@ from dspark_sglang.drafters.loader import load_drafter  # noqa: E402
 pytestmark = pytest.mark.interp
 
 
-@pytest.mark.parametrize("fixture", ["deepspec_dspark_vanilla", "deepspec_dspark_gated", "deepspec_dspark_rnn"])
+# speculators: anchor sampling (the same kernel path), and without it (the kernel drafts rows 1..B-1).
+@pytest.mark.parametrize("fixture", ["deepspec_dspark_vanilla", "deepspec_dspark_gated", "deepspec_dspark_rnn",
+                                     "speculators_dspark_vanilla", "speculators_dspark_gated"])
 def test_kernel_path_equals_torch_path(fixture):
     from safetensors.torch import load_file
 
