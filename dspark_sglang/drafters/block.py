@@ -133,6 +133,35 @@ def paged_context_block_attention(
     return out
 
 
+def windowed_block_attention(
+    q: torch.Tensor,  # [R, B, heads, d] block queries (normed, rotated)
+    contexts: list[torch.Tensor],  # per request (keys [n_r, kv_heads, d], values [n_r, kv_heads, d]) pairs
+    k: torch.Tensor,  # [R, B, kv_heads, d] block keys (normed, rotated)
+    v: torch.Tensor,  # [R, B, kv_heads, d]
+    scale: float,
+    causal_block: bool,  # True: block row i sees block rows <= i only
+) -> torch.Tensor:  # [R, B, heads, d]
+    """A sliding-window layer (speculators `layer_types: sliding_attention`): each request's queries
+    see only the context rows its caller passed (the `sliding_window` positions before the anchor),
+    and the block bidirectionally, or causally unless `sliding_window_non_causal`. Torch only: the
+    fused kernels serve full-attention layers."""
+    out = torch.empty_like(q)
+    block = q.shape[1]
+    group = q.shape[2] != k.shape[2]
+    for r, (ctx_k, ctx_v) in enumerate(contexts):
+        keys = torch.cat([ctx_k, k[r]]).transpose(0, 1)  # [kv_heads, n + B, d]
+        values = torch.cat([ctx_v, v[r]]).transpose(0, 1)
+        mask = None
+        if causal_block:
+            n = ctx_k.shape[0]
+            mask = torch.ones(block, n + block, dtype=torch.bool, device=q.device)
+            mask[:, n:] = torch.ones(block, block, dtype=torch.bool, device=q.device).tril()
+        out[r] = F.scaled_dot_product_attention(
+            q[r].transpose(0, 1), keys, values, attn_mask=mask, scale=scale, enable_gqa=group
+        ).transpose(0, 1)  # [B, heads, d]
+    return out
+
+
 class BlockBackbone(nn.Module):
     """fc + hidden_norm (context fusion), the decoder layers and the final norm."""
 
@@ -416,8 +445,12 @@ class BlockDrafterBase:
                 (lambda q, k, v, scale, i=i: paged(q, self.cache.keys[i], self.cache.values[i], rows, lens, k, v, scale))
                 for i in range(len(self.backbone.layers))
             ]
+            # [R] per request: (layer -> (K, V) of its context rows, given the row range)
+            context_rows = lambda i, r, lo, hi: (self.cache.keys[i].index_select(0, rows[r, lo:hi]),  # noqa: E731
+                                                 self.cache.values[i].index_select(0, rows[r, lo:hi]))
         else:
             ctx_k, ctx_v, ctx_mask = self.cache.gather(slots)
+            lens = [self.cache.length(s) for s in slots]
             # `attention_fn` is context_block_attention unless the adapter installed the fused kernel's
             # dispatcher (`DSparkDrafter.use_kernels`); the drafters never import kernels themselves.
             padded = getattr(self, "attention_fn", context_block_attention)
@@ -425,6 +458,15 @@ class BlockDrafterBase:
                 (lambda q, k, v, scale, i=i: padded(q, ctx_k[i], ctx_v[i], ctx_mask, k, v, scale))
                 for i in range(len(self.backbone.layers))
             ]
+            context_rows = lambda i, r, lo, hi: (ctx_k[i, r, lo:hi], ctx_v[i, r, lo:hi])  # noqa: E731
+        window = self.config.sliding_window
+        if self.config.sliding_layers:
+            # Context position p = row p; a sliding layer sees positions anchor - window .. anchor - 1.
+            starts = (anchor_positions.cpu() - window).clamp(min=0).tolist()
+            for i in self.config.sliding_layers:
+                attends[i] = (lambda q, k, v, scale, i=i: windowed_block_attention(
+                    q, [context_rows(i, r, lo, n) for r, (lo, n) in enumerate(zip(starts, lens))], k, v, scale,
+                    causal_block=not self.config.sliding_non_causal))
         return self.backbone(self.embed(ids), positions, attends)
 
     def use_kv_slot_context(self, num_kv_slots: int, req_to_token: torch.Tensor) -> KvSlotContext:

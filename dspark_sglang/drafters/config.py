@@ -218,6 +218,11 @@ class BlockDrafterConfig:
     # A draft vocabulary of the checkpoint's own (speculators' d2t/t2d): lm_head and Markov W2 have
     # this many rows. None: the full vocabulary.
     draft_vocab_size: int | None = None
+    # Sliding-window layers (speculators `layer_types`): their queries see only the `sliding_window`
+    # context positions before the anchor, and the block causally unless `sliding_non_causal`.
+    sliding_layers: tuple[int, ...] = ()
+    sliding_window: int | None = None
+    sliding_non_causal: bool = False
 
     @property
     def family(self) -> str:

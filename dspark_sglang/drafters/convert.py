@@ -18,7 +18,8 @@ head) are dropped if the source has copies: every loader takes them from the tar
 `draft_vocab.safetensors` beside the source is copied along.
 
 What has no equivalent is refused with a message naming the field: a speculators block drafter with
-`sample_from_anchor: false` or with its own draft vocabulary has no DeepSpec form; an Eagle3 with q/k
+`sample_from_anchor: false`, with its own draft vocabulary or with sliding-window layers has no
+DeepSpec form; an Eagle3 with q/k
 norms has no SpecForge form (and one with a reduced vocabulary no DeepSpec form). The source is
 parsed by the same strict code that loads drafters, so a malformed one fails the same way.
 """
@@ -192,6 +193,8 @@ def from_speculators(src, out, num_target_layers: int | None = None) -> str:
             _refuse(src, "sample_from_anchor", "false (mask slots draft, anchor + j): DeepSpec's format drafts from the anchor slot")
         if cfg.draft_vocab_size is not None:
             _refuse(src, "draft_vocab_size", f"{cfg.draft_vocab_size} < vocabulary: DeepSpec's format has no draft vocabulary")
+        if cfg.sliding_layers:
+            _refuse(src, "transformer_layer_config.layer_types", "sliding-window layers: DeepSpec's format has none")
         written = "deepspec_dspark" if cfg.family == "dspark" else "deepspec_dflash"
         new = {"architectures": ["Qwen3DSparkModel"], "model_type": "qwen3", **_flat_dims(cfg.dims), **depth,
                "block_size": cfg.block_size, "mask_token_id": cfg.mask_token_id, "target_layer_ids": ids,

@@ -29,8 +29,13 @@ Tensors: the block drafters' names equal DeepSpec's (`layers.*`, `fc`, `hidden_n
 target's LM head is borrowed). Eagle3: `layers.0.*` (Qwen3 q/k norms per the layer config's
 `model_type`), `fc`, `norm`, `lm_head` [Vd, H], `embed_tokens` [V, H] (borrowed when absent).
 
+Sliding-window layers (`transformer_layer_config.layer_types` `sliding_attention`, width
+`sliding_window`) see only the `sliding_window` context positions before the anchor, and the block
+causally unless `sliding_window_non_causal` (speculators' training mask; block.py
+`windowed_block_attention`).
+
 Refused with a DrafterConfigError naming the field: other model types (dflash2, mtp, peagle,
-xpress), sliding-window draft layers, projection biases, a target_hidden_size other than the
+xpress), sliding-window Eagle3 layers, projection biases, a target_hidden_size other than the
 draft's, and Eagle3's norm_before_fc / fc_norm / norm_output / norm_before_residual variants.
 """
 
@@ -81,8 +86,8 @@ def detect(config: dict, path: str) -> str:
     return f"speculators_{kind}"
 
 
-def _layer_config(config: dict, path: str) -> tuple[dict, object]:
-    """`transformer_layer_config` and its dims; errors name the nested field."""
+def _layer_config(config: dict, path: str) -> tuple[dict, object, tuple[int, ...]]:
+    """`transformer_layer_config`, its dims and its sliding-window layers; errors name the nested field."""
     layer = _get(config, LAYER, dict, path)
     try:
         dims = parse_dims(layer, path)
@@ -97,9 +102,10 @@ def _layer_config(config: dict, path: str) -> tuple[dict, object]:
     kinds = layer.get("layer_types") or []
     if not isinstance(kinds, list) or any(k not in ("full_attention", "sliding_attention") for k in kinds):
         raise DrafterConfigError(_file(path), f"{LAYER}.layer_types", f"expected a list of full_attention / sliding_attention, got {kinds!r}")
-    if "sliding_attention" in kinds:
-        raise DrafterConfigError(_file(path), f"{LAYER}.layer_types", "sliding-window draft layers are not supported yet")
-    return layer, dims
+    sliding = tuple(i for i, kind in enumerate(kinds) if kind == "sliding_attention")
+    if sliding and len(kinds) != dims.num_layers:
+        raise DrafterConfigError(_file(path), f"{LAYER}.layer_types", f"{len(kinds)} entries for {dims.num_layers} layers")
+    return layer, dims, sliding
 
 
 def _our_layer_ids(config: dict, key: str, path: str) -> tuple[int, ...]:
@@ -127,7 +133,7 @@ def _gamma_from_proposals(config: dict, path: str) -> int:
 
 def parse_speculators(config: dict, path: str) -> BlockDrafterConfig | Eagle3Config:
     fmt = detect(config, path)
-    layer, dims = _layer_config(config, path)
+    layer, dims, sliding = _layer_config(config, path)
     file = _file(path)
     target_hidden = _get(config, "target_hidden_size", int, path, default=None)
     if target_hidden is not None and target_hidden != dims.hidden_size:
@@ -137,6 +143,8 @@ def parse_speculators(config: dict, path: str) -> BlockDrafterConfig | Eagle3Con
     if not 0 < draft_vocab <= dims.vocab_size:
         raise DrafterConfigError(file, "draft_vocab_size", f"must be in [1, {LAYER}.vocab_size={dims.vocab_size}], got {draft_vocab}")
     if fmt == "speculators_eagle3":
+        if sliding:
+            raise DrafterConfigError(file, f"{LAYER}.layer_types", "sliding-window Eagle3 layers are not supported yet")
         for key in _EAGLE3_VARIANTS:
             if _get(config, key, bool, path, default=False):
                 raise DrafterConfigError(file, key, "this Eagle3 variant is not supported yet")
@@ -150,6 +158,12 @@ def parse_speculators(config: dict, path: str) -> BlockDrafterConfig | Eagle3Con
     if not 2 <= block <= MAX_DRAFTS_PER_BLOCK:
         raise DrafterConfigError(file, "block_size", f"must be in [2, {MAX_DRAFTS_PER_BLOCK}], got {block}")
     from_anchor = _get(config, "sample_from_anchor", bool, path, default=kind == "dspark")
+    window = None
+    if sliding:
+        window = _get(layer, "sliding_window", int, path, where=f"{LAYER}.")
+        if not 1 <= window <= MAX_WIDTH:
+            raise DrafterConfigError(file, f"{LAYER}.sliding_window", f"must be in [1, {MAX_WIDTH}], got {window}")
+    non_causal = _get(config, "sliding_window_non_causal", bool, path, default=False)
     rank, head, conf, conf_markov = 0, None, False, False
     if kind == "dspark":
         rank = _get(config, "markov_rank", int, path, default=256)
@@ -167,6 +181,7 @@ def parse_speculators(config: dict, path: str) -> BlockDrafterConfig | Eagle3Con
         fmt, dims, block, _get(config, "mask_token_id", int, path),
         _our_layer_ids(config, "aux_hidden_state_layer_ids", path), None, rank, head, conf, conf_markov,
         sample_from_anchor=from_anchor, draft_vocab_size=draft_vocab if draft_vocab < dims.vocab_size else None,
+        sliding_layers=sliding, sliding_window=window, sliding_non_causal=non_causal,
     )
 
 

@@ -18,9 +18,10 @@ from dspark_sglang.drafters.loader import load_drafter  # noqa: E402
 pytestmark = pytest.mark.interp
 
 
-# speculators: anchor sampling (the same kernel path), and without it (the kernel drafts rows 1..B-1).
+# speculators: anchor sampling (the same kernel path), without it (the kernel drafts rows 1..B-1), and a
+# sliding-window layer 0 (torch) before a full-attention layer 1 (kernel).
 @pytest.mark.parametrize("fixture", ["deepspec_dspark_vanilla", "deepspec_dspark_gated", "deepspec_dspark_rnn",
-                                     "speculators_dspark_vanilla", "speculators_dspark_gated"])
+                                     "speculators_dspark_vanilla", "speculators_dspark_gated", "speculators_dspark_swa"])
 def test_kernel_path_equals_torch_path(fixture):
     from safetensors.torch import load_file
 

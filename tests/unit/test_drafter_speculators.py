@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from _block_drafter_helpers import ATOL, FIXTURES, ROUNDS, anchor, feed_context, load_fixture, max_err, sampling
+import dataclasses
+
 from dspark_sglang.drafters import draft_vocab as dv
 from dspark_sglang.drafters.checkpoint import read_config
 from dspark_sglang.drafters.dspark import DSparkDrafter
@@ -22,6 +24,9 @@ BLOCK = {
     "speculators_dspark_gated": (False, False, True),
     "speculators_dspark_rnn": (False, True, True),
     "speculators_dflash": (False, True, False),
+    # layer 0 slides over the 5 context positions before the anchor; its block: causal / bidirectional
+    "speculators_dspark_swa": (True, False, True),
+    "speculators_dflash_swa": (False, False, False),
 }
 
 
@@ -152,3 +157,23 @@ def test_eagle3_ttt_steps_reproduce_speculators():
     block = drafter.propose(slots, S[rows + 1], rows + 1, SamplingBatch.greedy(rows.numel()))
     assert torch.equal(block.tokens[:, 0], ref["ttt.step0.draft_tokens"][rows])
     assert int(drafter.draft_ids.numel()) == 256
+
+
+@pytest.mark.parametrize("name,non_causal", [("speculators_dspark_swa", False), ("speculators_dflash_swa", True)])
+def test_sliding_window_layer_and_its_block_mask_matter(name, non_causal):
+    """Negative controls: reading the whole context, or the other block mask, in the sliding layer
+    moves the block hidden states far beyond float rounding."""
+    drafter, ref = load_fixture(name)
+    assert (drafter.config.sliding_layers, drafter.config.sliding_window) == ((0,), 5)
+    assert drafter.config.sliding_non_causal is non_causal
+    feed_context(drafter, 0, ref, 0, 16)
+    tok, position = anchor(ref, 16)
+    want = ref["round2.block_hidden"]
+    assert max_err(drafter.block_hidden([0], tok, position)[0], want) <= ATOL
+    config = drafter.config
+    for changed in (dataclasses.replace(config, sliding_layers=()),
+                    dataclasses.replace(config, sliding_non_causal=not non_causal),
+                    dataclasses.replace(config, sliding_window=6)):
+        drafter.config = changed
+        assert max_err(drafter.block_hidden([0], tok, position)[0], want) > 1e-3, changed
+    drafter.config = config

@@ -81,11 +81,22 @@ def test_nested_layer_config_errors_name_the_nested_field(tmp_path):
     _raises(path, DrafterConfigError, "transformer_layer_config.attention_bias: projection biases are not supported")
 
 
-def test_sliding_window_layers_are_refused(tmp_path):
-    path = _copy(tmp_path, DSPARK)
-    _edit_config(path, lambda c: c["transformer_layer_config"].update(
-        layer_types=["sliding_attention", "full_attention"], sliding_window=4))
-    _raises(path, DrafterConfigError, "transformer_layer_config.layer_types: sliding-window draft layers are not supported")
+def test_sliding_window_fields(tmp_path):
+    path = _copy(tmp_path, "speculators_dspark_swa")
+    _edit_config(path, lambda c: c["transformer_layer_config"].update(sliding_window=None))
+    _raises(path, DrafterConfigError, "transformer_layer_config.sliding_window: required key is missing")
+    _edit_config(path, lambda c: c["transformer_layer_config"].update(sliding_window=0))
+    _raises(path, DrafterConfigError, r"transformer_layer_config.sliding_window: must be in \[1, ")
+    _edit_config(path, lambda c: c["transformer_layer_config"].update(sliding_window=5, layer_types=["sliding_attention"]))
+    _raises(path, DrafterConfigError, "transformer_layer_config.layer_types: 1 entries for 2 layers")
+    _edit_config(path, lambda c: c["transformer_layer_config"].update(layer_types=["sliding", "full_attention"]))
+    _raises(path, DrafterConfigError, "transformer_layer_config.layer_types: expected a list of full_attention")
+    _edit_config(path, lambda c: c["transformer_layer_config"].update(layer_types=["sliding_attention", "full_attention"]))
+    _edit_config(path, lambda c: c.update(sliding_window_non_causal="no"))
+    _raises(path, DrafterConfigError, "sliding_window_non_causal: expected bool")
+    eagle = _copy(tmp_path, EAGLE3)
+    _edit_config(eagle, lambda c: c["transformer_layer_config"].update(layer_types=["sliding_attention"], sliding_window=4))
+    _raises(eagle, DrafterConfigError, "transformer_layer_config.layer_types: sliding-window Eagle3 layers are not supported")
 
 
 def test_config_value_checks(tmp_path):

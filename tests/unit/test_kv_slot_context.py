@@ -12,7 +12,9 @@ from dspark_sglang.drafters.block import KvSlotContext
 from dspark_sglang.drafters.loader import load_drafter
 from tests.unit._block_drafter_helpers import FIXTURES, sampling, tiny_target
 
-NAMES = ["deepspec_dspark_vanilla", "deepspec_dspark_rnn", "deepspec_dflash", "zlab_dflash"]
+NAMES = ["deepspec_dspark_vanilla", "deepspec_dspark_rnn", "deepspec_dflash", "zlab_dflash",
+         # speculators: no anchor sampling + own draft vocabulary; sliding-window layers (width 5)
+         "speculators_dspark_rnn", "speculators_dspark_swa", "speculators_dflash_swa"]
 
 
 def _table(num_reqs: int, width: int, num_slots: int, seed: int) -> torch.Tensor:
