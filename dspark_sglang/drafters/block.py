@@ -148,14 +148,13 @@ def windowed_block_attention(
     out = torch.empty_like(q)
     block = q.shape[1]
     group = q.shape[2] != k.shape[2]
+    lower = torch.ones(block, block, dtype=torch.bool, device=q.device).tril()  # [B, B]
     for r, (ctx_k, ctx_v) in enumerate(contexts):
         keys = torch.cat([ctx_k, k[r]]).transpose(0, 1)  # [kv_heads, n + B, d]
         values = torch.cat([ctx_v, v[r]]).transpose(0, 1)
         mask = None
-        if causal_block:
-            n = ctx_k.shape[0]
-            mask = torch.ones(block, n + block, dtype=torch.bool, device=q.device)
-            mask[:, n:] = torch.ones(block, block, dtype=torch.bool, device=q.device).tril()
+        if causal_block:  # [B, n + B]: all of the window, the block up to the query's own row
+            mask = torch.cat([lower.new_ones(block, ctx_k.shape[0]), lower], dim=1)
         out[r] = F.scaled_dot_product_attention(
             q[r].transpose(0, 1), keys, values, attn_mask=mask, scale=scale, enable_gqa=group
         ).transpose(0, 1)  # [B, heads, d]
@@ -461,8 +460,10 @@ class BlockDrafterBase:
             context_rows = lambda i, r, lo, hi: (ctx_k[i, r, lo:hi], ctx_v[i, r, lo:hi])  # noqa: E731
         window = self.config.sliding_window
         if self.config.sliding_layers:
-            # Context position p = row p; a sliding layer sees positions anchor - window .. anchor - 1.
-            starts = (anchor_positions.cpu() - window).clamp(min=0).tolist()
+            # A sliding layer sees positions anchor - window .. anchor - 1: the last `window` context
+            # rows, since a request's context always ends right before its anchor (row p = position
+            # p). Host-side lengths, so no device sync.
+            starts = [max(0, n - window) for n in lens]
             for i in self.config.sliding_layers:
                 attends[i] = (lambda q, k, v, scale, i=i: windowed_block_attention(
                     q, [context_rows(i, r, lo, n) for r, (lo, n) in enumerate(zip(starts, lens))], k, v, scale,
