@@ -301,6 +301,10 @@ class Eagle3Config:
     draft_vocab_size: int
     gamma: int  # autoregressive steps per block
     qk_norms: bool | None = None  # None: by format (speculators: by transformer_layer_config.model_type)
+    # speculators Eagle3 variants (all off in the other formats):
+    norm_before_residual: bool = False  # the layer's residual is hidden_norm(g), not g
+    norm_output: bool = False  # the state fed to the next step is norm(x), not x (Eagle 3.1)
+    fc_input_norm: str | None = None  # "concat": one RMSNorm over [c_l1 ; c_l2 ; ...] before fc; "per_layer": one per c_l
 
     @property
     def qk_norm(self) -> bool:

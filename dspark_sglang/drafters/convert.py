@@ -19,9 +19,10 @@ head) are dropped if the source has copies: every loader takes them from the tar
 
 What has no equivalent is refused with a message naming the field: a speculators block drafter with
 `sample_from_anchor: false`, with its own draft vocabulary or with sliding-window layers has no
-DeepSpec form; an Eagle3 with q/k
-norms has no SpecForge form (and one with a reduced vocabulary no DeepSpec form). The source is
-parsed by the same strict code that loads drafters, so a malformed one fails the same way.
+DeepSpec form; an Eagle3 with q/k norms has no SpecForge form (and one with a reduced vocabulary no
+DeepSpec form), and speculators' Eagle3 variants (`norm_before_residual`, `norm_output`,
+`norm_before_fc`, `fc_norm`) have neither. The source is parsed by the same strict code that loads
+drafters, so a malformed one fails the same way.
 """
 
 from __future__ import annotations
@@ -206,6 +207,11 @@ def from_speculators(src, out, num_target_layers: int | None = None) -> str:
         weights = dict(tensors)
     else:
         dims = cfg.dims
+        variants = {"norm_before_residual": cfg.norm_before_residual, "norm_output": cfg.norm_output,
+                    "norm_before_fc": cfg.fc_input_norm == "concat", "fc_norm": cfg.fc_input_norm == "per_layer"}
+        for key, on in variants.items():
+            if on:
+                _refuse(src, key, "true: neither DeepSpec's nor SpecForge's Eagle3 format has this variant")
         if cfg.qk_norm:
             if cfg.draft_vocab_size != dims.vocab_size:
                 _refuse(src, "draft_vocab_size", "a qwen3 (q/k norm) Eagle3 converts to DeepSpec's format, which has no draft vocabulary")

@@ -44,10 +44,11 @@ from dspark_sglang.sampling import SamplingBatch, process_logits, sample_from_pr
 class Eagle3Layer(nn.Module):
     """The single Eagle3 decoder layer; attribute names equal the checkpoint's."""
 
-    def __init__(self, dims: DecoderDims, qk_norm: bool):
+    def __init__(self, dims: DecoderDims, qk_norm: bool, norm_before_residual: bool = False):
         super().__init__()
         h = dims.hidden_size
         self.dims = dims
+        self.norm_before_residual = norm_before_residual  # speculators: the residual is hidden_norm(g)
         self.hidden_norm = RMSNorm(h, dims.rms_norm_eps)
         self.input_layernorm = RMSNorm(h, dims.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(h, dims.rms_norm_eps)
@@ -99,7 +100,8 @@ class Eagle3Layer(nn.Module):
         out = F.scaled_dot_product_attention(
             q, keys[:, :, : col + 1], values[:, :, : col + 1], attn_mask=visible, scale=attn.head_dim**-0.5
         )  # [R, kv_heads, group, d]
-        x = g + attn.o_proj(out.reshape(num_reqs, -1))
+        residual = self.hidden_norm(g) if self.norm_before_residual else g
+        x = residual + attn.o_proj(out.reshape(num_reqs, -1))
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -110,8 +112,14 @@ class Eagle3Model(nn.Module):
         super().__init__()
         cfg, dims = layout.config, layout.config.dims
         h = dims.hidden_size
-        self.fc = nn.Linear(len(cfg.target_layer_ids) * h, h, bias=False)
-        layer = Eagle3Layer(dims, qk_norm=cfg.qk_norm)
+        n = len(cfg.target_layer_ids)
+        self.fc = nn.Linear(n * h, h, bias=False)
+        self.fc_input_norm = cfg.fc_input_norm
+        if cfg.fc_input_norm == "concat":  # speculators norm_before_fc
+            self.input_norm = RMSNorm(n * h, dims.rms_norm_eps)
+        elif cfg.fc_input_norm == "per_layer":  # speculators fc_norm
+            self.fc_norm = nn.ModuleList(RMSNorm(h, dims.rms_norm_eps) for _ in range(n))
+        layer = Eagle3Layer(dims, qk_norm=cfg.qk_norm, norm_before_residual=cfg.norm_before_residual)
         if layout.layer_prefix == "midlayer.":
             self.midlayer = layer
         else:
@@ -130,6 +138,15 @@ class Eagle3Model(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., draft_vocab]
         return self.lm_head(self.norm(x))
+
+    def fuse(self, features: torch.Tensor) -> torch.Tensor:  # [n, len(ids) * H] -> [n, H]
+        """fc of the target features, after the input norms of the speculators variants that have them."""
+        if self.fc_input_norm == "concat":
+            features = self.input_norm(features)
+        elif self.fc_input_norm == "per_layer":
+            chunks = features.chunk(len(self.fc_norm), dim=-1)
+            features = torch.cat([norm(c) for norm, c in zip(self.fc_norm, chunks)], dim=-1)
+        return self.fc(features)
 
 
 class Eagle3Drafter(nn.Module):
@@ -260,7 +277,7 @@ class Eagle3Drafter(nn.Module):
         counts = [f.shape[0] for f in features]
         if not sum(counts):
             return
-        fused = self.model.fc(torch.cat(features).to(self.device, self.dtype)).split(counts)  # [n_i, H] each
+        fused = self.model.fuse(torch.cat(features).to(self.device, self.dtype)).split(counts)  # [n_i, H] each
         rows_g, rows_tok, rows_pos, done = [], [], [], []
         pending: dict[int, torch.Tensor | None] = {}  # slots seen earlier in this call
         for slot, g, toks, start in zip(slots, fused, tokens, starts):
@@ -286,7 +303,7 @@ class Eagle3Drafter(nn.Module):
     def _unroll(self, slots, anchor_tokens, anchor_positions, num_steps: int, pick):
         """Run the chain; `pick(j, logits [R, Vd])` returns the target ids [R] fed to step j+1.
 
-        Returns logits [R, S, Vd] and the pre-norm hidden states x [R, S, H] of the S steps.
+        Returns logits [R, S, Vd] and the hidden states fed forward [R, S, H] (pre-norm x; norm(x) with norm_output).
         """
         num_reqs = len(slots)
         if anchor_tokens.shape != (num_reqs,) or anchor_positions.shape != (num_reqs,):
@@ -305,8 +322,12 @@ class Eagle3Drafter(nn.Module):
         layer, logits, hidden = self.model.layer, [], []
         for j in range(num_steps):
             g = layer.step(self.embed(tokens), g, positions + j, keys, values, n_max + j, mask)
+            if self.config.norm_output:  # speculators Eagle 3.1: the next step reads norm(x); logits = head(norm(x))
+                g = self.model.norm(g)
+                logits.append(self.model.lm_head(g) if self._head_rows is None else F.linear(g, self._head_rows))
+            else:
+                logits.append(self._logits(g))
             hidden.append(g)
-            logits.append(self._logits(g))
             tokens = pick(j, logits[-1])
         return torch.stack(logits, dim=1), torch.stack(hidden, dim=1)
 

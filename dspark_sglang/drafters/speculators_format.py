@@ -17,7 +17,9 @@ Config (speculators 0.9.0; defaults are speculators' own when a key is absent):
 - dspark: `markov_rank` (256), `markov_head_type` (vanilla | gated | rnn), `enable_confidence_head`
   (true), `confidence_head_with_markov` (true: the head reads [h ; W1[prev]]);
 - eagle3: `eagle_aux_hidden_state_layer_ids`; drafts per block: the default proposal method's
-  `speculators_config.proposal_methods[i].speculative_tokens`.
+  `speculators_config.proposal_methods[i].speculative_tokens`; variants `norm_before_residual`
+  (residual = hidden_norm(g)), `norm_output` (the next step is fed norm(x)), `norm_before_fc`
+  (`input_norm` over the concatenated features) or `fc_norm` (`fc_norm.{i}` per target layer).
 
 Layer ids: speculators (vLLM) id i is the hidden state entering decoder layer i (HF
 `hidden_states[i]`; 0 = the embeddings); ours is the output of layer l (`hidden_states[l + 1]`),
@@ -27,7 +29,8 @@ Tensors: the block drafters' names equal DeepSpec's (`layers.*`, `fc`, `hidden_n
 `markov_head.*`, `confidence_head.*`), without `embed_tokens` (the target's is borrowed) and with
 `lm_head` only over a draft vocabulary ([Vd, H]; the Markov W2 is then [Vd, r]; otherwise the
 target's LM head is borrowed). Eagle3: `layers.0.*` (Qwen3 q/k norms per the layer config's
-`model_type`), `fc`, `norm`, `lm_head` [Vd, H], `embed_tokens` [V, H] (borrowed when absent).
+`model_type`), `fc`, `norm`, `lm_head` [Vd, H], `embed_tokens` [V, H] (borrowed when absent),
+`input_norm` [nH] / `fc_norm.{i}` [H] with those variants.
 
 Sliding-window layers (`transformer_layer_config.layer_types` `sliding_attention`, width
 `sliding_window`) see only the `sliding_window` context positions before the anchor, and the block
@@ -35,8 +38,8 @@ causally unless `sliding_window_non_causal` (speculators' training mask; block.p
 `windowed_block_attention`).
 
 Refused with a DrafterConfigError naming the field: other model types (dflash2, mtp, peagle,
-xpress), sliding-window Eagle3 layers, projection biases, a target_hidden_size other than the
-draft's, and Eagle3's norm_before_fc / fc_norm / norm_output / norm_before_residual variants.
+xpress), sliding-window Eagle3 layers, projection biases, and a target_hidden_size other than the
+draft's.
 """
 
 from __future__ import annotations
@@ -63,7 +66,6 @@ from dspark_sglang.drafters.interface import TargetSpec
 KEY = "speculators_model_type"
 LAYER = "transformer_layer_config"
 _SUPPORTED = ("dspark", "dflash", "eagle3")
-_EAGLE3_VARIANTS = ("norm_before_fc", "fc_norm", "norm_output", "norm_before_residual")
 
 
 def _file(path: str) -> str:
@@ -145,14 +147,18 @@ def parse_speculators(config: dict, path: str) -> BlockDrafterConfig | Eagle3Con
     if fmt == "speculators_eagle3":
         if sliding:
             raise DrafterConfigError(file, f"{LAYER}.layer_types", "sliding-window Eagle3 layers are not supported yet")
-        for key in _EAGLE3_VARIANTS:
-            if _get(config, key, bool, path, default=False):
-                raise DrafterConfigError(file, key, "this Eagle3 variant is not supported yet")
+        flags = {key: _get(config, key, bool, path, default=False)
+                 for key in ("norm_before_fc", "fc_norm", "norm_output", "norm_before_residual")}
+        if flags["norm_before_fc"] and flags["fc_norm"]:
+            raise DrafterConfigError(file, "fc_norm", "norm_before_fc and fc_norm are mutually exclusive")
+        fc_input_norm = "concat" if flags["norm_before_fc"] else "per_layer" if flags["fc_norm"] else None
         model_type = _get(layer, "model_type", str, path, default="qwen3", where=f"{LAYER}.")
         if model_type not in ("qwen3", "llama"):
             raise DrafterConfigError(file, f"{LAYER}.model_type", f"{model_type!r}: Eagle3 layers are qwen3 or llama")
         return Eagle3Config(fmt, dims, _our_layer_ids(config, "eagle_aux_hidden_state_layer_ids", path), None,
-                            draft_vocab, _gamma_from_proposals(config, path), qk_norms=model_type == "qwen3")
+                            draft_vocab, _gamma_from_proposals(config, path), qk_norms=model_type == "qwen3",
+                            norm_before_residual=flags["norm_before_residual"], norm_output=flags["norm_output"],
+                            fc_input_norm=fc_input_norm)
     kind = config[KEY]
     block = _get(config, "block_size", int, path)
     if not 2 <= block <= MAX_DRAFTS_PER_BLOCK:

@@ -128,7 +128,9 @@ def test_speculators_fixture_to_deepspec_and_back(tmp_path):
 @pytest.mark.parametrize("name,field", [("speculators_dspark_gated", "sample_from_anchor"),
                                         ("speculators_dflash", "sample_from_anchor"),
                                         ("speculators_dspark_swa", "transformer_layer_config.layer_types"),
-                                        ("speculators_eagle3", "draft_vocab_size")])
+                                        ("speculators_eagle3", "draft_vocab_size"),
+                                        ("speculators_eagle3_llama", "norm_before_residual"),
+                                        ("speculators_eagle3_fcnorm", "fc_norm")])
 def test_no_equivalent_is_refused_naming_the_field(tmp_path, name, field):
     with pytest.raises(DrafterConfigError, match=f"config.json: {field}: "):
         convert.from_speculators(FIXTURES / name, tmp_path / "out")

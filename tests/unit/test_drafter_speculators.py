@@ -139,11 +139,21 @@ def test_batched_ragged_equals_one_by_one(block_fixture):
         assert torch.equal(both.tokens[r], ref[f"{rnd}.greedy_draft_tokens"])
 
 
-def test_eagle3_ttt_steps_reproduce_speculators():
-    drafter, ref = load_fixture("speculators_eagle3")
+# fixture -> (q/k norms, draft vocabulary size, norm_before_residual, norm_output, fc input norm)
+EAGLE3 = {
+    "speculators_eagle3": (True, 256, False, False, None),
+    "speculators_eagle3_fcnorm": (True, 256, False, False, "per_layer"),
+    "speculators_eagle3_llama": (False, 512, True, True, "concat"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EAGLE3))
+def test_eagle3_ttt_steps_reproduce_speculators(name):
+    drafter, ref = load_fixture(name)
     assert isinstance(drafter, Eagle3Drafter)
     assert (drafter.info.format, drafter.info.gamma, drafter.info.target_layer_ids) == ("speculators", 3, (1, 3, 4))
-    assert drafter.config.qk_norm  # a qwen3 transformer_layer_config: q/k norms
+    cfg = drafter.config
+    assert (cfg.qk_norm, cfg.draft_vocab_size, cfg.norm_before_residual, cfg.norm_output, cfg.fc_input_norm) == EAGLE3[name]
     S, C = ref["token_ids"], ref["context_features"]
     rows = torch.arange(19)  # rows 0..18 have real inputs at all three steps (T = 21)
     slots = list(range(rows.numel()))
@@ -156,7 +166,32 @@ def test_eagle3_ttt_steps_reproduce_speculators():
     # Greedy step 0 drafts speculators' step-0 argmax, mapped through d2t to target ids.
     block = drafter.propose(slots, S[rows + 1], rows + 1, SamplingBatch.greedy(rows.numel()))
     assert torch.equal(block.tokens[:, 0], ref["ttt.step0.draft_tokens"][rows])
-    assert int(drafter.draft_ids.numel()) == 256
+    assert (drafter.draft_ids is None) == (cfg.draft_vocab_size == 512)
+
+
+def test_eagle3_variants_matter():
+    """Negative controls: each speculators variant flag, switched off, moves the logits far."""
+    drafter, ref = load_fixture("speculators_eagle3_llama")
+    S, C = ref["token_ids"], ref["context_features"]
+    rows = torch.arange(19)
+    forced = torch.stack([S[rows + 2], S[rows + 3]], dim=1)
+    config = drafter.config
+
+    def err_with(**changes) -> float:
+        drafter.config = dataclasses.replace(config, **changes)
+        drafter.model.layer.norm_before_residual = drafter.config.norm_before_residual
+        drafter.model.fc_input_norm = drafter.config.fc_input_norm
+        for slot in range(19):
+            drafter.release(slot)
+        ends = (rows + 1).tolist()
+        drafter.append_context(list(range(19)), [C[:n] for n in ends], [torch.arange(n) for n in ends], [S[:n] for n in ends])
+        logits, _ = drafter.score_chain(list(range(19)), S[rows + 1], rows + 1, forced)
+        return max(max_err(logits[:, k], ref[f"ttt.step{k}.logits"][rows]) for k in range(3))
+
+    assert err_with() <= ATOL
+    for changes in ({"norm_before_residual": False}, {"norm_output": False}, {"fc_input_norm": None}):
+        assert err_with(**changes) > 1e-3, changes
+    err_with()  # restore
 
 
 @pytest.mark.parametrize("name,non_causal", [("speculators_dspark_swa", False), ("speculators_dflash_swa", True)])

@@ -173,8 +173,12 @@ def test_mis_shaped_markov_w2_for_the_draft_vocabulary(tmp_path):
 
 def test_eagle3_variants_and_layers(tmp_path):
     path = _copy(tmp_path, EAGLE3)
-    _edit_config(path, lambda c: c.update(norm_output=True))
-    _raises(path, DrafterConfigError, "norm_output: this Eagle3 variant is not supported yet")
+    _edit_config(path, lambda c: c.update(norm_before_fc=True, fc_norm=True))
+    _raises(path, DrafterConfigError, "fc_norm: norm_before_fc and fc_norm are mutually exclusive")
+    _edit_config(path, lambda c: c.update(fc_norm=False))  # norm_before_fc alone: needs input_norm.weight
+    _raises(path, DrafterWeightsError, r"missing tensors \[input_norm.weight\]")
+    _edit_config(path, lambda c: c.update(norm_before_fc=False, norm_output="yes"))
+    _raises(path, DrafterConfigError, "norm_output: expected bool")
     _edit_config(path, lambda c: c.update(norm_output=False))
     _edit_config(path, lambda c: c["transformer_layer_config"].update(model_type="gemma3"))
     _raises(path, DrafterConfigError, "transformer_layer_config.model_type: 'gemma3'")
@@ -183,6 +187,24 @@ def test_eagle3_variants_and_layers(tmp_path):
     _edit_config(path, lambda c: c["transformer_layer_config"].update(num_hidden_layers=1))
     _edit_config(path, lambda c: c["transformer_layer_config"].update(model_type="llama"))  # no q/k norms
     _raises(path, DrafterWeightsError, r"unexpected tensors \[layers.0.self_attn.k_norm.weight")
+
+
+def test_eagle3_fc_norm_tensors_are_checked(tmp_path):
+    path = _copy(tmp_path, "speculators_eagle3_fcnorm")
+    _edit_tensors(path, lambda t: t.update({"fc_norm.2.weight": torch.ones(32)}))
+    _raises(path, DrafterWeightsError, r"fc_norm.2.weight: shape \[32\] does not match the expected \[64\]")
+    shutil.rmtree(path)
+    path = _copy(tmp_path, "speculators_eagle3_fcnorm")
+    _edit_config(path, lambda c: c.update(fc_norm=False))
+    _raises(path, DrafterWeightsError, r"unexpected tensors \[fc_norm.0.weight, fc_norm.1.weight, fc_norm.2.weight\]")
+
+
+def test_eagle3_full_vocabulary_lm_head_is_borrowed_when_absent(tmp_path):
+    path = _copy(tmp_path, "speculators_eagle3_llama")  # 512 = the vocabulary
+    _edit_tensors(path, lambda t: t.pop("lm_head.weight"))
+    assert load_drafter(path, tiny_target()).model.lm_head.weight.shape == (512, 64)
+    _raises(path, TargetMismatchError, "lm_head: this drafter borrows",
+            TargetSpec(64, 512, 8, embed_tokens=tiny_target().embed_tokens))
 
 
 def test_eagle3_missing_embedding_is_borrowed_from_the_target(tmp_path):
