@@ -88,3 +88,23 @@ def test_plot_curves_reads_runs_and_rejects_other_json(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"step": 1}))
     with pytest.raises(SystemExit, match="not a learning_curve.json"):
         plot_curves.load_curve(tmp_path / "bad.json")
+
+
+def test_ngram_baseline_counts_agreement_on_response_anchors(tmp_path):
+    from examples.training import ngram_baseline
+
+    data = tmp_path / "corpus"
+    data.mkdir()
+    rows = [dict(id="sharegpt/z0", source="sharegpt", turns=1, mode="greedy", finish="length",
+                 prompt_ids=[1, 2], response_ids=[3, 4, 3, 4, 3])]
+    corpus.write_shard(data, 0, rows, {"seconds": 1.0})
+    corpus.write_manifest(data)
+    bigram, trigram = ngram_baseline.fit(data, [0])
+    assert bigram[3] == 4 and bigram[4] == 3 and trigram[(3, 4)] == 3
+    # held out: tokens 1 2 | 3 4 9; the target's greedy continuations after each position
+    tokens = torch.tensor([1, 2, 3, 4, 9], dtype=torch.int32)
+    top1 = torch.tensor([[2], [3], [4], [7], [0]], dtype=torch.int32)  # after 3: 4 (hit); after 4: 7 (miss)
+    save_file(dict(tokens=tokens, offsets=torch.tensor([0, 5]), prompt_lens=torch.tensor([2]), topk_ids=top1),
+              str(tmp_path / "f.safetensors"))
+    result = ngram_baseline.agreement(tmp_path / "f.safetensors", bigram, trigram)
+    assert result == dict(anchors=2, bigram=0.5, trigram=0.5)
