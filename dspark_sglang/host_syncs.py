@@ -8,7 +8,8 @@ the same calls on the CPU engine, where no test can observe a real GPU stall.
 
 Which tensors live on the device: on a CPU every tensor is a CPU tensor, so the counter tracks
 "host-ness" itself, the way the code would place tensors on a GPU:
-- host: the result of `.cpu()`, `.to("cpu")`, `.numpy()`; a factory call without `device=`
+- host: the result of `.cpu()`, `.to("cpu")` (the literal string: `.to(t.device)` follows `t`),
+  `.numpy()`; a factory call without `device=`
   (`torch.tensor(list)`); an op whose tensor inputs are all host; anything passed to `mark_host`
   (e.g. SGLang's `seq_lens_cpu`);
 - device: everything else (a factory with `device=`, an op with a device input, unknown tensors).
@@ -48,7 +49,9 @@ class SyncEvent:
 
 
 def _is_cpu_device(value) -> bool:
-    return value == "cpu" or (isinstance(value, torch.device) and value.type == "cpu")
+    """Only the literal "cpu" names the host: `.to(other.device)` follows another tensor, which on a
+    GPU server is a device tensor (on the CPU engine its torch.device is "cpu" too)."""
+    return isinstance(value, str) and value == "cpu"
 
 
 def _tensors(args, kwargs):

@@ -56,6 +56,8 @@ def test_every_kind_of_sync():
         float(x[1])
         x.cpu()
         x.to("cpu", torch.int64)
+        x.to(x.device)  # follows another tensor: on a GPU server, a device tensor (no sync)
+        x.to(device=torch.arange(2, device="cpu").device)
         x.numpy()
         x[m]
         x.nonzero()
