@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +38,6 @@ _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 _READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu"}
 # Ops whose output shape depends on the data (a GPU reports the size back to the host).
 _DATA_SHAPED = {"nonzero", "argwhere", "masked_select", "unique", "unique_consecutive"}
-_MAKES_HOST = {"cpu", "numpy", "tolist"}
 
 
 @dataclass(frozen=True)
@@ -48,10 +47,11 @@ class SyncEvent:
     ours: bool  # made by dspark_sglang code (not SGLang's or torch's)
 
 
-def _is_cpu_device(value) -> bool:
-    """Only the literal "cpu" names the host: `.to(other.device)` follows another tensor, which on a
-    GPU server is a device tensor (on the CPU engine its torch.device is "cpu" too)."""
-    return isinstance(value, str) and value == "cpu"
+def _is_to_cpu(name: str, args, kwargs) -> bool:
+    """`.to("cpu", ...)` / `.to(device="cpu")`. Only the literal "cpu" names the host: `.to(t.device)`
+    follows another tensor, which on a GPU server is a device tensor (on the CPU engine its
+    torch.device is "cpu" too)."""
+    return name == "to" and (any(isinstance(a, str) and a == "cpu" for a in args[1:]) or kwargs.get("device") == "cpu")
 
 
 def _tensors(args, kwargs):
@@ -98,8 +98,8 @@ class HostSyncCounter(TorchFunctionMode):
         if kind is not None:
             self._record(kind)
         out = func(*args, **kwargs)
-        if isinstance(out, torch.Tensor) and any(out is t for t in inputs):
-            out = out.view(out.shape)  # CPU .cpu()/.to() return their input: a new object to mark host
+        if (name == "cpu" or _is_to_cpu(name, args, kwargs)) and any(out is t for t in inputs):
+            out = out.view(out.shape)  # on a CPU they return their input: a new object to mark host
         self._mark_outputs(name, args, kwargs, inputs, out)
         return out
 
@@ -107,13 +107,8 @@ class HostSyncCounter(TorchFunctionMode):
         if not inputs:
             return None
         first = inputs[0]
-        if name in _READS:
-            return None if self.is_host(first) else name
-        if name == "to":
-            to_cpu = any(_is_cpu_device(a) for a in args[1:]) or _is_cpu_device(kwargs.get("device"))
-            return "to(cpu)" if to_cpu and not self.is_host(first) else None
-        if name in _DATA_SHAPED:
-            return None if self.is_host(first) else name
+        if name in _READS or name in _DATA_SHAPED or _is_to_cpu(name, args, kwargs):
+            return None if self.is_host(first) else ("to(cpu)" if name == "to" else name)
         if name == "repeat_interleave" and "output_size" not in kwargs:
             repeats = args[1] if len(args) > 1 else kwargs.get("repeats")
             if isinstance(repeats, torch.Tensor) and not self.is_host(repeats):
@@ -133,8 +128,7 @@ class HostSyncCounter(TorchFunctionMode):
     def _mark_outputs(self, name: str, args, kwargs, inputs, out) -> None:
         if not isinstance(out, torch.Tensor) or not _cpu_means_device() or out.device.type != "cpu":
             return
-        if name in _MAKES_HOST or (name == "to" and (any(_is_cpu_device(a) for a in args[1:])
-                                                       or _is_cpu_device(kwargs.get("device")))):
+        if name == "cpu" or _is_to_cpu(name, args, kwargs):
             self.mark_host(out)
         elif inputs:
             if all(getattr(t, _HOST_ATTR, False) for t in inputs):
@@ -188,8 +182,7 @@ class RoundSyncLog:
     tests only: the counter puts every torch call of the round through Python)."""
 
     def __init__(self, capacity: int = 4096):
-        self.rounds: list[dict] = []
-        self.capacity = capacity
+        self.rounds: deque[dict] = deque(maxlen=capacity)
         self.sites: Counter = Counter()
 
     @classmethod
@@ -204,11 +197,10 @@ class RoundSyncLog:
         return HostSyncCounter(exclude=self.EXCLUDE)
 
     def record(self, counter: HostSyncCounter, batch_size: int) -> None:
-        self.rounds = (self.rounds + [dict(batch=batch_size, ours=counter.count(ours=True),
-                                           others=counter.count(ours=False))])[-self.capacity:]
+        self.rounds.append(dict(batch=batch_size, ours=counter.count(ours=True), others=counter.count(ours=False)))
         self.sites.update(counter.by_site(ours=True))
 
     def as_dict(self) -> dict:
         ours = [r["ours"] for r in self.rounds]
         return dict(rounds=len(ours), max_ours=max(ours, default=0), mean_ours=sum(ours) / max(len(ours), 1),
-                    per_round=self.rounds[-64:], sites=dict(self.sites.most_common()))
+                    per_round=list(self.rounds)[-64:], sites=dict(self.sites.most_common()))

@@ -449,7 +449,7 @@ class BlockDrafterBase:
                                                  self.cache.values[i].index_select(0, rows[r, lo:hi]))
         else:
             ctx_k, ctx_v, ctx_mask = self.cache.gather(slots)
-            lens = [self.cache.length(s) for s in slots]
+            lens = [self.cache.length(s) for s in slots] if self.config.sliding_layers else None
             # `attention_fn` is context_block_attention unless the adapter installed the fused kernel's
             # dispatcher (`DSparkDrafter.use_kernels`); the drafters never import kernels themselves.
             padded = getattr(self, "attention_fn", context_block_attention)
@@ -458,12 +458,11 @@ class BlockDrafterBase:
                 for i in range(len(self.backbone.layers))
             ]
             context_rows = lambda i, r, lo, hi: (ctx_k[i, r, lo:hi], ctx_v[i, r, lo:hi])  # noqa: E731
-        window = self.config.sliding_window
         if self.config.sliding_layers:
             # A sliding layer sees positions anchor - window .. anchor - 1: the last `window` context
             # rows, since a request's context always ends right before its anchor (row p = position
             # p). Host-side lengths, so no device sync.
-            starts = [max(0, n - window) for n in lens]
+            starts = [max(0, n - self.config.sliding_window) for n in lens]
             for i in self.config.sliding_layers:
                 attends[i] = (lambda q, k, v, scale, i=i: windowed_block_attention(
                     q, [context_rows(i, r, lo, n) for r, (lo, n) in enumerate(zip(starts, lens))], k, v, scale,

@@ -189,9 +189,9 @@ def sample_sequential_with_uniforms(
     num_reqs, gamma, _ = base_logits.shape
     if uniforms.shape != (num_reqs, gamma):
         raise ValueError(f"uniforms must be [{num_reqs}, {gamma}], got {tuple(uniforms.shape)}")
-    state = markov.initial_state(num_reqs, hidden) if markov is not None else None
-    if initial_state is not None:
-        state = initial_state
+    state = initial_state
+    if state is None and markov is not None:
+        state = markov.initial_state(num_reqs, hidden)
     prev = anchors.to(base_logits.device)
     tokens, indices, probs, logits, conf = [], [], [], [], []
     for k in range(gamma):

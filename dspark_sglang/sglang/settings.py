@@ -40,8 +40,8 @@ changing a token: `nan_draft` (a request's draft distributions turn NaN from a r
 `garbage_confidence` (a request's confidences turn into NaN / +-inf / huge / negative values),
 `draft_exception` (the draft step raises for the whole round), `extra_sync` (one more host read per
 round: the negative control of the host-sync counter, `DSPARK_COUNT_HOST_SYNCS=1`). P in (0, 1]
-(default 1) is the chance per request and round (per round for `draft_exception` and `extra_sync`), drawn from a generator seeded by `seed` and
-separate from the acceptance stream. Unset, the worker builds no injector and pays nothing.
+(default 1) is the chance per request and round (per round for `draft_exception` and `extra_sync`),
+drawn from a generator seeded by `seed` and separate from the acceptance stream. Unset, the worker builds no injector and pays nothing.
 
 This module is pure (no sglang import) so it is unit-testable without an engine.
 """
