@@ -37,7 +37,8 @@ Hook points, and why these:
    config while server arguments are resolved (speculators_config.py); AutoConfig alone refuses it.
 
 7. Opt-in, for every engine of a process tree: `DSPARK_CPU_DECODE_ATTENTION=fast` replaces
-   torch_native's per-request decode attention loop with a 3-5x faster one (cpu_attention.py).
+   torch_native's per-request decode attention loop with a 3-5x faster one (cpu_attention.py), and
+   `DSPARK_CPU_GEMM=few-rows` serves float32 matmuls of 1-8 rows with a faster GEMM (cpu_gemm.py).
 
 `DSPARK_USE_BUILTIN=1` leaves `DSPARK` to SGLang's built-in worker (CUDA, DSpark checkpoints only).
 
@@ -71,9 +72,10 @@ def register() -> None:
     global _refusal
     from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 
-    from dspark_sglang.sglang import cpu_attention
+    from dspark_sglang.sglang import cpu_attention, cpu_gemm
 
     cpu_attention.install()  # opt-in (DSPARK_CPU_DECODE_ATTENTION=fast), plain and speculative engines alike
+    cpu_gemm.install()  # opt-in (DSPARK_CPU_GEMM=few-rows), plain and speculative engines alike
 
     try:
         SpeculativeAlgorithm.from_string(ALGORITHM_NAME)

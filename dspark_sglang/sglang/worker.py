@@ -48,6 +48,7 @@ from dspark_sglang.drafters.loader import load_drafter
 from dspark_sglang.host_syncs import HostSyncCounter, RoundSyncLog
 from dspark_sglang.sampling import GREEDY_EPS, SamplingBatch, process_logits
 from dspark_sglang.schedulers import make_scheduler
+from dspark_sglang.sglang import cpu_gemm
 from dspark_sglang.sglang.feature_pool import KvSlotFeatures, kv_slot_count
 from dspark_sglang.sglang.guards import FaultInjector, sanitize_confidences, usable_draft_prefix
 from dspark_sglang.sglang.logit_adjust import adjust_verify_logits, has_adjustments, plain_decoding_rows
@@ -230,6 +231,7 @@ class DSparkPluginWorker(BaseSpecWorker):
             stats["round_probe"] = self.probe.as_dict()
         if self.sync_log is not None:
             stats["host_syncs"] = self.sync_log.as_dict()
+        stats["cpu_gemm"] = "few-rows" if cpu_gemm.active() else "stock"
         if self.context_pool is not None:
             stats["context_pool"] = {"bytes": self.context_pool.nbytes, "bytes_per_kv_slot": self.context_pool.bytes_per_slot,
                                      "kv_slots": int(self.context_pool.keys.shape[1])}

@@ -1,0 +1,108 @@
+"""CPU matmul micro-benchmark: the target's weight-bound matmuls at 1-16 rows, stock vs few-row GEMM.
+
+    python -m dspark_sglang.benchmarks.cpu_gemm --out examples/bench/cpu-gemm
+
+A decode step feeds every linear layer and the LM head 1 row per request; a speculative verify feeds
+W rows per request. On a CPU these are weight-bound, so W rows should cost about what 1 row costs.
+This measures whether they do, for the matmul shapes of a transformers target folder (by default the
+bundled SmolLM2-135M: every decoder layer's q/k/v, o, gate/up and down projections with their own
+weights, so they stream from memory as in a model, then the LM head), for:
+- stock: `F.linear(x, W)`, SGLang's path for an unquantized layer;
+- few-rows: `W @ x^T` with one row padded to two (`dspark_sglang/sglang/cpu_gemm.py`,
+  `DSPARK_CPU_GEMM=few-rows`).
+Each point is the best of `--repeats` passes, both methods interleaved, on the threads torch is set to
+(set OMP_NUM_THREADS=1 as the engine benchmarks do). Prints a table and writes results.json.
+Run it on an otherwise idle machine: matmuls share memory bandwidth with anything else running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from dspark_sglang.sglang.cpu_gemm import few_row_linear
+
+
+def layer_shapes(config: dict) -> tuple[list[tuple[int, int]], tuple[int, int]]:
+    """([(out, in)] of one decoder layer's projections, (vocab, hidden) of the LM head)."""
+    hidden = config["hidden_size"]
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    kv_heads = config.get("num_key_value_heads", heads)
+    inter = config["intermediate_size"]
+    qkv = (heads + 2 * kv_heads) * head_dim
+    return [(qkv, hidden), (hidden, heads * head_dim), (2 * inter, hidden), (hidden, inter)], (config["vocab_size"], hidden)
+
+
+def stock(x, w):
+    return torch.nn.functional.linear(x, w)
+
+
+METHODS = {"stock": stock, "few-rows": few_row_linear}
+
+
+def one_pass(fn, layers, lm_head, rows: int) -> tuple[float, float]:
+    """Seconds of (every layer's projections, the LM head) for `rows` rows of activations."""
+    inputs = {w.shape[1]: torch.randn(rows, w.shape[1]) for layer in layers for w in layer}
+    t0 = time.perf_counter()
+    for layer in layers:
+        for w in layer:
+            fn(inputs[w.shape[1]], w)
+    t1 = time.perf_counter()
+    fn(inputs[lm_head.shape[1]], lm_head)
+    return t1 - t0, time.perf_counter() - t1
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dspark_sglang.benchmarks.cpu_gemm",
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default=None, help="transformers folder (default: the bundled SmolLM2-135M)")
+    parser.add_argument("--rows", default="1,2,3,4,5,6,8,12,16", help="row counts to measure")
+    parser.add_argument("--repeats", type=int, default=5, help="passes per point; the best counts (default: 5)")
+    parser.add_argument("--out", default=None, help="folder for results.json")
+    args = parser.parse_args(argv)
+
+    if args.target is None:
+        from dspark_sglang.models import ensure_target
+
+        args.target = ensure_target()
+    config = json.loads((Path(args.target) / "config.json").read_text())
+    shapes, head_shape = layer_shapes(config)
+    layers = [[torch.randn(*s) for s in shapes] for _ in range(config["num_hidden_layers"])]  # float32
+    lm_head = torch.randn(*head_shape)
+    row_counts = [int(r) for r in args.rows.split(",")]
+    best: dict[tuple[str, int], list[float]] = {}
+    for _ in range(args.repeats):
+        for rows in row_counts:
+            for name, fn in METHODS.items():
+                got = one_pass(fn, layers, lm_head, rows)
+                old = best.get((name, rows), [float("inf")] * 2)
+                best[(name, rows)] = [min(a, b) for a, b in zip(old, got)]
+
+    points = []
+    print(f"{config['num_hidden_layers']} layers {shapes} + LM head {head_shape}, float32, "
+          f"{torch.get_num_threads()} thread(s); milliseconds, best of {args.repeats}")
+    print(f"{'rows':>4} | {'stock layers':>12} {'LM head':>8} {'total':>7} | {'few-rows layers':>15} {'LM head':>8} "
+          f"{'total':>7} | few/stock")
+    for rows in row_counts:
+        s, f = best[("stock", rows)], best[("few-rows", rows)]
+        points.append({"rows": rows, "stock_layers_ms": s[0] * 1e3, "stock_lm_head_ms": s[1] * 1e3,
+                       "few_rows_layers_ms": f[0] * 1e3, "few_rows_lm_head_ms": f[1] * 1e3})
+        print(f"{rows:>4} | {s[0]*1e3:12.1f} {s[1]*1e3:8.1f} {sum(s)*1e3:7.1f} | {f[0]*1e3:15.1f} {f[1]*1e3:8.1f} "
+              f"{sum(f)*1e3:7.1f} | {sum(f)/sum(s):.2f}")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        result = {"target": Path(args.target).name, "threads": torch.get_num_threads(), "repeats": args.repeats,
+                  "torch": torch.__version__, "points": points}
+        (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,119 @@
+"""Opt-in faster float32 matmuls for few-row batches on CPU: SGLang's linear layers and LM head.
+
+On a CPU, a decode step of a small model and a speculative verify of a few tokens are
+weight-bound: every matmul streams its whole weight for 1-8 rows of activations. PyTorch's
+`F.linear(x, W)` for such rows takes a path that does not stay weight-bound in float32. Measured
+on this project's 2-core machine (one thread, SmolLM2-135M's shapes, 30 layers + LM head, weights
+streamed from memory; `python -m dspark_sglang.benchmarks.cpu_gemm` re-measures it on yours):
+
+    rows                 1      2      3      4      5      6      8
+    F.linear (stock)   45 ms  76 ms  96 ms  61 ms  71 ms  70 ms  71 ms
+    W @ x^T            29 ms  29 ms  45 ms  46 ms  58 ms  70 ms  75 ms   (1 row: padded to 2)
+
+(examples/bench/cpu-gemm/results.json.) So `W @ x^T` (the weight as the left operand) keeps 2 rows at
+the cost of one and 3-4 at the cost of a stock row, and one row padded to two costs two thirds of
+the stock one-row step. In bfloat16 the stock path is already
+weight-bound and `W @ x^T` is slower: only float32 is served here.
+
+It changes the last bits of float32 results (another BLAS kernel), so it is opt-in and applies to
+every engine of a process tree alike: `DSPARK_CPU_GEMM=few-rows` in the environment of a plain
+or a speculative server. Benchmarks that compare plain with speculative decoding set it for both
+or for neither.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+ENV = "DSPARK_CPU_GEMM"
+LINEAR_TARGET = "sglang.srt.layers.quantization.unquant.UnquantizedLinearMethod.apply"
+LM_HEAD_TARGET = "sglang.srt.layers.logits_processor.LogitsProcessor._compute_lm_head"
+
+# Row counts served by W @ x^T (measured table above): up to 5 rows for the decoder layers' mixed
+# shapes, up to 8 for the wide LM head, where the stock path stays slower for longer.
+MAX_ROWS_LINEAR = 5
+MAX_ROWS_LM_HEAD = 8
+
+
+def requested(environ=os.environ) -> bool:
+    value = environ.get(ENV, "").strip().lower()
+    if value in ("", "stock", "0"):
+        return False
+    if value == "few-rows":
+        return True
+    raise ValueError(f"{ENV}={value!r}: expected 'few-rows' or 'stock'")
+
+
+def few_row_linear(
+    x: torch.Tensor,  # [M, K]
+    weight: torch.Tensor,  # [N, K]
+    bias: torch.Tensor | None = None,  # [N]
+) -> torch.Tensor:
+    """x @ weight.T + bias ([M, N], contiguous) with the weight as the left operand of the GEMM."""
+    rows = x if x.shape[0] > 1 else torch.cat([x, x])  # one row: a GEMV, the slow path; two: a GEMM
+    out = torch.mm(weight, rows.t()).t()[: x.shape[0]].contiguous()  # [M, N]
+    return out if bias is None else out + bias
+
+
+def serves(x: torch.Tensor, weight: torch.Tensor, max_rows: int) -> bool:
+    """Whether `few_row_linear` should replace the stock matmul for these operands."""
+    return (
+        x.device.type == "cpu" and weight.device.type == "cpu"
+        and x.dtype == torch.float32 and weight.dtype == torch.float32
+        and x.dim() == 2 and weight.dim() == 2 and 0 < x.shape[0] <= max_rows
+        and x.shape[1] == weight.shape[1]
+    )
+
+
+def _linear_apply(original, self, layer, x, bias=None):
+    """AROUND `UnquantizedLinearMethod.apply`: few float32 rows on CPU take `few_row_linear`."""
+    weight = getattr(layer, "weight", None)
+    if (
+        isinstance(weight, torch.Tensor) and not getattr(layer, "use_intel_amx_backend", False)
+        and serves(x, weight, MAX_ROWS_LINEAR) and (bias is None or bias.dtype == torch.float32)
+    ):
+        return few_row_linear(x, weight, bias)
+    return original(self, layer, x, bias)
+
+
+def _compute_lm_head(original, self, hidden_states, lm_head, embedding_bias=None, *, out=None):
+    """AROUND `LogitsProcessor._compute_lm_head`: the plain-weight branch (no LoRA, no quantized
+    head, no AMX packing, no on-policy bf16 cast) for few float32 rows on CPU. On CPU that branch
+    ignores `out` (only CUDA writes into it) and `embedding_bias` (only a quantized head adds it)."""
+    from sglang.srt.layers.logits_processor import should_apply_lm_head_quant_method
+
+    weight = getattr(lm_head, "weight", None)
+    if (
+        isinstance(weight, torch.Tensor)
+        and not (hasattr(lm_head, "set_lora") and hasattr(lm_head, "apply_lora"))
+        and not should_apply_lm_head_quant_method(lm_head, getattr(lm_head, "quant_method", None))
+        and not getattr(lm_head, "use_intel_amx_backend", False)
+        and getattr(self, "rl_on_policy_target", None) is None
+        and serves(hidden_states, weight, MAX_ROWS_LM_HEAD)
+    ):
+        return few_row_linear(hidden_states, weight)
+    return original(self, hidden_states, lm_head, embedding_bias, out=out)
+
+
+def active() -> bool:
+    """Whether both hooks are registered in this process (reported in `/server_info`)."""
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    return all(any(getattr(h, "_dspark_few_rows", False) for _, h, _ in HookRegistry._hooks.get(target, ()))
+               for target in (LINEAR_TARGET, LM_HEAD_TARGET))
+
+
+def install() -> bool:
+    """Register both AROUND hooks when the environment asks for it (called from the plugin's register)."""
+    if not requested():
+        return False
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    for target, hook in ((LINEAR_TARGET, _linear_apply), (LM_HEAD_TARGET, _compute_lm_head)):
+        if any(getattr(h, "_dspark_few_rows", False) for _, h, _ in HookRegistry._hooks.get(target, ())):
+            continue
+        hook._dspark_few_rows = True
+        HookRegistry.register(target, hook, HookType.AROUND)
+    return True

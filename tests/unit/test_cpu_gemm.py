@@ -1,0 +1,108 @@
+"""The opt-in few-row float32 GEMM (dspark_sglang/sglang/cpu_gemm.py) against SGLang's own linear and LM head."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dspark_sglang.sglang import cpu_gemm
+
+
+def _operands(rows: int, k: int = 48, n: int = 80, dtype=torch.float32, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    weight = torch.randn(n, k, generator=g).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype)
+    return x, weight, bias
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_few_row_linear_matches_f_linear(rows, with_bias):
+    x, weight, bias = _operands(rows)
+    bias = bias if with_bias else None
+    got = cpu_gemm.few_row_linear(x, weight, bias)
+    want = torch.nn.functional.linear(x, weight, bias)
+    assert got.shape == want.shape == (rows, weight.shape[0])
+    assert got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_row_mixup_would_be_caught():
+    """Negative control: the tolerance above tells rows apart (a transposed or shuffled result fails)."""
+    x, weight, _ = _operands(3)
+    got = cpu_gemm.few_row_linear(x, weight)
+    assert (got - torch.nn.functional.linear(x.flip(0), weight)).abs().max().item() > 1e-2
+
+
+class _Layer(torch.nn.Module):
+    def __init__(self, weight, amx=False):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.use_intel_amx_backend = amx
+
+
+def _route(x, layer, bias=None):
+    """Which path `_linear_apply` takes: ('few', result) or ('stock', None)."""
+    calls = []
+
+    def original(self, layer, x, bias=None):
+        calls.append(1)
+        return torch.nn.functional.linear(x, layer.weight, bias)
+
+    out = cpu_gemm._linear_apply(original, None, layer, x, bias)
+    return ("stock" if calls else "few"), out
+
+
+def test_linear_hook_serves_few_float32_rows_and_hands_back_the_rest():
+    x, weight, bias = _operands(cpu_gemm.MAX_ROWS_LINEAR)
+    path, out = _route(x, _Layer(weight), bias)
+    assert path == "few"
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+    wide, _, _ = _operands(cpu_gemm.MAX_ROWS_LINEAR + 1)
+    assert _route(wide, _Layer(weight))[0] == "stock"  # more rows: the stock GEMM is as fast
+    assert _route(x.bfloat16(), _Layer(weight.bfloat16()))[0] == "stock"  # bf16: the stock path is faster
+    assert _route(x[None], _Layer(weight))[0] == "stock"  # 3-D input
+    assert _route(x, _Layer(weight, amx=True))[0] == "stock"  # AMX-packed weights
+    assert _route(x[:0], _Layer(weight))[0] == "stock"  # no rows
+
+
+def _processor():
+    # The fields SGLang's `_compute_lm_head` reads on a CPU, for an unquantized float32 head.
+    return SimpleNamespace(use_fp32_lm_head=False, use_fp32_lm_head_output=False, rl_on_policy_target=None)
+
+
+def test_lm_head_hook_matches_sglangs_own():
+    from sglang.srt.layers.logits_processor import LogitsProcessor
+
+    original = LogitsProcessor._compute_lm_head
+    hidden, weight, _ = _operands(cpu_gemm.MAX_ROWS_LM_HEAD, n=300)
+    head = _Layer(weight)
+    want = original(_processor(), hidden, head)
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    got = cpu_gemm._compute_lm_head(counting, _processor(), hidden, head)
+    assert not calls
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    wide, _, _ = _operands(cpu_gemm.MAX_ROWS_LM_HEAD + 1)
+    cpu_gemm._compute_lm_head(counting, _processor(), wide, head)
+    on_policy = SimpleNamespace(**{**vars(_processor()), "rl_on_policy_target": "fsdp"})
+    cpu_gemm._compute_lm_head(counting, on_policy, hidden, head)
+    assert len(calls) == 2  # too many rows, an on-policy cast: SGLang's own path
+
+
+@pytest.mark.parametrize("value,expected", [("", False), ("stock", False), ("0", False), ("few-rows", True),
+                                            ("FEW-ROWS", True)])
+def test_requested(value, expected):
+    assert cpu_gemm.requested({cpu_gemm.ENV: value}) is expected
+
+
+def test_requested_refuses_unknown_values():
+    with pytest.raises(ValueError, match="DSPARK_CPU_GEMM"):
+        cpu_gemm.requested({cpu_gemm.ENV: "fast"})
