@@ -190,8 +190,12 @@ class RoundSyncLog:
         return cls() if environ.get(ENV, "").strip() in ("1", "true", "yes") else None
 
     # The round probe's own plain-decode baseline, and the CPU-only torch_native attention override
-    # (verify.fast_verify_attention: a GPU server runs its own attention backend instead).
-    EXCLUDE = ("round_probe.py", "verify.py:_sdpa_extend_new_queries_only")
+    # (verify.fast_verify_attention: a GPU server runs its own attention backend instead). The
+    # verify-length schedulers run on the host on any server: the worker hands them host copies
+    # (the round's first sync, counted where it is made), and they keep their state where their
+    # inputs are. On a CPU the counter cannot tell that state (built with `device=`) from device
+    # tensors, so their reads of it are not syncs to count.
+    EXCLUDE = ("round_probe.py", "verify.py:_sdpa_extend_new_queries_only", "schedulers.py", "schedule_cpu.py")
 
     def counter(self) -> HostSyncCounter:
         return HostSyncCounter(exclude=self.EXCLUDE)

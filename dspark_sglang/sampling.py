@@ -41,6 +41,14 @@ class SamplingBatch:
     top_ks: torch.Tensor  # [R] int; >= vocab or <= 0 means off; 1 means greedy
     top_ps: torch.Tensor  # [R] float32; 1.0 means off
     min_ps: torch.Tensor  # [R] float32; 0.0 means off
+    # Whether any row filters (top-k / top-p / min-p), when the host knows it (SGLang's need_*_sampling
+    # flags); None: `process_logits` reads it off the device, which costs a host sync on a GPU.
+    filtering: bool | None = None
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """`process_logits` of [R, V] logits, one row per request."""
+        return process_logits(logits, self.temperatures, self.top_ks, self.top_ps, self.min_ps,
+                              filtering=self.filtering)
 
     @classmethod
     def greedy(cls, num_reqs: int, device: torch.device | str = "cpu") -> "SamplingBatch":
@@ -49,6 +57,7 @@ class SamplingBatch:
             top_ks=torch.full((num_reqs,), -1, dtype=torch.int64, device=device),
             top_ps=torch.ones(num_reqs, device=device),
             min_ps=torch.zeros(num_reqs, device=device),
+            filtering=False,
         )
 
     def is_greedy(self) -> torch.Tensor:
@@ -91,10 +100,14 @@ def process_logits(
     top_ks: torch.Tensor,  # [N] int, <= 0 or >= V disables, 1 is greedy
     top_ps: torch.Tensor,  # [N]
     min_ps: torch.Tensor,  # [N]
+    filtering: bool | None = None,
 ) -> torch.Tensor:
     """The normalised distribution SGLang's sampler would draw each row's next token from.
 
     Shape: ``logits`` [N, V]; ``temperatures``, ``top_ks``, ``top_ps``, ``min_ps`` [N].
+    ``filtering``: whether any row may filter (top-k / top-p / min-p), known on the host; None reads
+    it off the parameters (a host sync on a GPU). False skips the O(V log V) sort: only pass False
+    when no row filters, or the filters of those rows are silently dropped.
 
     Returns
     -------
@@ -117,8 +130,10 @@ def process_logits(
     probs = torch.softmax(logits / safe_t[:, None], dim=-1)  # [N, V]
 
     top_ks = torch.where((top_ks <= 0) | (top_ks >= vocab), torch.full_like(top_ks, vocab), top_ks)
-    # Host check: skip the O(V log V) sort when no row filters (SGLang's need_*_sampling flags).
-    if bool(((top_ks < vocab) | (top_ps < 1.0) | (min_ps > 0.0)).any()):
+    # Skip the O(V log V) sort when no row filters (SGLang's need_*_sampling flags, or a device check).
+    if filtering is None:
+        filtering = bool(((top_ks < vocab) | (top_ps < 1.0) | (min_ps > 0.0)).any())
+    if filtering:
         sorted_probs, sorted_idx = probs.sort(dim=-1, descending=True, stable=True)  # [N, V]
         ranks = torch.arange(vocab, device=logits.device)[None, :]  # [1, V]
         drop = ranks >= top_ks[:, None]

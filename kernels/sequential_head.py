@@ -414,9 +414,11 @@ def sample_sequential(
         **weights, block_v=block_v,
     )
     filtered = filtered_rows(sampling, vocab)
-    if num_reqs and bool(filtered.any()):  # host sync, as process_logits' own filter check
+    # A host sync, as process_logits' own filter check, unless the host knows that no row filters.
+    if num_reqs and sampling.filtering is not False and bool(filtered.any()):
         index = filtered.nonzero().squeeze(1)
-        sub = SamplingBatch(temps[index], sampling.top_ks[index], sampling.top_ps[index], sampling.min_ps[index])
+        sub = SamplingBatch(temps[index], sampling.top_ks[index], sampling.top_ps[index], sampling.min_ps[index],
+                            filtering=True)
         ref_block, ref_logits = sample_sequential_ref(
             base_logits[index], hidden[index], anchors[index], markov, confidence, sub, uniforms[index]
         )

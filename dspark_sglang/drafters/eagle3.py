@@ -38,7 +38,7 @@ from dspark_sglang.drafters.eagle3_cache import Eagle3Cache
 from dspark_sglang.drafters.eagle3_config import Eagle3Layout, check_vocab_map, parse_layout
 from dspark_sglang.drafters.interface import DraftBlock, DrafterInfo, TargetSpec
 from dspark_sglang.drafters.layers import Attention, RMSNorm, SwiGLU, apply_rope, rope_cos_sin
-from dspark_sglang.sampling import SamplingBatch, process_logits, sample_from_probs, top1_of_logits
+from dspark_sglang.sampling import SamplingBatch, sample_from_probs, top1_of_logits
 
 
 class Eagle3Layer(nn.Module):
@@ -352,7 +352,7 @@ class Eagle3Drafter(nn.Module):
         probs, indices, tokens = [], [], []
 
         def pick(j: int, logits: torch.Tensor) -> torch.Tensor:
-            q = process_logits(logits, sampling.temperatures, sampling.top_ks, sampling.top_ps, sampling.min_ps)
+            q = sampling.probs(logits)
             idx = sample_from_probs(q, uniforms[:, j].to(q.device))  # inverse CDF; greedy rows: argmax
             probs.append(q)
             indices.append(idx)

@@ -130,7 +130,7 @@ def sample_independent(
     probs = process_logits(
         logits.reshape(num_reqs * gamma, vocab),
         _repeat(sampling.temperatures, gamma), _repeat(sampling.top_ks, gamma),
-        _repeat(sampling.top_ps, gamma), _repeat(sampling.min_ps, gamma),
+        _repeat(sampling.top_ps, gamma), _repeat(sampling.min_ps, gamma), filtering=sampling.filtering,
     )  # [R * G, V]
     tokens = sample_from_probs(probs, _uniforms((num_reqs * gamma,), logits, generator))
     token_probs = probs.gather(-1, tokens[:, None]).squeeze(-1)
@@ -202,7 +202,7 @@ def sample_sequential_with_uniforms(
         if markov is not None:
             bias, state = markov.step(hidden[:, k], rows, state, w2_rows)
             step_logits = step_logits + bias
-        q = process_logits(step_logits, sampling.temperatures, sampling.top_ks, sampling.top_ps, sampling.min_ps)
+        q = sampling.probs(step_logits)
         index = sample_from_probs(q, uniforms[:, k])  # [R] over the scored vocabulary
         prev = index if vocab is None else vocab.to_target(index)
         tokens.append(prev)

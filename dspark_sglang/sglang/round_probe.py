@@ -51,7 +51,7 @@ class RoundProbe:
         """This round's verify window (anchor row included)."""
         return self.windows[self._round % len(self.windows)]
 
-    def time_plain_decode(self, target_worker, batch, anchors_layout) -> float:
+    def time_plain_decode(self, target_worker, batch, anchors_layout, pool_rows) -> float:
         """Seconds of SGLang's own decode step (forward + sampling) for `batch`, whose decode fields
         are set as a plain engine sets them (`anchors_layout`: every window is the anchor alone) and
         restored afterwards."""
@@ -59,7 +59,7 @@ class RoundProbe:
 
         saved = {name: getattr(batch, name) for name in _DECODE_FIELDS}
         try:
-            turn_into_verify_extend(batch, anchors_layout)
+            turn_into_verify_extend(batch, anchors_layout, pool_rows)
             start = time.perf_counter()
             target_worker.forward_batch_generation(batch)
             return time.perf_counter() - start

@@ -28,12 +28,13 @@ from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
 @dataclass
 class VerifyLayout:
-    """Where each request's window sits in the flat verify batch."""
+    """Where each request's window sits in the flat verify batch. The lengths are host tensors (the
+    round reads them off the device once); the tokens stay where the drafts are."""
 
-    widths: torch.Tensor  # [R] int64 on CPU, W_r = 1 + verify_len_r
-    starts: torch.Tensor  # [R] int64 on CPU, first flat row of request r
-    seq_lens: torch.Tensor  # [R] int64 on CPU, committed length (= anchor position)
-    tokens: torch.Tensor  # [T] int64 flat window tokens, T = sum(W_r)
+    widths: torch.Tensor  # [R] int64 on the host, W_r = 1 + verify_len_r
+    starts: torch.Tensor  # [R] int64 on the host, first flat row of request r
+    seq_lens: torch.Tensor  # [R] int64 on the host, committed length (= anchor position)
+    tokens: torch.Tensor  # [T] int64 flat window tokens, T = sum(W_r), on the drafts' device
 
     @property
     def num_tokens(self) -> int:
@@ -41,20 +42,24 @@ class VerifyLayout:
 
 
 def layout_windows(
-    anchors: torch.Tensor,  # [R] int64
+    anchors: torch.Tensor,  # [R] int64, on the drafts' device
     drafts: torch.Tensor,  # [R, gamma] int64
-    verify_lens: torch.Tensor,  # [R] int64 on CPU, 0..gamma
-    seq_lens: torch.Tensor,  # [R] int64 on CPU
+    verify_lens: torch.Tensor,  # [R] int64 on the host, 0..gamma
+    seq_lens: torch.Tensor,  # [R] int64 on the host
 ) -> VerifyLayout:
     widths = verify_lens + 1
     starts = torch.cumsum(widths, 0) - widths
-    full = torch.cat([anchors[:, None], drafts], dim=1)  # [R, gamma+1]
-    keep = torch.arange(full.shape[1])[None, :] < widths[:, None]  # [R, gamma+1]
-    return VerifyLayout(widths, starts, seq_lens, full[keep.to(full.device)])
+    full = torch.cat([anchors[:, None].to(drafts.device), drafts], dim=1)  # [R, gamma+1]
+    # Flat positions of the kept cells, from host lengths: a gather, not a data-dependent mask.
+    owner = torch.repeat_interleave(torch.arange(len(widths)), widths)  # [T]
+    cells = owner * full.shape[1] + torch.arange(int(widths.sum())) - starts[owner]  # [T]
+    return VerifyLayout(widths, starts, seq_lens, full.reshape(-1)[cells.to(full.device)])
 
 
-def turn_into_verify_extend(batch, layout: VerifyLayout) -> None:
+def turn_into_verify_extend(batch, layout: VerifyLayout, pool_rows: torch.Tensor) -> None:
     """Rewrite the scheduler's DECODE batch in place into the EXTEND batch of the windows.
+
+    `pool_rows` [R] int64: the requests' rows of `req_to_token`, on the host (SGLang's host copy).
 
     When no request verifies a draft (every window is its anchor alone) the batch stays a plain
     DECODE batch over the anchors: the same positions, KV slots and outputs, through SGLang's
@@ -68,14 +73,14 @@ def turn_into_verify_extend(batch, layout: VerifyLayout) -> None:
     widths_list = layout.widths.tolist()
     prefix_list = layout.seq_lens.tolist()
     max_w = max(widths_list)
-    cols = layout.seq_lens[:, None] + torch.arange(max_w)[None, :]  # [R, max_w]
-    keep = torch.arange(max_w)[None, :] < layout.widths[:, None]  # [R, max_w]
-    rows = batch.req_pool_indices.to("cpu")[:, None].expand_as(cols)
-    out_cache_loc = req_to_token[rows[keep].to(device), cols[keep].to(device)]  # [T]
+    owner = torch.repeat_interleave(torch.arange(len(widths_list)), layout.widths)  # [T] host
+    cols = layout.seq_lens[owner] + torch.arange(layout.num_tokens) - layout.starts[owner]  # [T] positions
+    rows = pool_rows.to(torch.int64)[owner]  # [T]
+    out_cache_loc = req_to_token[rows.to(req_to_token.device), cols.to(req_to_token.device)]  # [T]
     new_lens = layout.seq_lens + layout.widths  # [R] total length after the extend
 
     batch.input_ids = layout.tokens.to(device)
-    batch.out_cache_loc = out_cache_loc.to(torch.int64)
+    batch.out_cache_loc = out_cache_loc.to(device=device, dtype=torch.int64)
     if max_w == 1:
         batch.forward_mode = ForwardMode.DECODE  # positions = seq_lens - 1: the anchors'
     else:
@@ -89,7 +94,7 @@ def turn_into_verify_extend(batch, layout: VerifyLayout) -> None:
     batch.seq_lens_cpu = new_lens.to(torch.int64)
     batch.seq_lens_sum = int(new_lens.sum())
     batch.orig_seq_lens = new_lens.to(device=device, dtype=torch.int32)
-    batch.req_pool_indices_cpu = batch.req_pool_indices.to("cpu")
+    batch.req_pool_indices_cpu = pool_rows.to(torch.int64)
     batch.return_logprob = False
     batch.return_hidden_states = False
     batch.spec_info = None

@@ -78,12 +78,27 @@ def sampling_batch(sampling_info) -> SamplingBatch:
     temperatures = sampling_info.temperatures.reshape(-1).float()
     top_ks = sampling_info.top_ks.reshape(-1).long()
     greedy = (temperatures < GREEDY_EPS) | (top_ks == 1)
+    # SGLang's host flags say whether any row filters (a greedy row's top_k of 1 counts as top-k).
+    flags = ("need_top_k_sampling", "need_top_p_sampling", "need_min_p_sampling", "is_all_greedy")
+    filtering = None
+    if all(isinstance(getattr(sampling_info, f, None), bool) for f in flags):
+        filtering = not sampling_info.is_all_greedy and (
+            sampling_info.need_top_k_sampling or sampling_info.need_top_p_sampling or sampling_info.need_min_p_sampling)
     return SamplingBatch(
         temperatures=torch.where(greedy, 0.0, temperatures),
         top_ks=torch.where(greedy, -1, top_ks),
         top_ps=torch.where(greedy, 1.0, sampling_info.top_ps.reshape(-1).float()),
         min_ps=torch.where(greedy, 0.0, sampling_info.min_ps.reshape(-1).float()),
+        filtering=filtering,
     )
+
+
+def _host_pool_indices(batch) -> torch.Tensor:
+    """[R] int64 request-pool rows on the host: SGLang keeps a host copy beside the device tensor."""
+    host = getattr(batch, "req_pool_indices_cpu", None)
+    if host is not None and host.numel() == len(batch.reqs):
+        return host.to(torch.int64)
+    return torch.tensor([req.req_pool_idx for req in batch.reqs], dtype=torch.int64)
 
 
 def _build_scheduler(settings, gamma: int, max_verify_len: int, draft_cost):
@@ -169,10 +184,11 @@ class DSparkPluginWorker(BaseSpecWorker):
         # skips drafting where it does not pay (on a CPU a draft step costs about a target step).
         self.draft_cost = parse_draft_cost(settings.draft_cost)
         self.scheduler = _build_scheduler(settings, self.gamma, self.max_verify_len, self.draft_cost)
-        if torch.device(self.device).type == "cpu":
-            t0 = time.perf_counter()
-            self.scheduler.warm_up()  # compile the fused CPU scheduler now, not in the first round
-            logger.info("dspark worker: scheduler warmed up in %.1f s", time.perf_counter() - t0)
+        # The scheduler runs on the host on every server, on one copy of the confidences per round:
+        # compile its fused CPU path now, not in the first round.
+        t0 = time.perf_counter()
+        self.scheduler.warm_up()
+        logger.info("dspark worker: scheduler warmed up in %.1f s", time.perf_counter() - t0)
         self.sts = StsCalibration.load(settings.sts) if settings.sts else None
         if self.sts is not None and self.sts.gamma != self.gamma:
             raise ValueError(f"{settings.sts}: {self.sts.gamma} STS temperatures for a drafter of gamma {self.gamma}")
@@ -263,7 +279,7 @@ class DSparkPluginWorker(BaseSpecWorker):
                 result = self._decode_round(batch)
             else:  # benchmarks and tests: count the round's host syncs (host_syncs.py)
                 with self.sync_log.counter() as counter:
-                    HostSyncCounter.mark_host(batch.seq_lens_cpu)
+                    HostSyncCounter.mark_host(batch.seq_lens_cpu, getattr(batch, "req_pool_indices_cpu", None))
                     result = self._decode_round(batch)
                 self.sync_log.record(counter, len(batch.reqs))
         else:
@@ -397,20 +413,26 @@ class DSparkPluginWorker(BaseSpecWorker):
         if faults is not None:
             confidences = faults.corrupt_confidences(confidences)
         confidences, garbage = sanitize_confidences(confidences)  # [R, gamma], [R] bool
+        # The round's first host sync, its only one before the verify: the scheduler runs on the host,
+        # on one copy of what it needs and of the guards' verdicts. [R, gamma + 2]
+        packed = torch.cat([confidences, usable[:, None].float(), garbage[:, None].float()], dim=1).to("cpu")
+        usable_cpu, garbage_cpu = packed[:, self.gamma].long(), packed[:, self.gamma + 1] > 0
         # Unusable drafts get confidence 0, so the budget goes to other requests' drafts; the cap
         # below also holds for schedulers that ignore confidences (fixed, verify_all).
-        unusable = torch.arange(self.gamma, device=usable.device)[None, :] >= usable[:, None]  # [R, gamma]
-        confidences = confidences.masked_fill(unusable.to(confidences.device), 0.0)
-        verify_lens = self.scheduler.schedule(slots_cpu.to(confidences.device), confidences)
+        unusable_cpu = torch.arange(self.gamma)[None, :] >= usable_cpu[:, None]  # [R, gamma]
+        confidences = packed[:, : self.gamma].masked_fill(unusable_cpu, 0.0)
+        verify_lens = self.scheduler.schedule(slots_cpu, confidences).to(torch.int64)
+        HostSyncCounter.mark_host(verify_lens)  # host in, host out (its own factories name a device)
         if self.probe is not None:  # the probe's window, from the round count only
             verify_lens = torch.full_like(verify_lens, self.probe.window() - 1)
-        verify_lens = torch.minimum(verify_lens, usable.to(verify_lens.device)).to("cpu", torch.int64)
-        broken, bad_conf = torch.stack([(usable < self.gamma).sum(), garbage.sum()]).tolist()  # one sync
+        verify_lens = torch.minimum(verify_lens, usable_cpu)
+        broken, bad_conf = int((usable_cpu < self.gamma).sum()), int(garbage_cpu.sum())
         # What a skipped draft step saves (after the sync, so a GPU's queued work is counted too).
         self.draft_cost.observe(len(slots), time.perf_counter() - t0)
         if broken:
             self.stats.fault("nan_draft", broken)
             # Zero the unusable rows: verification never reads them, but no NaN should travel on.
+            unusable = unusable_cpu.to(block.probs.device)
             block = DraftBlock(block.tokens, block.probs.masked_fill(unusable[..., None], 0.0),
                                block.token_probs.masked_fill(unusable, 0.0), block.confidence_logits,
                                block.top1_probs)
@@ -443,7 +465,7 @@ class DSparkPluginWorker(BaseSpecWorker):
         start = time.perf_counter()
         reqs = batch.reqs
         num_reqs = len(reqs)
-        slots_cpu = batch.req_pool_indices.to("cpu", torch.int64)  # [R]
+        slots_cpu = _host_pool_indices(batch)  # [R] int64 on the host
         slots = slots_cpu.tolist()
         seq_lens_dev = batch.seq_lens
         seq_lens = (batch.seq_lens_cpu if batch.seq_lens_cpu is not None else seq_lens_dev.cpu()).to(torch.int64)
@@ -454,7 +476,8 @@ class DSparkPluginWorker(BaseSpecWorker):
             so_far = time.perf_counter() - start
             idle = torch.zeros(num_reqs, dtype=torch.int64)
             plain_seconds = self.probe.time_plain_decode(
-                self.target_worker, batch, layout_windows(anchors, idle[:, None].expand(-1, self.gamma), idle, seq_lens))
+                self.target_worker, batch, layout_windows(anchors, idle[:, None].expand(-1, self.gamma), idle, seq_lens),
+                slots_cpu)
             start = time.perf_counter() - so_far
 
         # 1-2. draft a full block, then choose how many drafts to verify. A failure anywhere in this
@@ -468,16 +491,17 @@ class DSparkPluginWorker(BaseSpecWorker):
         plain = plain_decoding_rows(reqs)  # [R] penalties / grammar / custom processors: exact only unspeculated
         verify_lens = verify_lens.masked_fill(plain, 0)
         drafts = block.tokens
-        verify_lens, drafts = self._tp_agree(verify_lens, drafts)
-        verify_lens = verify_lens.to("cpu")
+        if self._tp_size > 1:  # rank 0's verify lengths and drafts (a device broadcast, then a host copy)
+            verify_lens, drafts = self._tp_agree(verify_lens, drafts)
+            verify_lens = verify_lens.to("cpu")
         t_draft = time.perf_counter()
 
         # 3. one EXTEND forward over the ragged windows [anchor, x_1..x_len].
-        layout = layout_windows(anchors, drafts.cpu(), verify_lens, seq_lens)
+        layout = layout_windows(anchors.to(self.device), drafts, verify_lens, seq_lens)
         return_logprob = batch.return_logprob
         logprob_asks = (batch.top_logprobs_nums, batch.token_ids_logprobs) if return_logprob else None
         sampling_info = batch.sampling_info
-        turn_into_verify_extend(batch, layout)
+        turn_into_verify_extend(batch, layout, slots_cpu)
         extend = layout.num_tokens > num_reqs  # else a DECODE forward, whose logits are every position's
         with fast_verify_attention(self.model_runner.attn_backend), \
                 every_position_logits(self.model_runner.model, active=extend):
@@ -494,14 +518,17 @@ class DSparkPluginWorker(BaseSpecWorker):
         # 4. lossless chain acceptance over the widest window W only (rows past each request's
         # window stay zero, never read): a round that verifies few drafts does not pay for
         # gamma + 1 rows of V probabilities per request.
-        widths = layout.widths.to(self.device)
         window = int(layout.widths.max())  # W = 1 + the longest verify length
-        row_params = [t.repeat_interleave(widths) for t in
-                      (sampling.temperatures, sampling.top_ks, sampling.top_ps, sampling.min_ps)]
-        probs = process_logits(logits, *row_params)  # [T, V]
-        target_probs = probs.new_zeros(num_reqs, window, self.vocab_size)  # [R, W, V]
-        keep = torch.arange(window, device=self.device)[None, :] < widths[:, None]  # [R, W]
-        target_probs[keep] = probs
+        # Row t of the flat verify batch is (request, offset) = (owner[t], t - starts[owner[t]]):
+        # index tensors built on the host from host lengths, so nothing here waits on the device.
+        owner = torch.repeat_interleave(torch.arange(num_reqs), layout.widths)  # [T] host
+        block_rows = (owner * window + torch.arange(layout.num_tokens) - layout.starts[owner]).to(self.device)
+        owner = owner.to(self.device)
+        row_params = [t[owner] for t in (sampling.temperatures, sampling.top_ks, sampling.top_ps, sampling.min_ps)]
+        probs = process_logits(logits, *row_params, filtering=sampling.filtering)  # [T, V]
+        target_probs = probs.new_zeros(num_reqs * window, self.vocab_size)  # [R * W, V]
+        target_probs[block_rows] = probs
+        target_probs = target_probs.view(num_reqs, window, self.vocab_size)  # [R, W, V]
         # Uniforms drawn for the full block, so the random stream does not depend on W.
         accept_uniforms = torch.rand(num_reqs, self.gamma, generator=self.generator, device=self.device)
         sample_uniforms = torch.rand(num_reqs, generator=self.generator, device=self.device)
@@ -594,6 +621,11 @@ class DSparkPluginWorker(BaseSpecWorker):
                     vals.append(picked[j] if ids else logprobs.new_empty(0))
                     idxs.append(list(ids) if ids else [])
             out.next_token_token_ids_logprobs_val, out.next_token_token_ids_logprobs_idx = vals, idxs
+
+    @property
+    def _tp_size(self) -> int:
+        group = get_parallel().tp_group
+        return 1 if group is None else group.world_size
 
     def _tp_agree(self, *tensors: torch.Tensor):
         """With tensor parallelism, every rank must commit the same tokens: rank 0 decides

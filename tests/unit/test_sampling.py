@@ -81,6 +81,20 @@ def test_top_k():
         assert_probs(process(logits, top_k=k), [[1 / 7, 2 / 7, 4 / 7]])
 
 
+def test_a_host_filtering_flag_replaces_the_device_check():
+    """`filtering=True` gives what the device check gives; `False` skips the filter (so it must only be
+    passed when no row filters: the host flag is SGLang's batch-level need_*_sampling)."""
+    logits = torch.tensor([[0.0, math.log(2.0), math.log(4.0)], [1.0, 0.0, -1.0]])
+    params = dict(temperatures=torch.ones(2), top_ks=torch.tensor([2, -1]), top_ps=torch.ones(2), min_ps=torch.zeros(2))
+    checked = process_logits(logits, **params)
+    torch.testing.assert_close(process_logits(logits, **params, filtering=True), checked)
+    skipped = process_logits(logits, **params, filtering=False)
+    assert skipped[0, 0].item() > 0.1 and checked[0, 0].item() == 0.0  # top-k 2 dropped only with the filter
+    torch.testing.assert_close(skipped[1], checked[1])
+    batch = SamplingBatch(**params, filtering=True)
+    torch.testing.assert_close(batch.probs(logits), checked)
+
+
 def test_top_p_drops_tokens_whose_preceding_mass_exceeds_top_p():
     logits = [[math.log(0.1), math.log(0.2), math.log(0.3), math.log(0.4)]]
     # Sorted 0.4, 0.3, 0.2, 0.1; mass before each: 0, 0.4, 0.7, 0.9. top_p=0.5 keeps 0.4 and 0.3.
