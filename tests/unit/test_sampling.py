@@ -275,3 +275,23 @@ def test_inverse_cdf_never_returns_a_zero_weight_or_out_of_range(seed, vocab, ze
     assert tokens.dtype == torch.int64
     assert ((tokens >= 0) & (tokens < vocab)).all()
     assert (probs.gather(1, tokens[:, None]) > 0).all()
+
+
+def test_worker_reads_the_filter_flag_off_sglangs_host_flags():
+    """The worker's SamplingBatch carries SGLang's batch-level flags as `filtering` (no device check);
+    an all-greedy batch never filters, whatever top_k = 1 makes need_top_k_sampling say."""
+    from types import SimpleNamespace
+
+    from dspark_sglang.sglang.worker import sampling_batch
+
+    def info(temps, top_ks, **flags):
+        n = len(temps)
+        return SimpleNamespace(temperatures=torch.tensor(temps)[:, None], top_ks=torch.tensor(top_ks),
+                               top_ps=torch.ones(n), min_ps=torch.zeros(n), **flags)
+
+    flags = dict(need_top_k_sampling=True, need_top_p_sampling=False, need_min_p_sampling=False)
+    assert sampling_batch(info([1.0, 1.0], [1, 1], is_all_greedy=True, **flags)).filtering is False
+    assert sampling_batch(info([1.0, 0.7], [1, 20], is_all_greedy=False, **flags)).filtering is True
+    none = dict(need_top_k_sampling=False, need_top_p_sampling=False, need_min_p_sampling=False)
+    assert sampling_batch(info([0.7, 0.7], [1 << 30, 1 << 30], is_all_greedy=False, **none)).filtering is False
+    assert sampling_batch(info([0.7], [1 << 30])).filtering is None  # no flags: process_logits checks
