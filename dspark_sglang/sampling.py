@@ -124,7 +124,8 @@ def process_logits(
         _check_rows(name, tensor, num_rows)
     logits = sanitize_logits(logits)
     greedy = is_greedy(temperatures, top_ks)  # [N]
-    one_hot = torch.nn.functional.one_hot(logits.argmax(dim=-1), vocab).float()  # [N, V]
+    # [N, V] float32 one-hot at the argmax (scattered: F.one_hot would build an int64 [N, V] first)
+    one_hot = torch.zeros_like(logits).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
 
     safe_t = torch.where(greedy, torch.ones_like(temperatures), temperatures).float()  # [N]
     probs = torch.softmax(logits / safe_t[:, None], dim=-1)  # [N, V]
