@@ -57,6 +57,24 @@ def one_pass(fn, layers, lm_head, rows: int) -> tuple[float, float]:
     return t1 - t0, time.perf_counter() - t1
 
 
+def machine_peaks() -> tuple[float, float]:
+    """(GFLOP/s of a 2048^3 float32 matmul, GB/s read+write of a 512 MiB copy), best of 5: the bounds a
+    weight-bound matmul is measured against."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    x = torch.empty(1 << 27)
+    y = torch.empty_like(x)
+    a @ b, y.copy_(x)  # warm-up
+    mm = min(_seconds(lambda: a @ b) for _ in range(5))
+    copy = min(_seconds(lambda: y.copy_(x)) for _ in range(5))
+    return 2 * 2048**3 / mm / 1e9, 2 * x.numel() * 4 / copy / 1e9
+
+
+def _seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dspark_sglang.benchmarks.cpu_gemm",
                                      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,6 +83,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="passes per point; the best counts (default: 5)")
     parser.add_argument("--out", default=None, help="folder for results.json")
     args = parser.parse_args(argv)
+    gflops, gbps = machine_peaks()
+    print(f"this machine, {torch.get_num_threads()} thread(s): float32 matmul {gflops:.1f} GFLOP/s, copy {gbps:.1f} GB/s")
 
     if args.target is None:
         from dspark_sglang.models import ensure_target
@@ -98,7 +118,7 @@ def main(argv=None) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         result = {"target": Path(args.target).name, "threads": torch.get_num_threads(), "repeats": args.repeats,
-                  "torch": torch.__version__, "points": points}
+                  "torch": torch.__version__, "matmul_gflops": gflops, "copy_gbps": gbps, "points": points}
         (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {out / 'results.json'}")
     return 0
