@@ -309,7 +309,7 @@ def cmd_run(args) -> dict:
             cpu = _use_cpu(args.cpu)
             environ = cpu_environment(os.environ) if cpu else dict(os.environ)
             common = [*(CPU_SERVER_ARGS if cpu else ()), *shlex.split(args.server_args)]
-            doc["args"]["model_path"] = model_path
+            doc["args"]["model_path"] = _recorded_path(model_path)
             configs = _configs(args)
             entries = [{**cfg.to_dict(), "launched": True, "speculative": cfg.speculative, "common_args": common,
                         "startup_seconds": [], "levels": []} for cfg in configs]
@@ -329,6 +329,18 @@ def cmd_run(args) -> dict:
                         sweep_server(server.host, server.port, entry, prompts, args, reps, save, progress)
                     progress.console.print(f"stopped {cfg.name}")
     return finish(doc, out_dir, args.points)
+
+
+def _recorded_path(path: str) -> str:
+    """A model path as bench.json records it: the models cache and the home folder by name, so a
+    committed result names no machine's folders."""
+    from dspark_sglang.models import cache_root
+
+    resolved = Path(path).expanduser().resolve()
+    for root, label in ((cache_root() / "models", "<dspark-models cache>"), (Path.home(), "~")):
+        if resolved.is_relative_to(root.resolve()):
+            return f"{label}/{resolved.relative_to(root.resolve())}"
+    return path
 
 
 def _default_model() -> str:

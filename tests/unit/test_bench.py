@@ -621,3 +621,11 @@ def test_report_documents_are_strict_json(tmp_path):
     assert doc["matched"][0]["lo"] is None  # b has no valid point
     path = report.write_document(doc, tmp_path / "d.json")
     assert json.loads(path.read_text())["args"]["x"] is None
+
+
+def test_recorded_model_path_names_no_machine_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSPARK_CACHE", str(tmp_path / "cache"))
+    model = tmp_path / "cache" / "models" / "smollm2-135m"
+    model.mkdir(parents=True)
+    assert bench._recorded_path(str(model)) == "<dspark-models cache>/smollm2-135m"
+    assert bench._recorded_path("/opt/models/x") == "/opt/models/x"  # elsewhere: as given
