@@ -20,17 +20,14 @@ import os
 import torch
 import torch.nn.functional as F
 
+from dspark_sglang.sglang.settings import opt_in
+
 ENV = "DSPARK_CPU_DECODE_ATTENTION"
 TARGET = "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend._run_sdpa_forward_decode"
 
 
 def requested(environ=os.environ) -> bool:
-    value = environ.get(ENV, "").strip().lower()
-    if value in ("", "stock", "0"):
-        return False
-    if value == "fast":
-        return True
-    raise ValueError(f"{ENV}={value!r}: expected 'fast' or 'stock'")
+    return opt_in(environ, ENV, "fast")
 
 
 def decode_attention_rows(

@@ -27,6 +27,8 @@ import os
 
 import torch
 
+from dspark_sglang.sglang.settings import opt_in
+
 ENV = "DSPARK_CPU_GEMM"
 LINEAR_TARGET = "sglang.srt.layers.quantization.unquant.UnquantizedLinearMethod.apply"
 LM_HEAD_TARGET = "sglang.srt.layers.logits_processor.LogitsProcessor._compute_lm_head"
@@ -38,12 +40,7 @@ MAX_ROWS_LM_HEAD = 8
 
 
 def requested(environ=os.environ) -> bool:
-    value = environ.get(ENV, "").strip().lower()
-    if value in ("", "stock", "0"):
-        return False
-    if value == "few-rows":
-        return True
-    raise ValueError(f"{ENV}={value!r}: expected 'few-rows' or 'stock'")
+    return opt_in(environ, ENV, "few-rows")
 
 
 def few_row_linear(

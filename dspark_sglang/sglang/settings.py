@@ -232,3 +232,14 @@ def builtin_requested(environ: Mapping[str, str] | None = None) -> bool:
     """True when the user asked to leave `--speculative-algorithm DSPARK` to SGLang's built-in."""
     environ = os.environ if environ is None else environ
     return environ.get(OPT_OUT_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def opt_in(environ: Mapping[str, str], name: str, on: str) -> bool:
+    """An opt-in CPU override's switch: `name` unset, "", "stock" or "0" is off; `on` is on; anything
+    else is refused (a typo must not silently leave the stock path on)."""
+    value = environ.get(name, "").strip().lower()
+    if value in ("", "stock", "0"):
+        return False
+    if value == on:
+        return True
+    raise ValueError(f"{name}={value!r}: expected {on!r} or 'stock'")

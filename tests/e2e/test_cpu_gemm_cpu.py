@@ -15,22 +15,7 @@ import pytest
 pytestmark = pytest.mark.e2e
 
 MAX_NEW = 48
-PROMPT_SETS = ("gsm8k", "humaneval", "mtbench", "gsm8k")
 PARAMS = {"temperature": 0.0, "max_new_tokens": MAX_NEW}
-
-
-@pytest.fixture(scope="module")
-def setup():
-    from transformers import AutoTokenizer
-
-    from dspark_sglang.models import ensure_target
-    from dspark_sglang.prompts import load_prompts
-
-    target = ensure_target()
-    tokenizer = AutoTokenizer.from_pretrained(target)
-    prompts = [load_prompts(name, limit=2)[i // 3] for i, name in enumerate(PROMPT_SETS)]
-    texts = [tokenizer.apply_chat_template(p.messages, tokenize=False, add_generation_prompt=True) for p in prompts]
-    return target, texts
 
 
 def _run(target, texts, gemm: str, **spec) -> tuple[list[dict], dict | None]:
@@ -61,10 +46,10 @@ def _logprobs(out: dict) -> list[float]:
     return [entry[0] for entry in out["meta_info"]["output_token_logprobs"]]
 
 
-def test_few_row_gemm_keeps_greedy_parity(setup):
+def test_few_row_gemm_keeps_greedy_parity(zoo_setup):
     from dspark_sglang.models import zoo_drafter
 
-    target, texts = setup
+    target, texts = zoo_setup
     stock, _ = _run(target, texts, "stock")
     plain, _ = _run(target, texts, "few-rows")
     spec, plugin = _run(target, texts, "few-rows", speculative_algorithm="DSPARK",

@@ -16,23 +16,8 @@ import pytest
 pytestmark = pytest.mark.e2e
 
 MAX_NEW = 48
-PROMPT_SETS = ("gsm8k", "humaneval", "mtbench", "gsm8k")
 # family -> minimum mean accepted tokens per verification round (incl. the bonus token)
 FLOORS = {"dspark": 1.2, "dflash": 1.2, "eagle3": 1.2}
-
-
-@pytest.fixture(scope="module")
-def setup():
-    from transformers import AutoTokenizer
-
-    from dspark_sglang.models import ensure_target
-    from dspark_sglang.prompts import load_prompts
-
-    target = ensure_target()
-    tokenizer = AutoTokenizer.from_pretrained(target)
-    prompts = [load_prompts(name, limit=2)[i // 3] for i, name in enumerate(PROMPT_SETS)]
-    texts = [tokenizer.apply_chat_template(p.messages, tokenize=False, add_generation_prompt=True) for p in prompts]
-    return target, texts
 
 
 def _generate(target, texts, one_at_a_time=False, **spec):
@@ -52,16 +37,16 @@ def _generate(target, texts, one_at_a_time=False, **spec):
 
 
 @pytest.fixture(scope="module")
-def reference(setup):
-    target, texts = setup
+def reference(zoo_setup):
+    target, texts = zoo_setup
     return [o["output_ids"] for o in _generate(target, texts)[0]]
 
 
 @pytest.mark.parametrize("family", sorted(FLOORS))
-def test_zoo_drafter_parity_and_accept_floor(setup, reference, family):
+def test_zoo_drafter_parity_and_accept_floor(zoo_setup, reference, family):
     from dspark_sglang.models import zoo_drafter
 
-    target, texts = setup
+    target, texts = zoo_setup
     outs, alone = _generate(target, texts, one_at_a_time=True, speculative_algorithm="DSPARK",
                             speculative_draft_model_path=str(zoo_drafter(family)))
     assert [o["output_ids"] for o in outs] == reference
