@@ -20,20 +20,26 @@ from pathlib import Path
 from dspark_sglang.cpu_mode import cpu_engine_kwargs, enable_cpu_mode
 
 PROMPT_SETS = ("gsm8k", "humaneval", "mtbench")
-DEFAULT_COST_TABLE = Path(__file__).resolve().parent / "profiles" / "smollm2-135m-cpu.json"
+PROFILES = Path(__file__).resolve().parent / "profiles"
+# The CPU profile of this target, made with the same matmuls the engines run (--cpu-gemm).
+COST_TABLES = {"stock": PROFILES / "smollm2-135m-cpu.json", "few-rows": PROFILES / "smollm2-135m-cpu-few-rows.json"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--drafter", default=None, help="drafter checkpoint (default: the zoo DSpark drafter)")
-    parser.add_argument("--cost-table", default=str(DEFAULT_COST_TABLE),
+    parser.add_argument("--cpu-gemm", choices=sorted(COST_TABLES), default="few-rows",
+                        help="DSPARK_CPU_GEMM for both engines, speculative and plain (default: few-rows, the "
+                        "faster float32 matmuls for 1-8 rows: README, 'DSPARK_CPU_GEMM')")
+    parser.add_argument("--cost-table", default=None,
                         help="steps/s table the scheduler sizes verification with (default: the committed "
-                        "CPU profile of this target; '' for none, which verifies nearly every draft)")
+                        "CPU profile of this target made with --cpu-gemm's matmuls; '' for none, which "
+                        "verifies nearly every draft)")
     parser.add_argument("--draft-cost", default="none",
                         help="DSPARK_DRAFT_COST for the demo. 'none' (default here: the paper's objective, "
                         "drafting is free, so the demo shows speculation at work); 'measured' (the "
-                        "server's default: the scheduler weighs the draft step it measures, and on this "
-                        "CPU, where a draft step costs about a target step, it rarely drafts); or 'A,B' ms")
+                        "server's default: the scheduler weighs the draft step it measures against what "
+                        "the drafts bring, and with the zoo drafter on this CPU it rarely drafts); or 'A,B' ms")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--no-compare", action="store_true", help="skip the plain-engine comparison")
     return parser.parse_args(argv)
@@ -61,8 +67,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     enable_cpu_mode()  # before sglang is imported: its scheduler processes inherit the environment
-    if args.cost_table:
-        os.environ.setdefault("DSPARK_COST_TABLE", args.cost_table)  # read by the plugin's settings
+    os.environ.setdefault("DSPARK_CPU_GEMM", args.cpu_gemm)  # inherited by both engines' schedulers
+    from dspark_sglang.sglang.cpu_gemm import requested as few_rows_requested
+
+    gemm = "few-rows" if few_rows_requested() else "stock"  # what both engines will run
+    cost_table = str(COST_TABLES[gemm]) if args.cost_table is None else args.cost_table
+    if cost_table:
+        os.environ.setdefault("DSPARK_COST_TABLE", cost_table)  # read by the plugin's settings
     os.environ.setdefault("DSPARK_DRAFT_COST", args.draft_cost)
 
     from transformers import AutoTokenizer
@@ -79,7 +90,7 @@ def main(argv=None) -> int:
     outs, ready, elapsed, worker = run(target, texts, args.max_new_tokens,
                                        speculative_algorithm="DSPARK", speculative_draft_model_path=drafter)
     print(f"target  {target}\ndrafter {drafter}\ncost table {os.environ.get('DSPARK_COST_TABLE') or 'none'}\n"
-          f"DSPARK engine ready in {ready:.1f} s (CPU, float32)")
+          f"DSPARK engine ready in {ready:.1f} s (CPU, float32, DSPARK_CPU_GEMM={gemm} in both engines)")
     total = 0
     for prompt, out in zip(prompts, outs):
         meta = out["meta_info"]
@@ -102,7 +113,9 @@ def main(argv=None) -> int:
         plain_total = sum(o["meta_info"]["completion_tokens"] for o in plain)
         print(f"plain:  {len(prompts)} prompts, {plain_total} tokens in {plain_elapsed:.2f} s = "
               f"{plain_total / plain_elapsed:.1f} tok/s")
-        print(f"greedy outputs identical to the plain engine: {sum(same)}/{len(same)}")
+        print(f"greedy outputs identical to the plain engine: {sum(same)}/{len(same)}; "
+              f"DSPARK speed / plain speed: {(total / elapsed) / (plain_total / plain_elapsed):.2f}x "
+              f"(one run, 3 prompts: examples/bench/ has the measured curves)")
         if not all(same):
             return 1
     return 0
