@@ -312,8 +312,15 @@ def compare_main(args) -> dict:
     except ValueError as exc:
         raise SystemExit(f"dspark-eval --compare: {exc}") from None
     sets = [s.strip() for s in run_args["sets"].split(",") if s.strip()]
-    write_outputs(results, sets, dict(run_args, compare=[str(p) for p in args.compare]), Path(args.out), args.bootstrap)
+    write_outputs(results, sets, dict(run_args, compare=[_input_name(p) for p in args.compare]), Path(args.out), args.bootstrap)
     return results
+
+
+def _input_name(path) -> str:
+    """A compared results.json as the merged file records it: its folder and name, not the machine's
+    path to them (committed results must not name local folders)."""
+    path = Path(path)
+    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
 
 
 def main(argv=None) -> dict:

@@ -87,6 +87,8 @@ def test_compare_merges_runs_and_writes_the_paired_rows(tmp_path):
     assert (row["first"], row["second"], row["set"], row["prompts"]) == ("dspark", "dflash", "gsm8k", 2)
     assert row["diff"] == pytest.approx(1.5)  # τ 3.0 vs 1.5
     assert (tmp_path / "out" / "acceptance.png").stat().st_size > 0
+    # the inputs by folder and name: a committed result names no machine's folders
+    assert out["args"]["compare"] == [f"{tmp_path.name}/a.json", f"{tmp_path.name}/b.json"]
 
 
 def test_compare_refuses_runs_of_different_prompts_and_duplicate_names(tmp_path):
