@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from test_zoo_drafters import FLOORS, _generate, reference, setup  # noqa: F401  (module fixtures)
+from test_zoo_drafters import FLOORS, _generate, reference  # noqa: F401  (module fixture; zoo_setup is conftest's)
 
 pytestmark = pytest.mark.e2e
 
@@ -27,8 +27,8 @@ def speculators_drafter(tmp_path_factory):
     return out
 
 
-def test_speculators_drafter_parity_and_accept_floor(setup, reference, speculators_drafter):  # noqa: F811
-    target, texts = setup
+def test_speculators_drafter_parity_and_accept_floor(zoo_setup, reference, speculators_drafter):  # noqa: F811
+    target, texts = zoo_setup
     outs, _ = _generate(target, texts, speculative_algorithm="DSPARK",
                         speculative_draft_model_path=str(speculators_drafter))
     assert [o["output_ids"] for o in outs] == reference
