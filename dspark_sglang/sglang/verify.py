@@ -35,6 +35,8 @@ class VerifyLayout:
     starts: torch.Tensor  # [R] int64 on the host, first flat row of request r
     seq_lens: torch.Tensor  # [R] int64 on the host, committed length (= anchor position)
     tokens: torch.Tensor  # [T] int64 flat window tokens, T = sum(W_r), on the drafts' device
+    owner: torch.Tensor  # [T] int64 on the host, the request of flat row t
+    offsets: torch.Tensor  # [T] int64 on the host, row t's place in its window (0 = the anchor)
 
     @property
     def num_tokens(self) -> int:
@@ -52,8 +54,9 @@ def layout_windows(
     full = torch.cat([anchors[:, None].to(drafts.device), drafts], dim=1)  # [R, gamma+1]
     # Flat positions of the kept cells, from host lengths: a gather, not a data-dependent mask.
     owner = torch.repeat_interleave(torch.arange(len(widths)), widths)  # [T]
-    cells = owner * full.shape[1] + torch.arange(int(widths.sum())) - starts[owner]  # [T]
-    return VerifyLayout(widths, starts, seq_lens, full.reshape(-1)[cells.to(full.device)])
+    offsets = torch.arange(int(widths.sum())) - starts[owner]  # [T]
+    cells = owner * full.shape[1] + offsets  # [T]
+    return VerifyLayout(widths, starts, seq_lens, full.reshape(-1)[cells.to(full.device)], owner, offsets)
 
 
 def turn_into_verify_extend(batch, layout: VerifyLayout, pool_rows: torch.Tensor) -> None:
@@ -73,9 +76,8 @@ def turn_into_verify_extend(batch, layout: VerifyLayout, pool_rows: torch.Tensor
     widths_list = layout.widths.tolist()
     prefix_list = layout.seq_lens.tolist()
     max_w = max(widths_list)
-    owner = torch.repeat_interleave(torch.arange(len(widths_list)), layout.widths)  # [T] host
-    cols = layout.seq_lens[owner] + torch.arange(layout.num_tokens) - layout.starts[owner]  # [T] positions
-    rows = pool_rows.to(torch.int64)[owner]  # [T]
+    cols = layout.seq_lens[layout.owner] + layout.offsets  # [T] positions
+    rows = pool_rows.to(torch.int64)[layout.owner]  # [T]
     out_cache_loc = req_to_token[rows.to(req_to_token.device), cols.to(req_to_token.device)]  # [T]
     new_lens = layout.seq_lens + layout.widths  # [R] total length after the extend
 

@@ -519,11 +519,10 @@ class DSparkPluginWorker(BaseSpecWorker):
         # window stay zero, never read): a round that verifies few drafts does not pay for
         # gamma + 1 rows of V probabilities per request.
         window = int(layout.widths.max())  # W = 1 + the longest verify length
-        # Row t of the flat verify batch is (request, offset) = (owner[t], t - starts[owner[t]]):
-        # index tensors built on the host from host lengths, so nothing here waits on the device.
-        owner = torch.repeat_interleave(torch.arange(num_reqs), layout.widths)  # [T] host
-        block_rows = (owner * window + torch.arange(layout.num_tokens) - layout.starts[owner]).to(self.device)
-        owner = owner.to(self.device)
+        # Row t of the flat verify batch is cell (owner[t], offsets[t]) of the [R, W] block: host
+        # indices from host lengths, so nothing here waits on the device.
+        block_rows = (layout.owner * window + layout.offsets).to(self.device)
+        owner = layout.owner.to(self.device)
         row_params = [t[owner] for t in (sampling.temperatures, sampling.top_ks, sampling.top_ps, sampling.min_ps)]
         probs = process_logits(logits, *row_params, filtering=sampling.filtering)  # [T, V]
         target_probs = probs.new_zeros(num_reqs * window, self.vocab_size)  # [R * W, V]
