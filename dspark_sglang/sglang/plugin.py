@@ -36,7 +36,10 @@ Hook points, and why these:
 6. An AROUND hook on SGLang's `get_config` reads a vLLM speculators drafter's nested decoder
    config while server arguments are resolved (speculators_config.py); AutoConfig alone refuses it.
 
-7. Opt-in, for every engine of a process tree: `DSPARK_CPU_DECODE_ATTENTION=fast` replaces
+7. An AFTER hook on `SamplingParams.verify` refuses a malformed `custom_params["dspark"]` (per-request
+   control: request_params.py) with SGLang's own 400, before the request reaches a scheduler.
+
+8. Opt-in, for every engine of a process tree: `DSPARK_CPU_DECODE_ATTENTION=fast` replaces
    torch_native's per-request decode attention loop with a 3-5x faster one (cpu_attention.py), and
    `DSPARK_CPU_GEMM=few-rows` serves float32 matmuls of 1-8 rows with a faster GEMM (cpu_gemm.py).
 
@@ -107,10 +110,11 @@ def register() -> None:
     )(_worker_factory)
     _install_takeover(refusal=None)
     _install_stats_report()
-    from dspark_sglang.sglang import memory_budget, speculators_config
+    from dspark_sglang.sglang import memory_budget, request_params, speculators_config
 
     memory_budget.install()
     speculators_config.install()
+    request_params.install()
     logger.info("dspark-sglang registered speculative algorithm %s", ALGORITHM_NAME)
 
 

@@ -87,8 +87,9 @@ class WorkerStats:
     summary and in `/server_info` -> `internal_states[0]["dspark_plugin"]["faults"]` (plugin.py).
     """
 
-    def __init__(self, gamma: int, log_every: int = 200) -> None:
+    def __init__(self, gamma: int, log_every: int = 200, sink=None) -> None:
         self.gamma, self.log_every = gamma, log_every
+        self.sink = sink  # prometheus.PrometheusCounters when the server exports metrics, else None
         self.rounds = 0
         self.requests = 0  # request-rounds
         self.committed = 0  # tokens committed (accepted drafts + 1 per request-round)
@@ -103,6 +104,9 @@ class WorkerStats:
         self.prefix_rows_adopted = 0  # cached-prefix positions whose drafter rows were found in the KV-slot pool
         self.faults: dict[str, int] = {}  # kind -> request-rounds that fell back (guards.py)
         self.drafting_skipped = 0  # rounds not drafted: drafting did not pay (scheduler.skip_round)
+        # rounds not drafted: no request of the batch could verify a draft (custom_params caps of 0,
+        # penalties or grammars, last tokens)
+        self.drafting_skipped_by_caps = 0
         self._last_log = time.monotonic()
 
     FALLBACKS = {  # what each fault costs (guards.py); the output stays exact in every case
@@ -115,6 +119,8 @@ class WorkerStats:
         """Count `count` request-rounds that fell back because of `kind`; warn the first time only."""
         first = kind not in self.faults
         self.faults[kind] = self.faults.get(kind, 0) + count
+        if self.sink is not None:
+            self.sink.fault(kind, count)
         if first:
             logger.warning(
                 "dspark: %s in %d request(s) of this round%s: %s; the output stays exact. Logged once "
@@ -123,8 +129,20 @@ class WorkerStats:
                 self.FALLBACKS.get(kind, "fallback"), exc_info=exc,
             )
 
+    def skip_drafting(self, reason: str) -> None:
+        """A round not drafted: `did_not_pay` (the scheduler's judgement) or `caps` (no request could
+        verify a draft)."""
+        if reason == "caps":
+            self.drafting_skipped_by_caps += 1
+        else:
+            self.drafting_skipped += 1
+        if self.sink is not None:
+            self.sink.drafting_skipped(reason)
+
     def record(self, verify_lens: torch.Tensor, num_accepted: torch.Tensor, phases: dict[str, float]) -> None:
         """verify_lens, num_accepted: [R] int64 on CPU; phases: seconds spent per phase."""
+        if self.sink is not None:
+            self.sink.record_round(verify_lens, num_accepted)
         self.rounds += 1
         self.requests += verify_lens.numel()
         self.committed += int(num_accepted.sum()) + verify_lens.numel()
@@ -155,6 +173,7 @@ class WorkerStats:
             "prefix_rows_adopted": self.prefix_rows_adopted,
             "faults": dict(self.faults),
             "drafting_skipped": self.drafting_skipped,
+            "drafting_skipped_by_caps": self.drafting_skipped_by_caps,
         }
 
     def summary(self) -> str:

@@ -163,6 +163,25 @@ def every_position_logits(model, active: bool = True) -> _instance_override:
     return _instance_override(model.logits_processor, "_get_pruned_states", _every_position, active)
 
 
+class plain_hidden_states(_instance_override):
+    """Within this context the forward also keeps, in `.rows`, the `hidden_states` a plain forward of the
+    same batch would return ([T, H]: the final hidden states of every position, or SGLang's
+    before-norm states where the server asks for those), although the drafter's captured layers take
+    the output's `hidden_states` field. SGLang's own `_get_hidden_states_to_store` computes both; only
+    requests that ask for `return_hidden_states` pay for it (`active`)."""
+
+    def __init__(self, model, active: bool = True):
+        self.rows: torch.Tensor | None = None
+        holder = self
+
+        def store_both(lp, hidden, before_norm, aux, pruned, pruned_before_norm, aux_pruned, sample_indices, meta):
+            method = type(lp)._get_hidden_states_to_store
+            holder.rows = method(lp, hidden, before_norm, None, pruned, pruned_before_norm, None, sample_indices, meta)
+            return method(lp, hidden, before_norm, aux, pruned, pruned_before_norm, aux_pruned, sample_indices, meta)
+
+        super().__init__(model.logits_processor, "_get_hidden_states_to_store", store_both, active)
+
+
 def _sdpa_extend_new_queries_only(
     self,
     query: torch.Tensor,  # [T, heads, d]

@@ -21,7 +21,8 @@ The scheduler consumes `next_token_ids` ([bs * stride], first accept_len of each
 Per-request logit adjustments stay exact (logit_adjust.py): logit_bias applies to every verify row;
 requests with penalties, a grammar or a custom logit processor are verified with length 0 (plain
 decoding for that request, adjusted by SGLang's own code). Decode-round logprobs (committed tokens,
-top-k, token ids) are raw-logit logprobs, like SGLang's default. return_hidden_states is not served.
+top-k, token ids) are raw-logit logprobs, like SGLang's default. return_hidden_states is served for every
+committed token, in prefill and decode, from the same forward (verify.plain_hidden_states).
 A radix-cache prefix hit gives the drafter zero features for the cached prefix (lossless, lower acceptance).
 """
 
@@ -33,8 +34,12 @@ import time
 import torch
 
 from sglang.srt.managers.utils import GenerationBatchResult
-from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode
-from sglang.srt.runtime_context import get_parallel, get_spec
+from sglang.srt.model_executor.forward_batch_info import (
+    CaptureHiddenMode,
+    get_required_capture_hidden_mode,
+    get_server_return_hidden_states_mode,
+)
+from sglang.srt.runtime_context import get_parallel, get_serving, get_spec
 from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
 
 # Fused Triton kernel on CUDA tensors, the torch reference otherwise (DSPARK_KERNELS=auto|triton|torch).
@@ -46,6 +51,7 @@ from dspark_sglang.draft_cost import parse_draft_cost
 from dspark_sglang.drafters.interface import DraftBlock, TargetSpec
 from dspark_sglang.drafters.loader import load_drafter
 from dspark_sglang.host_syncs import HostSyncCounter, RoundSyncLog
+from dspark_sglang.request_control import verify_cap
 from dspark_sglang.sampling import GREEDY_EPS, SamplingBatch, process_logits
 from dspark_sglang.schedulers import make_scheduler
 from dspark_sglang.sglang import cpu_gemm
@@ -62,6 +68,7 @@ from dspark_sglang.sglang.verify import (
     capture_target_layers,
     layout_windows,
     lm_head_weight,
+    plain_hidden_states,
     turn_into_verify_extend,
 )
 
@@ -128,6 +135,13 @@ def _vocab_label(drafter) -> str:
         return f"{vocab.size} of {vocab.vocab_size}"
     draft_ids = getattr(drafter, "draft_ids", None)  # a SpecForge Eagle3 checkpoint's own d2t
     return f"{draft_ids.numel()} of {drafter.info.vocab_size}" if draft_ids is not None else "full"
+
+
+def _committed_rows(layout, stride: int) -> torch.Tensor:
+    """[R, stride] int64 on the host: the verify row that produced committed token j of request r
+    (row starts[r] + j; past the window, its last row, as padding SGLang never reads)."""
+    offsets = torch.arange(stride)[None, :].clamp(max=layout.widths[:, None] - 1)  # [R, stride]
+    return layout.starts[:, None] + offsets
 
 
 class DSparkPluginWorker(BaseSpecWorker):
@@ -201,7 +215,10 @@ class DSparkPluginWorker(BaseSpecWorker):
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(settings.seed)
         self.slots = SlotRegistry(self._release_slot)
-        self.stats = WorkerStats(self.gamma, log_every=settings.stats_every)
+        # [pool rows] int64 on the host: each request's verify-length cap (custom_params, read once at
+        # prefill), indexed by its request-pool row like everything else per request; grown on demand.
+        self.verify_caps = torch.empty(0, dtype=torch.int64)
+        self.stats = WorkerStats(self.gamma, log_every=settings.stats_every, sink=self._prometheus_sink(server_args))
         faults = parse_fault_spec(settings.test_fault or "")
         self.faults = FaultInjector(faults, seed=settings.seed) if faults else None
         if self.faults is not None:
@@ -229,6 +246,15 @@ class DSparkPluginWorker(BaseSpecWorker):
             list(self.drafter.info.target_layer_ids), _vocab_label(self.drafter), self._weight_load_time,
             settings.scheduler, self.max_verify_len, settings.sts or "none",
         )
+
+    def _prometheus_sink(self, server_args):
+        """The worker's series in SGLang's /metrics, when the server exports metrics (prometheus.py)."""
+        if not getattr(server_args, "enable_metrics", False):
+            return None
+        from dspark_sglang.sglang.prometheus import PrometheusCounters
+
+        # The label SGLang's own sglang:* series carry, so dashboards join them.
+        return PrometheusCounters(self.gamma, {"model_name": str(get_serving().served_model_name)})
 
     # ---- what the scheduler reads besides forward_batch_generation ----------------------------
 
@@ -290,7 +316,9 @@ class DSparkPluginWorker(BaseSpecWorker):
 
     @torch.no_grad()
     def _prefill(self, batch) -> GenerationBatchResult:
-        result = self.target_worker.forward_batch_generation(batch, capture_hidden_mode=CaptureHiddenMode.FULL)
+        want_hidden = bool(batch.return_hidden_states)  # some request asked for return_hidden_states
+        with plain_hidden_states(self.model_runner.model, active=want_hidden) as hidden:
+            result = self.target_worker.forward_batch_generation(batch, capture_hidden_mode=CaptureHiddenMode.FULL)
         out = result.logits_output
         if self.uses_context_pool:
             self._prefill_context_pool(batch, out.hidden_states)  # [T, k*H] packed target features
@@ -298,13 +326,36 @@ class DSparkPluginWorker(BaseSpecWorker):
             self._append_prefill_context(batch, out.hidden_states)
         if self.kv_features is not None:
             self.kv_features.write(batch.out_cache_loc, out.hidden_states)
-        out.hidden_states = out.last_hidden_states = None
+        out.hidden_states = self._prefill_hidden_rows(batch, hidden.rows) if want_hidden else None
+        out.last_hidden_states = None
+        self._note_request_caps(batch.reqs, _host_pool_indices(batch).tolist())
         bs = len(batch.reqs)
         result.accept_lens = torch.ones(bs, dtype=torch.int32, device=self.device)
         result.new_seq_lens = batch.seq_lens  # unchanged: the scheduler skips the copy
         result.next_draft_input = RoundRelay()
         result.speculative_num_draft_tokens = self.speculative_num_draft_tokens
         return result
+
+    @staticmethod
+    def _prefill_hidden_rows(batch, rows: torch.Tensor) -> torch.Tensor:
+        """The rows SGLang's prefill output processing reads: every extended position ([T, H]) when it
+        captures FULL, else each request's last one ([R, H]), as its own forward would have kept."""
+        mode = get_required_capture_hidden_mode(
+            max(batch.return_hidden_states_mode, get_server_return_hidden_states_mode()), batch.spec_info)
+        if mode.is_full():
+            return rows
+        ends = torch.cumsum(torch.as_tensor(batch.extend_lens, dtype=torch.int64), 0) - 1  # [R]
+        return rows[ends.to(rows.device)]
+
+    def _note_request_caps(self, reqs, pool_rows: list[int]) -> None:
+        """Each request's verify-length cap from its custom_params (validated when it arrived)."""
+        for req, row in zip(reqs, pool_rows):
+            cap = verify_cap(getattr(req.sampling_params, "custom_params", None))
+            if row >= self.verify_caps.numel():
+                grown = torch.full((max(2 * row + 1, 64),), self.max_verify_len, dtype=torch.int64)
+                grown[: self.verify_caps.numel()] = self.verify_caps
+                self.verify_caps = grown
+            self.verify_caps[row] = self.max_verify_len if cap is None else min(cap, self.max_verify_len)
 
     def _ensure_context_pool(self, batch):
         if self.context_pool is None:
@@ -399,7 +450,7 @@ class DSparkPluginWorker(BaseSpecWorker):
             # Judged on earlier rounds alone, drafting does not pay this round (no draft would be
             # verified, or the draft step costs more than its drafts bring): do not draft.
             # Lossless: decided before drafting.
-            self.stats.drafting_skipped += 1
+            self.stats.skip_drafting("did_not_pay")
             return self._no_drafts(len(slots)), torch.zeros(len(slots), dtype=torch.int64)
         faults = self.faults  # None unless DSPARK_TEST_FAULT is set: the production path skips it
         t0 = time.perf_counter()
@@ -482,14 +533,20 @@ class DSparkPluginWorker(BaseSpecWorker):
 
         # 1-2. draft a full block, then choose how many drafts to verify. A failure anywhere in this
         # step costs the round its speculation, never the round: verify nothing, commit the target's token.
-        try:
-            block, verify_lens = self._draft_step(slots, slots_cpu, anchors, seq_lens, sampling)
-        except Exception as exc:  # noqa: BLE001 - any drafter/scheduler failure
-            self.stats.fault("draft_exception", num_reqs, exc)
-            block, verify_lens = self._no_drafts(num_reqs), torch.zeros(num_reqs, dtype=torch.int64)
-        verify_lens = torch.minimum(verify_lens.clamp(0, self.max_verify_len), self._remaining_budget(reqs))
+        # Per-request caps known before drafting (custom_params, lengths, SGLang's logit adjustments):
+        # lossless, and when no request may verify a draft the draft step is not run at all.
         plain = plain_decoding_rows(reqs)  # [R] penalties / grammar / custom processors: exact only unspeculated
-        verify_lens = verify_lens.masked_fill(plain, 0)
+        caps = torch.minimum(self.verify_caps[slots_cpu], self._remaining_budget(reqs)).masked_fill(plain, 0)  # [R]
+        if not bool(caps.any()):
+            self.stats.skip_drafting("caps")
+            block, verify_lens = self._no_drafts(num_reqs), torch.zeros(num_reqs, dtype=torch.int64)
+        else:
+            try:
+                block, verify_lens = self._draft_step(slots, slots_cpu, anchors, seq_lens, sampling)
+            except Exception as exc:  # noqa: BLE001 - any drafter/scheduler failure
+                self.stats.fault("draft_exception", num_reqs, exc)
+                block, verify_lens = self._no_drafts(num_reqs), torch.zeros(num_reqs, dtype=torch.int64)
+        verify_lens = torch.minimum(verify_lens.clamp(0, self.max_verify_len), caps)
         drafts = block.tokens
         if self._tp_size > 1:  # rank 0's verify lengths and drafts (a device broadcast, then a host copy)
             verify_lens, drafts = self._tp_agree(verify_lens, drafts)
@@ -499,12 +556,14 @@ class DSparkPluginWorker(BaseSpecWorker):
         # 3. one EXTEND forward over the ragged windows [anchor, x_1..x_len].
         layout = layout_windows(anchors.to(self.device), drafts, verify_lens, seq_lens)
         return_logprob = batch.return_logprob
+        want_hidden = bool(batch.return_hidden_states)  # read before the batch becomes a verify batch
         logprob_asks = (batch.top_logprobs_nums, batch.token_ids_logprobs) if return_logprob else None
         sampling_info = batch.sampling_info
         turn_into_verify_extend(batch, layout, slots_cpu)
         extend = layout.num_tokens > num_reqs  # else a DECODE forward, whose logits are every position's
         with fast_verify_attention(self.model_runner.attn_backend), \
-                every_position_logits(self.model_runner.model, active=extend):
+                every_position_logits(self.model_runner.model, active=extend), \
+                plain_hidden_states(self.model_runner.model, active=want_hidden) as hidden:
             target_out = self.target_worker.forward_batch_generation(
                 batch, is_verify=True, capture_hidden_mode=CaptureHiddenMode.FULL
             )
@@ -559,9 +618,12 @@ class DSparkPluginWorker(BaseSpecWorker):
                 [torch.arange(p, p + c) for p, c in zip(seq_lens.tolist(), commit.tolist())],
                 [layout.tokens[s : s + c] for s, c in zip(layout.starts.tolist(), commit.tolist())],
             )
-        out.hidden_states = out.last_hidden_states = None
-
         stride = self.speculative_num_draft_tokens
+        # SGLang reads committed token j of request r from row r * stride + j (window row j produced it).
+        out.hidden_states = hidden.rows[_committed_rows(layout, stride).reshape(-1).to(hidden.rows.device)] \
+            if want_hidden else None  # [R * stride, H]
+        out.last_hidden_states = None
+
         next_tokens = output_tokens.new_zeros(num_reqs, stride)
         width = min(stride, output_tokens.shape[1])
         next_tokens[:, :width] = output_tokens[:, :width].clamp_min(0)
@@ -599,9 +661,8 @@ class DSparkPluginWorker(BaseSpecWorker):
         """Target log-probabilities (raw logits, no temperature) of the committed tokens, plus the
         top-k and asked-for token ids of each position: output token j of request r was predicted by
         window row j. SGLang reads the top-k / token-id lists flat, entry r * stride + j."""
-        stride = next_tokens.shape[1]
-        offsets = torch.arange(stride)[None, :].clamp(max=layout.widths[:, None] - 1)  # [R, stride]
-        rows = (layout.starts[:, None] + offsets).to(logits.device)
+        rows = _committed_rows(layout, next_tokens.shape[1]).to(logits.device)  # [R, stride]
+        stride = rows.shape[1]
         logprobs = torch.log_softmax(logits.float(), dim=-1)  # [T, V]
         out.next_token_logprobs = logprobs[rows, next_tokens.to(logits.device)]  # [R, stride]
         if top_logprobs_nums and any(top_logprobs_nums):

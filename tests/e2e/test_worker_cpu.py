@@ -46,6 +46,9 @@ ADJUSTED = [
     (PROMPTS[3], {**GREEDY, "logit_bias": {"31069": -100.0}}),
     (PROMPTS[0], GREEDY),
 ]
+# return_hidden_states: a repetitive prompt (multi-token rounds) batched with an ordinary one.
+HIDDEN_PROMPTS = [PROMPTS[1], PROMPTS[0]]
+HIDDEN_PARAMS = {"temperature": 0.0, "max_new_tokens": 16}
 LOGPROB_PARAMS = {"temperature": 0.0, "max_new_tokens": 12}
 LOGPROB_ASKS = {"return_logprob": True, "top_logprobs_num": 3, "token_ids_logprob": [0, 36689]}
 
@@ -56,7 +59,9 @@ def _engine(target: Path, **extra):
     from dspark_sglang.cpu_mode import cpu_engine_kwargs
 
     # float32 for both engines: decode and extend then round alike, so parity is exact.
-    return sgl.Engine(model_path=str(target), **cpu_engine_kwargs(speculative=True, dtype="float32", **extra))
+    # Both engines may return hidden states, so the tests can compare them.
+    return sgl.Engine(model_path=str(target), **cpu_engine_kwargs(speculative=True, dtype="float32",
+                                                                   enable_return_hidden_states=True, **extra))
 
 
 @pytest.fixture(scope="module")
@@ -86,10 +91,12 @@ def reference(target) -> dict:
         outs = engine.generate(PROMPTS + [CHAT_2P2], GREEDY)
         adjusted = engine.generate([p for p, _ in ADJUSTED], [s for _, s in ADJUSTED])
         logprobs = engine.generate(PROMPTS[1], LOGPROB_PARAMS, **LOGPROB_ASKS)["meta_info"]
+        hidden = {mode: engine.generate(HIDDEN_PROMPTS, HIDDEN_PARAMS, return_hidden_states=mode)
+                  for mode in (True, "last")}
     finally:
         engine.shutdown()
     return {"parity": [o["output_ids"] for o in outs[:-1]], "eos": outs[-1]["output_ids"],
-            "adjusted": [o["output_ids"] for o in adjusted], "logprobs": logprobs}
+            "adjusted": [o["output_ids"] for o in adjusted], "logprobs": logprobs, "hidden": hidden}
 
 
 @pytest.fixture(scope="module")
@@ -220,3 +227,63 @@ def test_penalties_min_new_tokens_and_logit_bias_stay_exact(spec_engine, referen
         meta = penalized["meta_info"]
         assert meta["spec_verify_ct"] == meta["completion_tokens"] - 1
     assert outs[4]["meta_info"]["spec_verify_ct"] > 0
+
+
+def _as_rows(entry) -> "np.ndarray":
+    import numpy as np
+
+    a = np.asarray(entry, dtype=np.float64)
+    return a.reshape(-1, a.shape[-1])  # [rows, H]
+
+
+def test_hidden_states_equal_the_plain_engine(spec_engine, reference):
+    import numpy as np
+
+    def close(a, b) -> bool:  # float32 through a verify extend vs a decode forward: summation order only
+        return a.shape == b.shape and np.abs(a - b).max() < 1e-3 * max(1.0, np.abs(b).max())
+
+    for mode in (True, "last"):
+        ours = spec_engine.generate(HIDDEN_PROMPTS, HIDDEN_PARAMS, return_hidden_states=mode)
+        for got, want in zip(ours, reference["hidden"][mode]):
+            assert got["output_ids"] == want["output_ids"]
+            hs_got, hs_want = got["meta_info"]["hidden_states"], want["meta_info"]["hidden_states"]
+            if mode == "last":  # the last committed token's row
+                assert close(_as_rows(hs_got), _as_rows(hs_want)) and _as_rows(hs_got).shape == (1, 576)
+                continue
+            # The prefill's entry first (the positions that prefill computed: a prefix-cache hit in
+            # either engine leaves fewer, so compare the rows both have), then one row per decoded token.
+            assert len(hs_got) == len(hs_want) == HIDDEN_PARAMS["max_new_tokens"], mode
+            pre_got, pre_want = _as_rows(hs_got[0]), _as_rows(hs_want[0])
+            n = min(len(pre_got), len(pre_want))
+            assert n >= 1 and close(pre_got[-n:], pre_want[-n:])
+            decoded_got, decoded_want = _as_rows(hs_got[1:]), _as_rows(hs_want[1:])
+            assert decoded_got.shape == (HIDDEN_PARAMS["max_new_tokens"] - 1, 576)
+            assert close(decoded_got, decoded_want), np.abs(decoded_got - decoded_want).max()
+    # The repetitive request committed several tokens per round, so decode rounds' rows were checked.
+    assert ours[0]["meta_info"]["spec_accept_length"] > 1.5
+
+
+def test_per_request_verify_caps_in_a_mixed_batch(spec_engine, reference):
+    def capped(k):
+        return {**GREEDY, "custom_params": {"dspark": {"max_verify_len": k}}}
+
+    # The repetitive prompts accept whole blocks when free to speculate.
+    prompts = [PROMPTS[1], PROMPTS[3], PROMPTS[1], PROMPTS[0]]
+    outs = spec_engine.generate(prompts, [capped(0), capped(1), GREEDY, GREEDY])
+    assert [o["output_ids"] for o in outs] == [reference["parity"][i] for i in (1, 3, 1, 0)]
+    opted_out, capped_1, free = (o["meta_info"] for o in outs[:3])
+    # max_verify_len 0: plain decoding, one token per decode round, windows of the anchor alone.
+    assert opted_out["spec_verify_ct"] == opted_out["completion_tokens"] - 1
+    assert opted_out["spec_cap_length"] == 1.0
+    # max_verify_len 1: at most one draft verified per round (2 tokens committed), accepted at times.
+    rounds = capped_1["spec_verify_ct"]
+    assert capped_1["spec_cap_length"] <= 2.0
+    assert 1 + rounds < capped_1["completion_tokens"] <= 1 + 2 * rounds
+    assert free["spec_accept_length"] > 2.0  # the same prompt, uncapped, in the same batch
+
+    with pytest.raises(ValueError, match=r"custom_params\.dspark\.max_verify_len"):
+        spec_engine.generate(PROMPTS[0], capped(-1))
+    with pytest.raises(ValueError, match=r"unknown field"):
+        spec_engine.generate(PROMPTS[0], {**GREEDY, "custom_params": {"dspark": {"verify": 1}}})
+    # The engine still serves exactly afterwards.
+    assert spec_engine.generate(PROMPTS[2], GREEDY)["output_ids"] == reference["parity"][2]

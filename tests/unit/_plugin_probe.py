@@ -27,6 +27,17 @@ try:
     out["registered"] = True
 except ValueError:
     out["registered"] = False
+# Request validation (request_params.py): SGLang's own SamplingParams.verify, as the tokenizer manager calls it.
+from sglang.srt.sampling.sampling_params import SamplingParams  # noqa: E402
+
+checks = {}
+for name, custom in (("good", {"dspark": {"max_verify_len": 2}}), ("bad", {"dspark": {"max_verify_len": -1}})):
+    try:
+        SamplingParams(custom_params=custom).verify(1000)
+        checks[name] = "ok"
+    except ValueError as exc:
+        checks[name] = str(exc)
+out["custom_params"] = checks
 draft = {"speculative_draft_model_path": sys.argv[3]} if len(sys.argv) > 3 else {}
 args = ServerArgs(model_path="dummy", speculative_algorithm=sys.argv[2], device="cpu", **draft)
 try:

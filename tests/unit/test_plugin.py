@@ -54,6 +54,13 @@ def test_dspark_flag_is_taken_over():
     assert out.get("resolved") == "DSPARK_PLUGIN", out
 
 
+def test_malformed_custom_params_are_refused_by_sglangs_request_check():
+    # The tokenizer manager calls SamplingParams.verify on every request; a ValueError there is a 400.
+    checks = run_probe("normal")["custom_params"]
+    assert checks["good"] == "ok"
+    assert "custom_params.dspark.max_verify_len" in checks["bad"] and "-1" in checks["bad"]
+
+
 def test_opt_out_leaves_dspark_to_the_builtin():
     out = run_probe("normal", DSPARK_USE_BUILTIN="1")
     assert out.get("resolved") == "DSPARK", out
