@@ -40,6 +40,7 @@ setup(
         "safetensors",
         "numpy",
         "numba",  # the compiled CPU scheduler path (also required by sglang)
+        "prometheus_client",  # the worker's /metrics series (also required by sglang)
         "tqdm",
         "rich",
         "matplotlib",

@@ -11,14 +11,20 @@ request (tests/fixtures/cost_tables). Through `dspark-soak`'s own phases (benchm
 - every injected fault was caught and counted (per kind, in /server_info), and the server still
   serves exactly afterwards;
 - a lone request (zero budget) commits exactly one target token per decode round, and the worker
-  skips the draft step on the rounds whose budget is known to be 0 before drafting.
+  skips the draft step on the rounds whose budget is known to be 0 before drafting;
+- with `--enable-metrics`, SGLang's /metrics carries the worker's series (issue #21), equal to its
+  /server_info counters, and a malformed `custom_params.dspark` gets an HTTP 400 naming the field.
 """
 
 from __future__ import annotations
 
+import json
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from dspark_sglang.benchmarks import soak
 
@@ -26,6 +32,31 @@ pytestmark = pytest.mark.e2e
 
 TABLES = Path(__file__).resolve().parents[1] / "fixtures" / "cost_tables"
 FAULTS = "nan_draft:0.3,garbage_confidence:0.3,draft_exception:0.15"
+
+
+def scrape_dspark_metrics(server) -> dict:
+    """{(series name, frozenset(labels)): value} of the dspark:* series, and their types."""
+    url = f"http://{server.host}:{server.port}/metrics"
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        text = resp.read().decode()
+    values, types = {}, {}
+    for family in text_string_to_metric_families(text):
+        if family.name.startswith("dspark:"):
+            types[family.name] = family.type
+            for sample in family.samples:
+                labels = {k: v for k, v in sample.labels.items() if k != "model_name"}
+                values[(sample.name, frozenset(labels.items()))] = sample.value
+    return {"values": values, "types": types}
+
+
+def post_generate(server, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(f"http://{server.host}:{server.port}/generate", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
 
 
 def test_faults_and_retraction_stay_exact(tmp_path):
@@ -42,7 +73,7 @@ def test_faults_and_retraction_stay_exact(tmp_path):
             # a lone request may commit two tokens in a round; the claim below is the table's alone.
             "DSPARK_DRAFT_COST": "none",
         },
-        out=str(tmp_path), progress=False,
+        out=str(tmp_path), progress=False, server_args=["--enable-metrics"],
     )
     checked = {}
 
@@ -58,6 +89,13 @@ def test_faults_and_retraction_stay_exact(tmp_path):
         again = soak.run_requests(server, requests[:6], 6, cfg.request_timeout, "again", False)
         assert soak.compare(requests[:6], reference[:6], again) == []
         checked["after"] = soak.plugin_stats(server)
+        # The server is idle: /metrics and /server_info must tell the same story.
+        checked["metrics"] = scrape_dspark_metrics(server)
+        checked["at_scrape"] = soak.plugin_stats(server)
+        checked["bad_request"] = post_generate(server, {"text": "Hi", "sampling_params": {
+            "max_new_tokens": 4, "custom_params": {"dspark": {"max_verify_len": -3}}}})
+        checked["good_request"] = post_generate(server, {"text": "Hi", "sampling_params": {
+            "temperature": 0.0, "max_new_tokens": 4, "custom_params": {"dspark": {"max_verify_len": 0}}}})
 
     report = soak.run(cfg, on_server=on_server)
     print(soak.summary(report))
@@ -71,3 +109,22 @@ def test_faults_and_retraction_stay_exact(tmp_path):
         # Every injected fault was caught, counted per kind, and survived.
         assert stats["faults"][kind] == stats["faults_injected"][kind] > 0, (kind, stats)
     assert checked["after"]["rounds"] > stats["rounds"]
+
+
+    # Prometheus (--enable-metrics): conventional types, and the same counts as /server_info.
+    metrics, at_scrape = checked["metrics"], checked["at_scrape"]
+    values = metrics["values"]
+    assert metrics["types"]["dspark:accept_length"] == metrics["types"]["dspark:verify_length"] == "histogram"
+    for name in ("dspark:rounds", "dspark:faults", "dspark:drafting_skipped", "dspark:position_verified"):
+        assert metrics["types"][name] == "counter", (name, metrics["types"])
+    assert values[("dspark:rounds_total", frozenset())] == at_scrape["rounds"]
+    assert values[("dspark:verify_length_count", frozenset())] == at_scrape["request_rounds"]
+    assert values[("dspark:drafting_skipped_total", frozenset({("reason", "did_not_pay")}))] == \
+        at_scrape["drafting_skipped"]
+    for kind, count in at_scrape["faults"].items():
+        assert values[("dspark:faults_total", frozenset({("kind", kind)}))] == count, kind
+    # A malformed per-request control is a 400 that names the field; the server serves on.
+    status, body = checked["bad_request"]
+    assert status == 400 and "custom_params.dspark.max_verify_len" in json.dumps(body), (status, body)
+    status, body = checked["good_request"]
+    assert status == 200 and body["meta_info"]["completion_tokens"] == 4, (status, body)
