@@ -159,6 +159,10 @@ def _draft_vocab_file(path: str, draft_vocab) -> Path | None:
 
 def _load_checkpoint(path: str, target: TargetSpec, dtype: torch.dtype, device) -> Drafter:
     config = read_config(path)
+    if "dspark_test_drafter" in config:  # the validation drafter of the losslessness tests (tempered.py)
+        from dspark_sglang.drafters.tempered import CONFIG_KEY, load_tempered
+
+        return load_tempered(path, config[CONFIG_KEY], target, device)
     shapes = read_tensor_shapes(path)  # headers only: a garbage file fails before anything heavy
     fmt = detect_format(config, shapes.keys(), path)
     cfg = _parse(config, fmt, path, target.num_hidden_layers, shapes)
@@ -217,6 +221,10 @@ def describe_drafter(path: str | os.PathLike) -> DrafterDescription:
     """Describe the checkpoint at `path` without loading tensor data or needing the target."""
     path = str(path)
     config = read_config(path)
+    if "dspark_test_drafter" in config:
+        from dspark_sglang.drafters.tempered import describe_tempered
+
+        return describe_tempered(path, config)
     shapes = read_tensor_shapes(path)
     fmt = detect_format(config, shapes.keys(), path)
     family, source = FORMAT_FAMILY[fmt]

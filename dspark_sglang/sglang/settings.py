@@ -24,6 +24,7 @@ SGLang's own flags that we honour: `--speculative-dspark-sps-table-path` (cost t
 | DSPARK_KEEP_RADIX_CACHE| keep_radix_cache| auto (default): on for DSpark/DFlash drafters, off for Eagle3 · 1 · 0 (see below) |
 | DSPARK_DRAFT_VOCAB     | draft_vocab     | auto (default): draft_vocab.safetensors beside the drafter if present · none · a file path |
 | DSPARK_TEST_FAULT      | test_fault      | TESTING ONLY: inject faults into decode rounds (see below)     |
+| DSPARK_TEST_BREAK      | test_break      | TESTING ONLY: a deliberately wrong acceptance (negative controls, see below) |
 | DSPARK_USE_BUILTIN     | —               | 1: leave `--speculative-algorithm DSPARK` to SGLang's built-in |
 
 Radix cache: on a prefix-cache hit the target does not recompute the cached positions, so the
@@ -43,6 +44,11 @@ round: the negative control of the host-sync counter, `DSPARK_COUNT_HOST_SYNCS=1
 (default 1) is the chance per request and round (per round for `draft_exception` and `extra_sync`),
 drawn from a generator seeded by `seed` and separate from the acceptance stream. Unset, the worker builds no injector and pays nothing.
 
+Broken acceptance (testing only). `DSPARK_TEST_BREAK=residual_from_p` draws a rejected position's
+token from the target's p instead of norm(max(p - q, 0)); `temperature_x1.25` verifies against the
+target at 1.25x the request's temperature. Both are wrong on purpose: the server-level distribution
+test (benchmarks/server_distribution.py) must reject them at the sample size that passes the real one.
+
 This module is pure (no sglang import) so it is unit-testable without an engine.
 """
 
@@ -61,6 +67,7 @@ SCHEDULER_KINDS = ("lagged", "algorithm1", "fixed", "verify_all", "none")  # as 
 OPT_OUT_ENV = "DSPARK_USE_BUILTIN"
 CONFIG_ENV = "DSPARK_CONFIG"
 FAULT_KINDS = ("nan_draft", "garbage_confidence", "draft_exception", "extra_sync")  # DSPARK_TEST_FAULT kinds
+BREAK_KINDS = ("residual_from_p", "temperature_x1.25")  # DSPARK_TEST_BREAK kinds
 
 
 class PluginSettingsError(ValueError):
@@ -80,6 +87,7 @@ class PluginSettings:
     stats_every: int = 200
     keep_radix_cache: bool | None = None  # None: auto (on where the drafter's context is in the KV-slot pool)
     test_fault: str | None = None  # testing only; parse_fault_spec's format
+    test_break: str | None = None  # testing only; one of BREAK_KINDS
     draft_cost: str = "measured"  # draft_cost.parse_draft_cost's format
     draft_vocab: str = "auto"  # reduced draft vocabulary: auto | none | path (drafters/draft_vocab.py)
 
@@ -100,6 +108,8 @@ class PluginSettings:
             raise PluginSettingsError(f"stats_every: must be >= 0, got {self.stats_every}")
         if self.test_fault is not None:
             parse_fault_spec(self.test_fault)  # raises with the offending item named
+        if self.test_break is not None and self.test_break not in BREAK_KINDS:
+            raise PluginSettingsError(f"test_break: {self.test_break!r} is not one of {', '.join(BREAK_KINDS)}")
         try:
             parse_draft_cost(self.draft_cost)
         except DraftCostError as exc:
@@ -124,6 +134,7 @@ _ENV_KEYS = {
     "stats_every": "DSPARK_STATS_EVERY",
     "keep_radix_cache": "DSPARK_KEEP_RADIX_CACHE",
     "test_fault": "DSPARK_TEST_FAULT",
+    "test_break": "DSPARK_TEST_BREAK",
     "draft_cost": "DSPARK_DRAFT_COST",
     "draft_vocab": "DSPARK_DRAFT_VOCAB",
 }

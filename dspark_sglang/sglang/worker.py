@@ -54,7 +54,7 @@ from dspark_sglang.host_syncs import HostSyncCounter, RoundSyncLog
 from dspark_sglang.request_control import verify_cap
 from dspark_sglang.sampling import GREEDY_EPS, SamplingBatch, process_logits
 from dspark_sglang.schedulers import make_scheduler
-from dspark_sglang.sglang import cpu_gemm
+from dspark_sglang.sglang import cpu_gemm, test_breaks
 from dspark_sglang.sglang.feature_pool import KvSlotFeatures, kv_slot_count
 from dspark_sglang.sglang.guards import FaultInjector, sanitize_confidences, usable_draft_prefix
 from dspark_sglang.sglang.logit_adjust import adjust_verify_logits, has_adjustments, plain_decoding_rows
@@ -223,6 +223,9 @@ class DSparkPluginWorker(BaseSpecWorker):
         self.faults = FaultInjector(faults, seed=settings.seed) if faults else None
         if self.faults is not None:
             logger.warning("dspark: DSPARK_TEST_FAULT=%s: injecting faults (testing only)", settings.test_fault)
+        self.test_break = settings.test_break  # None in production: a negative control's wrong acceptance
+        if self.test_break is not None:
+            logger.warning("dspark: DSPARK_TEST_BREAK=%s: acceptance is WRONG ON PURPOSE (testing only)", self.test_break)
         self.probe = RoundProbe.from_env()  # benchmarks/round_cost.py only; None otherwise
         self.sync_log = RoundSyncLog.from_env()  # DSPARK_COUNT_HOST_SYNCS=1; None otherwise
         if self.probe is not None:
@@ -583,6 +586,8 @@ class DSparkPluginWorker(BaseSpecWorker):
         block_rows = (layout.owner * window + layout.offsets).to(self.device)
         owner = layout.owner.to(self.device)
         row_params = [t[owner] for t in (sampling.temperatures, sampling.top_ks, sampling.top_ps, sampling.min_ps)]
+        if self.test_break is not None:
+            row_params[0] = test_breaks.break_temperatures(self.test_break, row_params[0])
         probs = process_logits(logits, *row_params, filtering=sampling.filtering)  # [T, V]
         target_probs = probs.new_zeros(num_reqs * window, self.vocab_size)  # [R * W, V]
         target_probs[block_rows] = probs
@@ -595,6 +600,9 @@ class DSparkPluginWorker(BaseSpecWorker):
             target_probs, drafts[:, :used].contiguous(), block.probs[:, :used].contiguous(),
             verify_lens.to(self.device), greedy, accept_uniforms[:, :used].contiguous(), sample_uniforms,
         )
+        if self.test_break is not None:
+            accept = test_breaks.break_residual(self.test_break, accept, target_probs, verify_lens, greedy,
+                                                sample_uniforms)
         num_accepted, output_tokens = self._tp_agree(accept.num_accepted, accept.output_tokens)
         num_accepted_cpu = num_accepted.to("cpu", torch.int64)
         t_accept = time.perf_counter()

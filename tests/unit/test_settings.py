@@ -39,6 +39,7 @@ def test_precedence_env_over_json_over_server_args(tmp_path):
         ({"DSPARK_COST_TABLE": "/nonexistent/sps.json"}, "cost_table"),
         ({"DSPARK_STS": "/nonexistent/sts.json"}, "sts"),
         ({"DSPARK_CONFIG": "/nonexistent/cfg.json"}, "DSPARK_CONFIG"),
+        ({"DSPARK_TEST_BREAK": "residual"}, "test_break"),
     ],
 )
 def test_bad_env_is_refused_with_the_field_named(env, message):
