@@ -43,7 +43,11 @@ Hook points, and why these:
    torch_native's per-request decode attention loop with a 3-5x faster one (cpu_attention.py), and
    `DSPARK_CPU_GEMM=few-rows` serves float32 matmuls of 1-8 rows with a faster GEMM (cpu_gemm.py).
 
-`DSPARK_USE_BUILTIN=1` leaves `DSPARK` to SGLang's built-in worker (CUDA, DSpark checkpoints only).
+Who serves `DSPARK` (settings.dspark_owner): our worker on CPU and for every checkpoint the built-in cannot
+serve; on CUDA, SGLang's built-in worker for DeepSpec DSpark checkpoints (it has CUDA graphs and
+overlap scheduling). `DSPARK_USE_BUILTIN=1` always leaves `DSPARK` to the built-in, `DSPARK_USE_BUILTIN=0`
+always takes it, and `--speculative-algorithm DSPARK_PLUGIN` always names ours. The startup log says
+which worker serves and why.
 
 If the installed SGLang differs from what this was written against (`signatures.py`), nothing
 is registered, the reason is logged at ERROR, and a later request for `DSPARK` fails with that
@@ -55,7 +59,7 @@ from __future__ import annotations
 
 import logging
 
-from dspark_sglang.sglang.settings import builtin_requested
+from dspark_sglang.sglang.settings import dspark_owner
 
 logger = logging.getLogger("dspark_sglang")
 
@@ -139,16 +143,21 @@ def _install_takeover(refusal: list[str] | None) -> None:
         return
 
     def takeover(server_args, previous) -> None:
-        requested = resolving_view(server_args).speculative_algorithm
-        if requested is not None and requested.upper() == "DSPARK" and not builtin_requested():
-            if refusal is not None:
+        view = resolving_view(server_args)
+        requested = view.speculative_algorithm
+        if requested is not None and requested.upper() == "DSPARK":
+            owner, why = dspark_owner(_on_cuda(view.device), _drafter_format(view.speculative_draft_model_path))
+            if owner == "plugin" and refusal is not None:
                 raise RuntimeError(
                     "--speculative-algorithm DSPARK: the dspark-sglang plugin is installed but "
                     f"refused to register ({'; '.join(refusal)}). Install sglang==0.5.23, or set "
                     "DSPARK_USE_BUILTIN=1 to use SGLang's built-in DSPARK worker."
                 )
-            declare_resolution(server_args, "dspark_sglang.takeover", speculative_algorithm=ALGORITHM_NAME)
-            logger.info("--speculative-algorithm DSPARK is served by dspark-sglang (%s)", ALGORITHM_NAME)
+            if owner == "plugin":
+                declare_resolution(server_args, "dspark_sglang.takeover", speculative_algorithm=ALGORITHM_NAME)
+                logger.info("--speculative-algorithm DSPARK is served by dspark-sglang (%s): %s", ALGORITHM_NAME, why)
+            else:
+                logger.info("--speculative-algorithm DSPARK is left to SGLang's built-in worker: %s", why)
         previous(server_args)
 
     takeover._dspark_takeover = True
@@ -173,6 +182,28 @@ def _install_stats_report() -> None:
 
     report._dspark_stats = True
     HookRegistry.register(STATS_TARGET, report, HookType.AFTER)
+
+
+def _on_cuda(device: str | None) -> bool:
+    """The device the server will run on is a CUDA GPU (None: SGLang picks CUDA when one is present)."""
+    if device is None:
+        import torch
+
+        return torch.cuda.is_available()
+    return str(device).split(":")[0] == "cuda"
+
+
+def _drafter_format(path: str | None) -> str | None:
+    """The checkpoint's format (loader.describe_drafter), or None when it cannot be read here: the
+    worker's own validation reports that error later with the file and field."""
+    if not path:
+        return None
+    try:
+        from dspark_sglang.drafters.loader import describe_drafter
+
+        return describe_drafter(path).format
+    except Exception:  # noqa: BLE001 - a bad checkpoint is reported by resolve_plugin_config
+        return None
 
 
 def refusal_reasons() -> list[str] | None:

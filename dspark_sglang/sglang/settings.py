@@ -25,7 +25,7 @@ SGLang's own flags that we honour: `--speculative-dspark-sps-table-path` (cost t
 | DSPARK_DRAFT_VOCAB     | draft_vocab     | auto (default): draft_vocab.safetensors beside the drafter if present · none · a file path |
 | DSPARK_TEST_FAULT      | test_fault      | TESTING ONLY: inject faults into decode rounds (see below)     |
 | DSPARK_TEST_BREAK      | test_break      | TESTING ONLY: a deliberately wrong acceptance (negative controls, see below) |
-| DSPARK_USE_BUILTIN     | —               | 1: leave `--speculative-algorithm DSPARK` to SGLang's built-in |
+| DSPARK_USE_BUILTIN     | —               | who serves `--speculative-algorithm DSPARK`: 1 SGLang's built-in · 0 ours · unset: `dspark_owner` |
 
 Radix cache: on a prefix-cache hit the target does not recompute the cached positions, so the
 drafter must find their context elsewhere. DSpark and DFlash drafters keep their context K/V in a
@@ -243,6 +243,37 @@ def builtin_requested(environ: Mapping[str, str] | None = None) -> bool:
     """True when the user asked to leave `--speculative-algorithm DSPARK` to SGLang's built-in."""
     environ = os.environ if environ is None else environ
     return environ.get(OPT_OUT_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def plugin_forced(environ: Mapping[str, str] | None = None) -> bool:
+    """True when the user asked for our worker under `DSPARK` even where the built-in could serve."""
+    environ = os.environ if environ is None else environ
+    return environ.get(OPT_OUT_ENV, "").strip().lower() in ("0", "false", "no", "off")
+
+
+BUILTIN_FORMATS = ("deepspec_dspark",)  # the checkpoints SGLang's built-in DSPARK worker serves (CUDA only)
+
+
+def dspark_owner(on_cuda: bool, drafter_format: str | None, environ: Mapping[str, str] | None = None) -> tuple[str, str]:
+    """Who serves `--speculative-algorithm DSPARK`: ("plugin" | "builtin", why).
+
+    The takeover policy. Our worker serves DSPARK wherever SGLang's built-in cannot: on CPU (the
+    built-in is CUDA-only) and for every checkpoint other than DeepSpec's DSpark format (DFlash, Eagle3,
+    z-lab, SpecForge, speculators). On CUDA with a DeepSpec DSpark checkpoint the built-in keeps DSPARK:
+    it runs CUDA graphs and overlap scheduling that our worker does not yet have, and our CUDA path has
+    not run on a GPU. DSPARK_USE_BUILTIN=1 always leaves DSPARK to the built-in; DSPARK_USE_BUILTIN=0
+    always takes it; `--speculative-algorithm DSPARK_PLUGIN` names our worker directly.
+    """
+    if builtin_requested(environ):
+        return "builtin", f"{OPT_OUT_ENV}=1"
+    if plugin_forced(environ):
+        return "plugin", f"{OPT_OUT_ENV}=0"
+    if not on_cuda:
+        return "plugin", "SGLang's built-in DSPARK worker runs on CUDA only"
+    if drafter_format not in BUILTIN_FORMATS:
+        return "plugin", f"SGLang's built-in DSPARK worker cannot serve a {drafter_format or 'missing'} checkpoint"
+    return "builtin", (f"on CUDA SGLang's built-in worker serves {drafter_format} checkpoints with CUDA graphs and "
+                       f"overlap scheduling; {OPT_OUT_ENV}=0 or --speculative-algorithm DSPARK_PLUGIN selects ours")
 
 
 def opt_in(environ: Mapping[str, str], name: str, on: str) -> bool:

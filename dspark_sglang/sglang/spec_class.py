@@ -96,6 +96,15 @@ def make_spec_class():
             server_args.speculative_num_draft_tokens = config.num_draft_tokens
             # Our worker is synchronous (it needs the accepted tokens before drafting again).
             server_args.disable_overlap_schedule = True
+            if not server_args.disable_cuda_graph:
+                # The round replays no CUDA graph: the verify is an eager EXTEND with the drafter's layers
+                # captured. Left on, SGLang would capture TARGET_VERIFY graphs (memory, startup time) and
+                # send a round that verifies no draft, a DECODE forward asking for hidden states, to a
+                # graph captured without them: a crash. Declined until the
+                # round itself is graph-capturable.
+                server_args.disable_cuda_graph = True
+                logger.warning("dspark-sglang: CUDA graphs are off for this server (the DSPARK_PLUGIN round runs "
+                               "eagerly and never replays one)")
             if not keeps_radix_cache(config):
                 # A prefix-cache hit skips the target forward over the cached positions; a drafter
                 # without a KV-slot context would be left without their features (lossless, but

@@ -218,6 +218,7 @@ class DSparkPluginWorker(BaseSpecWorker):
         # [pool rows] int64 on the host: each request's verify-length cap (custom_params, read once at
         # prefill), indexed by its request-pool row like everything else per request; grown on demand.
         self.verify_caps = torch.empty(0, dtype=torch.int64)
+        HostSyncCounter.mark_host(self.verify_caps)
         self.stats = WorkerStats(self.gamma, log_every=settings.stats_every, sink=self._prometheus_sink(server_args))
         faults = parse_fault_spec(settings.test_fault or "")
         self.faults = FaultInjector(faults, seed=settings.seed) if faults else None
@@ -358,6 +359,7 @@ class DSparkPluginWorker(BaseSpecWorker):
                 grown = torch.full((max(2 * row + 1, 64),), self.max_verify_len, dtype=torch.int64)
                 grown[: self.verify_caps.numel()] = self.verify_caps
                 self.verify_caps = grown
+                HostSyncCounter.mark_host(grown)  # a host table: reading it never waits on a GPU
             self.verify_caps[row] = self.max_verify_len if cap is None else min(cap, self.max_verify_len)
 
     def _ensure_context_pool(self, batch):
@@ -495,14 +497,15 @@ class DSparkPluginWorker(BaseSpecWorker):
         return block, verify_lens
 
     def _no_drafts(self, num_reqs: int) -> DraftBlock:
-        """A zero block for a round that verifies nothing. Its values are never read or written, so
-        one buffer serves every such round (no [R, gamma, V] allocation on the skipped-round path)."""
+        """A zero block for a round that verifies nothing. Its values are never read or written: the
+        probabilities are one zero row broadcast to [R, gamma, V] (a view: no vocabulary-sized memory),
+        and the small tensors are one buffer reused by every such round."""
         zero = self._zero_block
         if zero is None or zero.tokens.shape[0] < num_reqs:
             rows = max(num_reqs, 2 * (0 if zero is None else zero.tokens.shape[0]))
             zero = self._zero_block = DraftBlock(
                 tokens=torch.zeros(rows, self.gamma, dtype=torch.int64, device=self.device),
-                probs=torch.zeros(rows, self.gamma, self.vocab_size, device=self.device),
+                probs=torch.zeros(1, 1, self.vocab_size, device=self.device).expand(rows, self.gamma, -1),
                 token_probs=torch.zeros(rows, self.gamma, device=self.device),
                 confidence_logits=None,
             )

@@ -2,7 +2,10 @@
 process-global, so each scenario gets its own process."""
 
 import json
+import logging
 import sys
+
+logging.basicConfig(level=logging.INFO)  # the takeover decision is logged at INFO
 
 mode = sys.argv[1]
 
@@ -38,11 +41,14 @@ for name, custom in (("good", {"dspark": {"max_verify_len": 2}}), ("bad", {"dspa
     except ValueError as exc:
         checks[name] = str(exc)
 out["custom_params"] = checks
-draft = {"speculative_draft_model_path": sys.argv[3]} if len(sys.argv) > 3 else {}
-args = ServerArgs(model_path="dummy", speculative_algorithm=sys.argv[2], device="cpu", **draft)
+draft = {"speculative_draft_model_path": sys.argv[3]} if len(sys.argv) > 3 and sys.argv[3] else {}
+device = sys.argv[4] if len(sys.argv) > 4 else "cpu"
+model = sys.argv[5] if len(sys.argv) > 5 else "dummy"
+args = ServerArgs(model_path=model, speculative_algorithm=sys.argv[2], device=device, **draft)
 try:
     args.resolve_once()
     out["resolved"] = resolving_view(args).speculative_algorithm
+    out["disable_cuda_graph"] = bool(resolving_view(args).disable_cuda_graph)
 except Exception as exc:  # reported to the test, which asserts on it
     out["error"] = f"{type(exc).__name__}: {exc}"
 print("PROBE " + json.dumps(out))

@@ -194,3 +194,17 @@ def test_healthy_draft_step_is_untouched():
     out, lens = draft_step(worker, 3)
     assert lens.tolist() == [GAMMA] * 3 and worker.stats.faults == {}
     assert out is b  # no copy on the healthy path
+
+
+def test_a_round_without_drafts_holds_no_vocabulary_sized_block():
+    # batch 128, gamma 15, a 152k vocabulary: a materialized [R, gamma, V] float32 zero block would be
+    # 1.2 GB, held for the server's life. The block is a broadcast view of one zero row instead.
+    from dspark_sglang.sglang.worker import DSparkPluginWorker
+
+    worker = DSparkPluginWorker.__new__(DSparkPluginWorker)
+    worker.gamma, worker.vocab_size, worker.device, worker._zero_block = 15, 152_064, torch.device("cpu"), None
+    block = worker._no_drafts(128)
+    assert block.probs.shape == (128, 15, 152_064) and block.tokens.shape == (128, 15)
+    assert block.probs.untyped_storage().nbytes() == 152_064 * 4  # one row of float32
+    assert block.probs[:, :0].contiguous().numel() == 0  # what acceptance reads when nothing is verified
+    assert worker._no_drafts(64).probs.untyped_storage().data_ptr() == block.probs.untyped_storage().data_ptr()

@@ -12,11 +12,12 @@ import pytest
 PROBE = Path(__file__).with_name("_plugin_probe.py")
 
 
-def run_probe(mode: str, algorithm: str = "DSPARK", draft: str | None = None, **env) -> dict:
+def run_probe(mode: str, algorithm: str = "DSPARK", draft: str | None = None, device: str = "cpu",
+              model: str = "dummy", **env) -> dict:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("DSPARK_")}
     environ.update(env)
     proc = subprocess.run(
-        [sys.executable, str(PROBE), mode, algorithm, *([draft] if draft else [])], env=environ,
+        [sys.executable, str(PROBE), mode, algorithm, draft or "", device, model], env=environ,
         capture_output=True, text=True, timeout=300,
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("PROBE ")]
@@ -101,3 +102,39 @@ def test_speculators_hook_answers_with_the_nested_decoder_config(tmp_path):
     (other / "config.json").write_text('{"model_type": "qwen3"}')
     assert answer_speculators(lambda model, *a, **k: ("sglang", model), other) == ("sglang", other)
     assert answer_speculators(lambda model, *a, **k: "sglang", "HuggingFaceTB/SmolLM2-135M") == "sglang"
+
+
+ZOO = Path(__file__).resolve().parents[2] / "dspark_sglang" / "zoo"
+
+
+@pytest.mark.parametrize("on_cuda, fmt, env, owner", [
+    (False, "deepspec_dspark", {}, "plugin"),  # the built-in is CUDA-only
+    (True, "deepspec_dflash", {}, "plugin"),  # ... and serves DeepSpec DSpark checkpoints only
+    (True, "specforge_eagle3", {}, "plugin"),
+    (True, None, {}, "plugin"),  # unreadable here: our worker reports the checkpoint's error
+    (True, "deepspec_dspark", {}, "builtin"),  # graphs and overlap: the built-in keeps DSPARK
+    (True, "deepspec_dspark", {"DSPARK_USE_BUILTIN": "0"}, "plugin"),
+    (False, "deepspec_dspark", {"DSPARK_USE_BUILTIN": "1"}, "builtin"),
+])
+def test_takeover_policy(on_cuda, fmt, env, owner):
+    from dspark_sglang.sglang.settings import dspark_owner
+
+    who, why = dspark_owner(on_cuda, fmt, env)
+    assert who == owner and why  # the reason goes to the startup log
+
+
+def test_a_cuda_server_declines_the_graphs_our_round_never_replays():
+    # ServerArgs of a CUDA server, resolved with the plugin on a machine without a GPU: SGLang's graph
+    # runner would send our no-draft DECODE forwards (hidden states on) to TARGET_VERIFY graphs
+    # captured without them. The plugin turns graph capture off; the built-in keeps its own settings.
+    from dspark_sglang.models import ensure_target
+
+    target = str(ensure_target(progress=False))
+    ours = run_probe("normal", draft=str(ZOO / "smollm2-135m-dflash"), device="cuda", model=target)
+    assert ours.get("resolved") == "DSPARK_PLUGIN" and ours["disable_cuda_graph"] is True, ours
+    builtin = run_probe("normal", draft=str(ZOO / "smollm2-135m-dspark"), device="cuda", model=target)
+    assert builtin.get("resolved") == "DSPARK", builtin  # a DeepSpec DSpark checkpoint on CUDA
+    assert "left to SGLang's built-in worker" in builtin["stderr"]
+    forced = run_probe("normal", draft=str(ZOO / "smollm2-135m-dspark"), device="cuda", model=target,
+                       DSPARK_USE_BUILTIN="0")
+    assert forced.get("resolved") == "DSPARK_PLUGIN" and forced["disable_cuda_graph"] is True, forced
