@@ -113,7 +113,9 @@ def chain_accept(
     sampled_ok = accept_uniforms.float() < ratio  # [R, gamma]
 
     # Greedy: argmax of every row (cleaned, so a NaN can never win), first index on ties.
-    target_argmax = _clean_probs(target_probs).argmax(dim=-1)  # [R, gamma+1]
+    # One [R, V] row block at a time: cleaning the whole [R, gamma+1, V] block would copy it twice.
+    target_argmax = torch.stack([_clean_probs(target_probs[:, j]).argmax(dim=-1)
+                                 for j in range(target_probs.shape[1])], dim=1)  # [R, gamma+1]
     greedy_ok = draft_tokens == target_argmax[:, :gamma]  # [R, gamma]
 
     accept = torch.where(greedy[:, None], greedy_ok, sampled_ok) & verified  # [R, gamma]

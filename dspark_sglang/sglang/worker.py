@@ -62,6 +62,7 @@ from dspark_sglang.sglang.round_probe import RoundProbe
 from dspark_sglang.sglang.settings import parse_fault_spec
 from dspark_sglang.sglang.spec_class import resolve_plugin_config
 from dspark_sglang.sglang.state import RoundRelay, SlotRegistry, WorkerStats
+from dspark_sglang.sglang.tensor_parallel import full_vocab_rows
 from dspark_sglang.sglang.verify import (
     every_position_logits,
     fast_verify_attention,
@@ -175,13 +176,13 @@ class DSparkPluginWorker(BaseSpecWorker):
         model = self.model_runner.model
         hf_config = self.model_runner.model_config.hf_config
         self.vocab_size = int(self.model_runner.model_config.vocab_size)
-        embed = model.model.embed_tokens.weight
+        tp_group = get_parallel().tp_group  # vocabulary-parallel tables are gathered whole on every rank
         target = TargetSpec(
             hidden_size=int(hf_config.hidden_size),
             vocab_size=self.vocab_size,
             num_hidden_layers=int(hf_config.num_hidden_layers),
-            embed_tokens=embed[: self.vocab_size],
-            lm_head=lm_head_weight(model)[: self.vocab_size],
+            embed_tokens=full_vocab_rows(model.model.embed_tokens.weight, self.vocab_size, tp_group),
+            lm_head=full_vocab_rows(lm_head_weight(model), self.vocab_size, tp_group),
         )
         t0 = time.perf_counter()
         self.drafter = load_drafter(self.config.drafter_path, target, dtype=self.model_runner.dtype, device=self.device,
@@ -312,11 +313,30 @@ class DSparkPluginWorker(BaseSpecWorker):
                     HostSyncCounter.mark_host(batch.seq_lens_cpu, getattr(batch, "req_pool_indices_cpu", None))
                     result = self._decode_round(batch)
                 self.sync_log.record(counter, len(batch.reqs))
+        elif batch.forward_mode.is_idle():
+            result = self._idle_round(batch)
         else:
             raise NotImplementedError(f"dspark worker: forward mode {batch.forward_mode!r}")
         if on_publish is not None:
             on_publish(result.new_seq_lens)
         return result
+
+    @torch.no_grad()
+    def _idle_round(self, batch) -> GenerationBatchResult:
+        """A round with no requests (an attention-DP rank without work this step). The target still
+        runs its IDLE forward, so this rank joins the collectives of the busy ranks' forward; nothing
+        is drafted, verified or committed."""
+        self.target_worker.forward_batch_generation(batch)
+        empty = torch.empty(0, dtype=torch.int64, device=self.device)
+        return GenerationBatchResult(
+            logits_output=None,
+            next_token_ids=empty,
+            accept_lens=empty.to(torch.int32),
+            new_seq_lens=batch.seq_lens,
+            next_draft_input=RoundRelay(),
+            speculative_num_draft_tokens=self.speculative_num_draft_tokens,
+            can_run_cuda_graph=False,
+        )
 
     @torch.no_grad()
     def _prefill(self, batch) -> GenerationBatchResult:

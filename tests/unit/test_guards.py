@@ -208,3 +208,41 @@ def test_a_round_without_drafts_holds_no_vocabulary_sized_block():
     assert block.probs.untyped_storage().nbytes() == 152_064 * 4  # one row of float32
     assert block.probs[:, :0].contiguous().numel() == 0  # what acceptance reads when nothing is verified
     assert worker._no_drafts(64).probs.untyped_storage().data_ptr() == block.probs.untyped_storage().data_ptr()
+
+
+def test_an_idle_batch_is_a_round_without_requests():
+    # Attention-DP ranks without work get IDLE batches; the target's forward must still run (the
+    # busy ranks' collectives wait for it), and the round commits nothing.
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    from dspark_sglang.sglang.worker import DSparkPluginWorker
+
+    calls = []
+    worker = DSparkPluginWorker.__new__(DSparkPluginWorker)
+    worker._target_worker = SimpleNamespace(forward_batch_generation=lambda batch: calls.append(batch))
+    worker.device, worker.speculative_num_draft_tokens, worker.sync_log = torch.device("cpu"), 4, None
+    batch = SimpleNamespace(forward_mode=ForwardMode.IDLE, seq_lens=torch.empty(0, dtype=torch.int64), reqs=[])
+    published = []
+    result = worker.forward_batch_generation(batch, on_publish=published.append)
+    assert calls == [batch] and len(published) == 1
+    assert result.next_token_ids.numel() == 0 and result.accept_lens.numel() == 0
+    assert result.speculative_num_draft_tokens == 4 and not result.can_run_cuda_graph
+
+
+def test_vocabulary_parallel_tables_are_gathered_whole():
+    from dspark_sglang.sglang.tensor_parallel import full_vocab_rows
+
+    full = torch.randn(10, 4)  # a padded vocabulary of 10 rows, 9 real tokens, two TP ranks
+    shards = [full[:5], full[5:]]
+
+    class TwoRanks:  # SGLang's GroupCoordinator.all_gather, as rank 0 sees it
+        world_size = 2
+
+        def all_gather(self, local, dim):
+            assert torch.equal(local, shards[0]) and dim == 0
+            return torch.cat(shards, dim=0)
+
+    assert torch.equal(full_vocab_rows(shards[0], 9, TwoRanks()), full[:9])
+    assert torch.equal(full_vocab_rows(full, 9, None), full[:9])  # no TP: the table itself
+    with pytest.raises(ValueError, match="cannot cover"):
+        full_vocab_rows(shards[0], 9, None)  # a shard alone is refused, never silently used
