@@ -337,7 +337,7 @@ def _recorded_path(path: str) -> str:
     from dspark_sglang.models import cache_root
 
     resolved = Path(path).expanduser().resolve()
-    for root, label in ((cache_root() / "models", "<dspark-models cache>"), (Path.home(), "~")):
+    for root, label in ((Path.cwd(), "."), (cache_root() / "models", "<dspark-models cache>"), (Path.home(), "~")):
         if resolved.is_relative_to(root.resolve()):
             return f"{label}/{resolved.relative_to(root.resolve())}"
     return path

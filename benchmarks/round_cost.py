@@ -136,6 +136,7 @@ def main(argv=None) -> dict:
     import sglang as sgl
     from transformers import AutoTokenizer
 
+    from dspark_sglang.benchmarks.bench import _recorded_path
     from dspark_sglang.models import ensure_target, zoo_drafter
 
     target = str(ensure_target())
@@ -150,7 +151,7 @@ def main(argv=None) -> dict:
         speculative=True, dtype=args.dtype, speculative_algorithm="DSPARK", speculative_draft_model_path=drafter,
         max_total_tokens=max_tokens, max_running_requests=max(args.batches), chunked_prefill_size=max(8192, max(args.contexts))))
     results = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-               "drafter": drafter, "points": [], "command": "python -m dspark_sglang.benchmarks.round_cost " + " ".join(sys.argv[1:])}
+               "drafter": _recorded_path(drafter), "points": [], "command": "python -m dspark_sglang.benchmarks.round_cost " + " ".join(sys.argv[1:])}
     try:
         for context in args.contexts:
             for batch in args.batches:
