@@ -41,6 +41,7 @@ setup(
         "numpy",
         "numba",  # the compiled CPU scheduler path (also required by sglang)
         "prometheus_client",  # the worker's /metrics series (also required by sglang)
+        "scipy",  # KS tests in benchmarks/server_distribution.py (also required by sglang)
         "tqdm",
         "rich",
         "matplotlib",
