@@ -374,7 +374,11 @@ class DSparkPluginWorker(BaseSpecWorker):
     def _note_request_caps(self, reqs, pool_rows: list[int]) -> None:
         """Each request's verify-length cap from its custom_params (validated when it arrived)."""
         for req, row in zip(reqs, pool_rows):
-            cap = verify_cap(getattr(req.sampling_params, "custom_params", None))
+            try:
+                cap = verify_cap(getattr(req.sampling_params, "custom_params", None))
+            except ValueError as exc:  # only a path around SGLang's request check gets here: never crash
+                logger.warning("dspark: request %s: %s; served without a cap", req.rid, exc)
+                cap = None
             if row >= self.verify_caps.numel():
                 grown = torch.full((max(2 * row + 1, 64),), self.max_verify_len, dtype=torch.int64)
                 grown[: self.verify_caps.numel()] = self.verify_caps
