@@ -191,9 +191,7 @@ def sample_from_probs(
     before = (block_cdf.gather(1, chosen) - block_sums.gather(1, chosen))  # [N, 1] mass of earlier blocks
     offset = torch.searchsorted(inside.cumsum(dim=-1), (target - before).clamp_min(0.0), right=True)  # [N, 1]
     offset = torch.minimum(offset, _last_positive(inside)[:, None]).squeeze(1)  # [N]
-    tokens = chosen.squeeze(1) * block + offset
-    empty = block_sums[:, -1].eq(0) & block_cdf[:, -1].eq(0)  # no positive weight at all
-    return torch.where(empty, 0, tokens)
+    return chosen.squeeze(1) * block + offset  # a row without positive weight: block 0, offset 0
 
 
 def _last_positive(weights: torch.Tensor) -> torch.Tensor:

@@ -88,17 +88,22 @@ class TemperedTargetDrafter:
         )
 
 
+def _gamma(spec: dict, where: str) -> int:
+    gamma = spec.get("gamma")
+    if not isinstance(gamma, int) or isinstance(gamma, bool) or not 1 <= gamma <= 16:
+        raise DrafterConfigError(where, f"{CONFIG_KEY}.gamma", f"must be an integer in [1, 16], got {gamma!r}")
+    return gamma
+
+
 def load_tempered(path: str, spec: dict, target: TargetSpec, device) -> TemperedTargetDrafter:
     from transformers import AutoModelForCausalLM
 
     where = str(Path(path) / "config.json")
     if spec.get("kind") != KIND:
         raise DrafterConfigError(where, f"{CONFIG_KEY}.kind", f"expected {KIND!r}, got {spec.get('kind')!r}")
-    ratio, gamma = spec.get("temperature_ratio"), spec.get("gamma")
+    ratio, gamma = spec.get("temperature_ratio"), _gamma(spec, where)
     if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or ratio <= 0:
         raise DrafterConfigError(where, f"{CONFIG_KEY}.temperature_ratio", f"must be a positive number, got {ratio!r}")
-    if not isinstance(gamma, int) or isinstance(gamma, bool) or not 1 <= gamma <= 16:
-        raise DrafterConfigError(where, f"{CONFIG_KEY}.gamma", f"must be an integer in [1, 16], got {gamma!r}")
     target_path = spec.get("target_path")
     if not isinstance(target_path, str) or not (Path(target_path) / "config.json").is_file():
         raise DrafterConfigError(where, f"{CONFIG_KEY}.target_path", f"no target checkpoint at {target_path!r}")
@@ -113,11 +118,7 @@ def describe_tempered(path: str, config: dict):
     """The loader's DrafterDescription of a tempered-target checkpoint (config.json only)."""
     from dspark_sglang.drafters.loader import DrafterDescription
 
-    spec = config[CONFIG_KEY]
-    gamma = spec.get("gamma")
-    if not isinstance(gamma, int) or isinstance(gamma, bool) or not 1 <= gamma <= 16:
-        raise DrafterConfigError(str(Path(path) / "config.json"), f"{CONFIG_KEY}.gamma",
-                                 f"must be an integer in [1, 16], got {gamma!r}")
+    gamma = _gamma(config[CONFIG_KEY], str(Path(path) / "config.json"))
     hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
     return DrafterDescription(
         path=path, format="tempered_target", family="tempered", source="test",

@@ -72,17 +72,15 @@ class PrometheusCounters:
 
     def record_round(
         self,
-        verify_lens: torch.Tensor,  # [R] int64 on the host
-        num_accepted: torch.Tensor,  # [R] int64 on the host
+        verify_counts: torch.Tensor,  # [gamma + 1] request-rounds by drafts verified
+        accept_counts: torch.Tensor,  # [gamma + 1] request-rounds by drafts accepted
+        verified_at: torch.Tensor,  # [gamma] times each draft position was verified
+        accepted_at: torch.Tensor,  # [gamma] ... and accepted
     ) -> None:
+        """One round, from the counts WorkerStats.record computed (nothing per request here)."""
         self.rounds.inc()
-        verify_counts = torch.bincount(verify_lens, minlength=self.gamma + 1)  # [gamma + 1]
-        accept_counts = torch.bincount(num_accepted, minlength=self.gamma + 1)
-        observe_counts(self.verify_length, {v: int(c) for v, c in enumerate(verify_counts.tolist()) if c})
-        observe_counts(self.accept_length, {v + 1: int(c) for v, c in enumerate(accept_counts.tolist()) if c})
-        # Position k (0-based) was verified by requests with verify_len > k: a reversed cumulative sum.
-        verified_at = verify_counts.flip(0).cumsum(0).flip(0)[1:]  # [gamma]
-        accepted_at = accept_counts.flip(0).cumsum(0).flip(0)[1:]
+        observe_counts(self.verify_length, {v: c for v, c in enumerate(verify_counts.tolist()) if c})
+        observe_counts(self.accept_length, {v + 1: c for v, c in enumerate(accept_counts.tolist()) if c})
         for k, (v, a) in enumerate(zip(verified_at.tolist(), accepted_at.tolist())):
             if v:
                 self._verified_at[k].inc(v)

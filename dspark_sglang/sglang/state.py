@@ -141,16 +141,20 @@ class WorkerStats:
 
     def record(self, verify_lens: torch.Tensor, num_accepted: torch.Tensor, phases: dict[str, float]) -> None:
         """verify_lens, num_accepted: [R] int64 on CPU; phases: seconds spent per phase."""
+        verify_counts = torch.bincount(verify_lens, minlength=self.gamma + 1)  # [gamma + 1] requests by length
+        accept_counts = torch.bincount(num_accepted, minlength=self.gamma + 1)
+        # Position k (0-based) was verified by the requests with verify_len > k: a reversed cumulative sum.
+        verified_at = verify_counts.flip(0).cumsum(0).flip(0)[1:]  # [gamma]
+        accepted_at = accept_counts.flip(0).cumsum(0).flip(0)[1:]
         if self.sink is not None:
-            self.sink.record_round(verify_lens, num_accepted)
+            self.sink.record_round(verify_counts, accept_counts, verified_at, accepted_at)
         self.rounds += 1
         self.requests += verify_lens.numel()
         self.committed += int(num_accepted.sum()) + verify_lens.numel()
         self.verify_tokens += int(verify_lens.sum())
-        self.verify_hist += torch.bincount(verify_lens, minlength=self.gamma + 1)[: self.gamma + 1]
-        positions = torch.arange(self.gamma)[None, :]  # [1, gamma]
-        self.verified_at += (positions < verify_lens[:, None]).sum(0)
-        self.accepted_at += (positions < num_accepted[:, None]).sum(0)
+        self.verify_hist += verify_counts
+        self.verified_at += verified_at
+        self.accepted_at += accepted_at
         self.seconds += sum(phases.values())
         for name, sec in phases.items():
             self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + sec
