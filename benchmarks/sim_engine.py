@@ -7,8 +7,15 @@ Each decode round of the simulated engine:
 2. the scheduler (``dspark_sglang.schedulers.make_scheduler``: the same code the worker runs)
    returns verify lengths ℓ_r; the round costs 1 / SPS(R, Σ_r (1 + ℓ_r)) seconds on the cost table
    (beyond its last probe: step time extended linearly, ``step_seconds``),
-   plus the optional drafter cost (``draft_seconds + draft_seconds_per_req · R``) for speculative
-   configurations;
+   plus, for speculative configurations, the optional drafter cost (``draft_seconds +
+   draft_seconds_per_req · R``, on rounds that draft) and the optional worker overhead
+   (``worker_overhead.seconds(R, C)`` = a + b·R + c·C ms on every decode round, C the running
+   requests' context: prompt_len + tokens so far each). The overhead is the worker's own host time
+   around its two forwards (acceptance, commit, bookkeeping), fitted to a round-cost measurement
+   (``worker_overhead.py``). A round that skips drafting pays it too: the worker still runs its
+   acceptance and commit over the anchor rows (the fit, over windows >= 2, likely overstates it there).
+   The schedulers do not see it (the worker does not price it either). Plain SGLang rounds
+   (``none``) pay nothing extra: SGLang's own overhead is inside the measured step time;
 3. request r commits min(a, ℓ_r) + 1 tokens, where a is the recorded round's accepted count — the
    prefix structure of chain acceptance makes that exact whenever ℓ_r ≤ the recorded verify length.
    When the scheduler verifies beyond what was recorded and the recorded round accepted everything
@@ -42,6 +49,7 @@ import numpy as np
 import torch
 
 from dspark_sglang.benchmarks.metrics import RequestRecord
+from dspark_sglang.benchmarks.worker_overhead import WorkerOverhead
 from dspark_sglang.confidence import CalibrationRecords, apply_sts
 from dspark_sglang.cost_table import CostTable
 from dspark_sglang.draft_cost import DraftCost, FixedDraftCost
@@ -178,6 +186,7 @@ class SimSetup:
     replay: str = "sequential"  # or "iid"
     scheduler_cost_table: Optional[CostTable] = None  # what the scheduler believes (default: cost_table)
     scheduler_sees_draft_cost: bool = True  # lagged: weigh the draft time above (the worker measures it)
+    worker_overhead: Optional[WorkerOverhead] = None  # speculative rounds' host time (None: free)
 
     def __post_init__(self) -> None:
         if not self.pools:
@@ -376,6 +385,10 @@ def simulate_level(setup: SimSetup, spec: SchedulerSpec, *, seed: int, concurren
             lens = np.zeros(num, dtype=np.int64)
             accepted = lens
             seconds = 0.0
+        if spec.speculative and setup.worker_overhead is not None:
+            # The round works over every running request's context: its prompt and tokens so far.
+            context = num * setup.prompt_len + sum(r.tokens for r in running)
+            seconds += setup.worker_overhead.seconds(num, context)
         t += seconds + step.seconds(num, int(num + lens.sum()))
 
         still: list[_Req] = []

@@ -9,12 +9,18 @@ speedups as ``dspark-bench`` (benchmarks/sim_engine.py explains the model).
         --scheduler none --scheduler fixed:3 --scheduler fixed:7 --scheduler lagged \\
         --concurrency 1,4,16,64,128,256 --output-len 256 --out sim-out
     dspark-simulate run --sps sps.json --acceptance 0.9,0.8,0.7,0.6,0.5,0.4,0.3 ...
+    dspark-simulate run --sps builtin:h100-qwen3-8b-roofline --acceptance 0.8,0.6,0.4 \
+        --worker-overhead examples/bench/round-cost/s3-few-rows-gemm/results.json
     dspark-simulate validate --bench bench-out/bench.json --sps sps.json --eval-dir eval-out
     dspark-simulate curves        # list the built-in curves
 
 Validation simulates each measured configuration at the measured concurrencies, with the measured
 output and prompt lengths, and reports the prediction error of aggregate throughput, per-user speed
 and matched speedup.
+
+Every run first prints where each cost curve came from (steps/s curve, the schedulers' table, draft
+cost, worker overhead: measured, derived, or typed in) and stores it in the result's
+engine.provenance (benchmarks/cost_provenance.py).
 """
 
 from __future__ import annotations
@@ -30,10 +36,12 @@ import numpy as np
 import torch
 
 from dspark_sglang.benchmarks import report
+from dspark_sglang.benchmarks.cost_provenance import cost_model_provenance, format_provenance
 from dspark_sglang.benchmarks.curves import Curve, MatchedSpeedup
 from dspark_sglang.benchmarks.metrics import summarize_level
 from dspark_sglang.benchmarks.sim_engine import RoundPool, SchedulerSpec, SimSetup, parse_scheduler_spec, simulate_level
 from dspark_sglang.benchmarks.sps_curves import builtin_table, describe_builtins
+from dspark_sglang.benchmarks.worker_overhead import WorkerOverhead
 from dspark_sglang.confidence import CalibrationRecords, StsCalibration
 from dspark_sglang.cost_table import load_cost_table
 
@@ -74,6 +82,16 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="how the schedulers read their table (step: what the worker and SGLang do)")
     g.add_argument("--draft-ms", type=float, default=0.0, help="drafter cost per speculative round, ms")
     g.add_argument("--draft-ms-per-req", type=float, default=0.0, help="drafter cost per request per round, ms")
+    g.add_argument("--worker-overhead", default=None, metavar="FILE",
+                   help="a round-cost results.json (python -m dspark_sglang.benchmarks.round_cost): every decode "
+                        "round of a speculative configuration also pays the worker's own host time around its "
+                        "two forwards (acceptance, commit, bookkeeping: round - verify - draft, the median over "
+                        "windows >= 2 per point), fitted as a + b*requests + c*context tokens over the file's "
+                        "points. Without it that time is free, which flatters speculation. The overhead was "
+                        "measured on the file's machine, not on the --sps curve's")
+    g.add_argument("--draft-from-round-cost", action="store_true",
+                   help="take the draft cost (a + b*requests) from the --worker-overhead file's measured draft "
+                        "steps instead of --draft-ms/--draft-ms-per-req")
     g.add_argument("--scheduler-ignores-draft-cost", action="store_true",
                    help="the lagged scheduler prices target steps only (the paper's objective; the worker "
                         "with DSPARK_DRAFT_COST=none); by default it weighs the draft cost above, as the "
@@ -201,14 +219,39 @@ def load_pools(args) -> list[RoundPool]:
     return pools
 
 
-def make_setup(args, pools: list[RoundPool], output_len, prompt_len: int,
-               scheduler_table: Optional[str] = None) -> SimSetup:
+def load_worker_overhead(args) -> Optional[WorkerOverhead]:
+    """The --worker-overhead fit (None when not given), checked against --draft-from-round-cost."""
+    if getattr(args, "draft_from_round_cost", False):
+        if not args.worker_overhead:
+            raise ValueError("--draft-from-round-cost needs --worker-overhead FILE (the round-cost results.json)")
+        if args.draft_ms or args.draft_ms_per_req:
+            raise ValueError("give --draft-ms/--draft-ms-per-req or --draft-from-round-cost, not both")
+    return WorkerOverhead.from_round_cost(args.worker_overhead) if getattr(args, "worker_overhead", None) else None
+
+
+def effective_draft_ms(args, overhead: Optional[WorkerOverhead]) -> tuple[float, float]:
+    """The draft cost the simulated engine pays: (ms per round, ms per request per round)."""
+    if getattr(args, "draft_from_round_cost", False) and overhead is not None:
+        return overhead.draft_base_ms, overhead.draft_per_req_ms
+    return args.draft_ms, args.draft_ms_per_req
+
+
+def make_setup(args, pools: list[RoundPool], output_len, prompt_len: int, scheduler_table: Optional[str] = None,
+               overhead: Optional[WorkerOverhead] = None) -> SimSetup:
     sps = load_sps(args.sps, args.sps_interpolation)
     sched = load_sps(scheduler_table or args.scheduler_cost_table or args.sps, args.scheduler_interpolation)
-    return SimSetup(sps, pools, output_len=output_len, prompt_len=prompt_len, draft_seconds=args.draft_ms / 1e3,
-                    draft_seconds_per_req=args.draft_ms_per_req / 1e3, max_running=args.max_running,
+    fixed_ms, per_req_ms = effective_draft_ms(args, overhead)
+    return SimSetup(sps, pools, output_len=output_len, prompt_len=prompt_len, draft_seconds=fixed_ms / 1e3,
+                    draft_seconds_per_req=per_req_ms / 1e3, max_running=args.max_running,
                     replay=args.replay, scheduler_cost_table=sched,
-                    scheduler_sees_draft_cost=not getattr(args, "scheduler_ignores_draft_cost", False))
+                    scheduler_sees_draft_cost=not getattr(args, "scheduler_ignores_draft_cost", False),
+                    worker_overhead=overhead)
+
+
+def provenance(args, overhead: Optional[WorkerOverhead], config_tables: Optional[dict] = None) -> dict:
+    """Where every cost curve of this run came from (benchmarks/cost_provenance.py)."""
+    return cost_model_provenance(args.sps, args.scheduler_cost_table, args.draft_ms, args.draft_ms_per_req,
+                                 overhead, getattr(args, "draft_from_round_cost", False), config_tables)
 
 
 def level_seed(seed: int, load: float, repeat: int) -> int:
@@ -248,8 +291,11 @@ def _progress_fn(total: int, disabled: bool):
 
 
 def cmd_run(args) -> dict:
+    overhead = load_worker_overhead(args)
     pools = load_pools(args)
-    setup = make_setup(args, pools, args.output_len, args.prompt_len)
+    setup = make_setup(args, pools, args.output_len, args.prompt_len, overhead=overhead)
+    prov = provenance(args, overhead)
+    print(format_provenance(prov), flush=True)
     specs = [parse_scheduler_spec(s) for s in (args.scheduler or DEFAULT_SCHEDULERS)]
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
@@ -262,7 +308,7 @@ def cmd_run(args) -> dict:
         return max(1, min(args.max_requests, max(args.min_requests, args.requests_per_client * c)))
 
     doc = report.new_document("dspark-simulate", kind, _jsonable(vars(args)), args.baseline or specs[0].name)
-    doc["engine"] = engine_description(args, setup)
+    doc["engine"] = engine_description(args, setup, prov)
     bar, tick = _progress_fn(len(specs) * len(loads) * args.repeats, args.no_progress or not sys.stderr.isatty())
     try:
         sweep(setup, specs, loads, kind=kind, repeats=args.repeats, requests_for=requests_for,
@@ -273,12 +319,14 @@ def cmd_run(args) -> dict:
     return finish(doc, Path(args.out), "simulate", args.points)
 
 
-def engine_description(args, setup: SimSetup) -> dict:
+def engine_description(args, setup: SimSetup, prov: dict) -> dict:
+    overhead = setup.worker_overhead
     return {"sps": args.sps, "gamma": setup.gamma, "pools": [
         {"name": p.name, "rounds": len(p), "tau_verify_all": p.tau_verify_all,
          "conditional_acceptance": [round(float(v), 4) for v in p.conditional]} for p in setup.pools],
-        "draft_ms": args.draft_ms, "draft_ms_per_req": args.draft_ms_per_req, "replay": args.replay,
-        "scheduler_sees_draft_cost": not args.scheduler_ignores_draft_cost}
+        "draft_ms": setup.draft_seconds * 1e3, "draft_ms_per_req": setup.draft_seconds_per_req * 1e3,
+        "replay": args.replay, "scheduler_sees_draft_cost": not args.scheduler_ignores_draft_cost,
+        "worker_overhead": None if overhead is None else overhead.to_dict(), "provenance": prov}
 
 
 def _jsonable(obj):
@@ -349,18 +397,25 @@ def cmd_validate(args) -> dict:
     if not measured.get("curves"):
         report.analyze(measured, args.points)
     mapping = dict(item.split("=", 1) for item in args.map)
+    overhead = load_worker_overhead(args)
     pools = load_pools(args)
+    config_tables = {}
+    for cfg in measured["configs"]:
+        table = (cfg.get("env") or {}).get("DSPARK_COST_TABLE")
+        if table and Path(table).is_file() and not args.scheduler_cost_table:
+            config_tables[cfg["name"]] = table
+    prov = provenance(args, overhead, config_tables)
+    print(format_provenance(prov), flush=True)
     doc = report.new_document("dspark-simulate", "concurrency", _jsonable(vars(args)), measured.get("baseline"))
     for cfg in measured["configs"]:
         spec = spec_for_config(cfg, mapping)
         outs, prompt_len = _measured_lengths(cfg)
-        table = (cfg.get("env") or {}).get("DSPARK_COST_TABLE")
-        table = table if table and Path(table).is_file() and not args.scheduler_cost_table else None
-        setup = make_setup(args, pools, outs, args.prompt_len or prompt_len, scheduler_table=table)
+        setup = make_setup(args, pools, outs, args.prompt_len or prompt_len,
+                           scheduler_table=config_tables.get(cfg["name"]), overhead=overhead)
         counts = {lvl["load"]: max(r["num_requests"] for r in lvl["repeats"]) for lvl in cfg["levels"]}
         sweep(setup, [spec], list(counts), kind="concurrency", repeats=args.repeats,
               requests_for=lambda load: counts[load], max_seconds=math.inf, seed=args.seed, doc=doc)
-    doc["engine"] = engine_description(args, setup)
+    doc["engine"] = engine_description(args, setup, prov)
     report.analyze(doc, args.points)
     doc["validation"] = compare(measured, doc)
     out_dir = Path(args.out)

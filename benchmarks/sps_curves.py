@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dspark_sglang.cost_table import SpsTable
 
-__all__ = ["BUILTIN_CURVES", "builtin_table", "describe_builtins"]
+__all__ = ["BUILTIN_CURVES", "builtin_table", "builtin_description", "describe_builtins"]
 
 # name -> (description, [(batch_tokens, step_ms), ...])
 BUILTIN_CURVES: dict[str, tuple[str, list[tuple[int, float]]]] = {
@@ -48,6 +48,13 @@ def builtin_table(name: str) -> SpsTable:
         raise ValueError(f"unknown built-in curve {name!r}; known: {', '.join(BUILTIN_CURVES)}")
     tokens, rates = _dense_probes(BUILTIN_CURVES[name][1])
     return SpsTable(tokens, rates, max(tokens[-1], 16384), interpolation="linear", path=f"builtin:{name}")
+
+
+def builtin_description(name: str) -> str:
+    """Where a built-in curve came from; it starts with "measured" or "derived"."""
+    if name not in BUILTIN_CURVES:
+        raise ValueError(f"unknown built-in curve {name!r}; known: {', '.join(BUILTIN_CURVES)}")
+    return BUILTIN_CURVES[name][0]
 
 
 def describe_builtins() -> str:
