@@ -1,7 +1,9 @@
 """DSpark's sequential head in one launch per round: the fused twin of
 `dspark_sglang.drafters.heads.sample_sequential_with_uniforms`.
 
-One program per request walks k = 0..G-1 (the recurrence is sequential in k, not across requests):
+One program serves a block of up to 16 requests and walks k = 0..G-1 for all of them at once (the
+recurrence is sequential in k, not across requests), so every weight tile it loads (W2, the
+gate/joint projection) serves the whole block:
 
 1. ``rows = W1[p_k]`` (p_0 = anchor, then the token just drawn);
 2. confidence logit ``c_k = w·[h_k ; rows] + b`` (or ``w·h_k + b`` without Markov features);
@@ -32,16 +34,19 @@ or two logits tie within it under greedy; the chain is sequential, so such a fli
 rest of that request's block. Losslessness does not depend on agreement: each token is drawn
 from exactly the q the kernel stores, and acceptance reads that q.
 
-Memory traffic per request and step (V = vocab, r = rank, H = hidden, 4-byte activations, b-byte
-weights): W2 V*r*b (dominant: 78 MB for V = 151936, r = 256, bf16), U 4V, logits written 4V and
-re-read 4V, q written 4V and re-read ~2V (early exit), gate/joint weights (r or 3r) * (H + 2r) * b,
-W1 row r*b, h_k 4H. W2 is re-read by every request's program; concurrent programs stream it at
-about the same pace, so L2 serves part of it. At large R (R*r >> 1k) a split design (bias GEMM
-per step across requests, then the sampling passes) reads W2 once per step instead.
+Memory traffic per step (V = vocab, r = rank, H = hidden, R requests, 4-byte activations, b-byte
+weights): W2 V*r*b once per block of 16 requests (dominant: 78 MB for V = 151936, r = 256, bf16;
+the per-request design read it R times), gate/joint weights (r or 3r) * (H + 2r) * b likewise;
+per request U 4V, logits written 4V and re-read 4V, q written 4V and re-read ~2V (early exit),
+W1 row r*b, h_k 4H. From 16 requests on, the block's products are ``tl.dot`` in IEEE float32;
+smaller batches use broadcast products with one request's tile budget split across the block
+(`tile_sizes`). At batch 1 a single program still streams the whole vocabulary per step: a grid
+over vocabulary tiles (a bias GEMM per step, then split sampling passes) would use more SMs there.
 
-Registers (ptxas -v, sm_90, r = 256, 8 warps, default tiles; checked by compiling without a GPU,
-tests/interp/_compile_kernels.py): vanilla 249, no spills; gated ~200 B spilled; rnn ~1 KB spilled,
-in the per-step matvec prologue (nine [r, BLOCK_H] streams), not in the vocabulary passes.
+Registers (ptxas -v, sm_90, r = 256, H = 4096, 8 warps, `tile_sizes` tiles; compiled without a GPU):
+one request (broadcast): vanilla 188, gated 224, no spills; rnn 255 with ~750 B spilled. Sixteen
+(tl.dot, BLOCK_VW 64): 255 registers with ~210 B spilled (vanilla, gated) and ~1.1 KB (rnn), in the
+W2 product; BLOCK_VW 32 or 128 spilled more. `tests/interp/_compile_kernels.py` builds both forms.
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ from dspark_sglang.drafters.interface import DraftBlock
 from dspark_sglang.kernels._common import FLOAT_DTYPES, INDEX_DTYPES, check, check_tensor, interpreting, next_pow2
 from dspark_sglang.sampling import SamplingBatch, is_greedy
 
-__all__ = ["sequential_head", "sample_sequential", "sample_sequential_ref", "filtered_rows", "KINDS"]
+__all__ = ["sequential_head", "sample_sequential", "sample_sequential_ref", "filtered_rows", "tile_sizes", "KINDS"]
 
 sample_sequential_ref = sample_sequential_with_uniforms  # the reference (CPU path)
 
@@ -71,44 +76,47 @@ def _sanitize(x):
 
 
 @triton.jit
-def _matvec(w_ptr, stride_w, row0, col0, n_rows, x_ptr, n_cols, rows, BLOCK_C: tl.constexpr):
-    """sum_j W[row0 + i, col0 + j] * x[j], i < n_rows, j < n_cols, in float32. The input vector is
-    streamed from memory in BLOCK_C chunks, so no tile is wider than [BLOCK_ROWS, BLOCK_C] (a
-    [rank, rank] register tile would spill at rank 256)."""
-    acc = tl.zeros_like(rows).to(tl.float32)
+def _times(x, wt, USE_DOT: tl.constexpr):
+    """[BLOCK_R, N] = x [BLOCK_R, K] @ wt [K, N] in float32. ``tl.dot`` (IEEE float32, so the
+    result matches the torch reference to rounding) needs every dimension >= 16 on a GPU; smaller
+    request blocks take a broadcast product over a [BLOCK_R, K, N] tile instead."""
+    if USE_DOT:
+        return tl.dot(x, wt, input_precision="ieee")
+    else:
+        return tl.sum(x[:, :, None] * wt[None, :, :], 1)
+
+
+@triton.jit
+def _rows_matmul(x_rows, in_req, n_cols, w_ptr, stride_w, row0, col0, n_out, outs,
+                 BLOCK_C: tl.constexpr, USE_DOT: tl.constexpr):
+    """[BLOCK_R, BLOCK_OUT]: X @ W[row0 + o, col0 + c]^T (o < n_out, c < n_cols), where request i's
+    input row starts at pointer ``x_rows[i]``. Each [BLOCK_C, BLOCK_OUT] weight tile is loaded once
+    for the whole request block; inputs stream from memory in BLOCK_C chunks."""
     offs = tl.arange(0, BLOCK_C)
+    acc = tl.zeros([x_rows.shape[0], outs.shape[0]], tl.float32)
     for c0 in range(0, n_cols, BLOCK_C):
         cols = c0 + offs
-        x = tl.load(x_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-        mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-        w = tl.load(w_ptr + (row0 + rows[:, None]).to(tl.int64) * stride_w + col0 + cols[None, :],
-                    mask=mask, other=0.0).to(tl.float32)
-        acc += tl.sum(w * x[None, :], 1)
+        x = tl.load(x_rows[:, None] + cols[None, :], mask=in_req[:, None] & (cols[None, :] < n_cols),
+                    other=0.0).to(tl.float32)  # [BLOCK_R, BLOCK_C]
+        wt = tl.load(w_ptr + (row0 + outs[None, :]).to(tl.int64) * stride_w + col0 + cols[:, None],
+                     mask=(outs[None, :] < n_out) & (cols[:, None] < n_cols), other=0.0).to(tl.float32)
+        acc += _times(x, wt, USE_DOT)  # wt: [BLOCK_C, BLOCK_OUT]
     return acc
 
 
 @triton.jit
-def _matvec_tile(w_ptr, stride_w, row0, n_rows, n_cols, x, rows, cols):
-    """sum_j W[row0 + i, j] * x[j] for one [BLOCK_ROWS, BLOCK_COLS] tile, ``x`` in registers."""
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    w = tl.load(w_ptr + (row0 + rows[:, None]).to(tl.int64) * stride_w + cols[None, :],
-                mask=mask, other=0.0).to(tl.float32)
-    return tl.sum(w * x[None, :], 1)
-
-
-@triton.jit
-def _dot(w_ptr, x_ptr, n, BLOCK_C: tl.constexpr):
-    """sum_j w[j] * x[j], j < n, float32."""
-    acc = tl.zeros([BLOCK_C], tl.float32)
+def _rows_dot(x_rows, in_req, w_ptr, n, BLOCK_C: tl.constexpr):
+    """[BLOCK_R]: sum_j x_i[j] * w[j], j < n, float32 (request i's row at pointer ``x_rows[i]``)."""
     offs = tl.arange(0, BLOCK_C)
+    acc = tl.zeros([x_rows.shape[0], BLOCK_C], tl.float32)
     for c0 in range(0, n, BLOCK_C):
         cols = c0 + offs
-        acc += (tl.load(w_ptr + cols, mask=cols < n, other=0.0).to(tl.float32)
-                * tl.load(x_ptr + cols, mask=cols < n, other=0.0).to(tl.float32))
-    return tl.sum(acc, 0)
+        x = tl.load(x_rows[:, None] + cols[None, :], mask=in_req[:, None] & (cols[None, :] < n), other=0.0)
+        acc += x.to(tl.float32) * tl.load(w_ptr + cols, mask=cols < n, other=0.0).to(tl.float32)[None, :]
+    return tl.sum(acc, 1)
 
 
-@triton.jit(do_not_specialize=["gamma", "vocab", "hidden_size", "rank"])
+@triton.jit(do_not_specialize=["num_reqs", "gamma", "vocab", "hidden_size", "rank"])
 def _sequential_head_kernel(
     base_ptr,  # [R, G, V] U
     hidden_ptr,  # [R, G, H] h
@@ -128,6 +136,7 @@ def _sequential_head_kernel(
     token_probs_ptr,  # [R, G] float32 out
     conf_ptr,  # [R, G] float32 out
     logits_ptr,  # [R, G, V] out
+    num_reqs,
     gamma,
     vocab,
     hidden_size,
@@ -138,136 +147,190 @@ def _sequential_head_kernel(
     KIND: tl.constexpr,  # 0 none, 1 vanilla, 2 gated, 3 rnn
     HAS_CONF: tl.constexpr,
     CONF_MARKOV: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # requests per program: every weight tile serves all of them
+    USE_DOT: tl.constexpr,  # BLOCK_R >= 16: tensor-core-shaped products (see _times)
     BLOCK_V: tl.constexpr,  # elementwise passes
-    BLOCK_VW: tl.constexpr,  # bias pass ([BLOCK_VW, BLOCK_RANK] W2 tiles)
+    BLOCK_VW: tl.constexpr,  # bias pass ([BLOCK_RANK, BLOCK_VW] W2 tiles)
     BLOCK_H: tl.constexpr,  # column chunk of the [rank, *] matvecs
     BLOCK_RANK: tl.constexpr,
 ):
-    req = tl.program_id(0).to(tl.int64)
+    reqs = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
+    in_req = reqs < num_reqs
     offs_v = tl.arange(0, BLOCK_V)
     offs_vw = tl.arange(0, BLOCK_VW)
-    ranks_i = tl.arange(0, BLOCK_RANK)  # output index of rank-sized matvecs
+    ranks_i = tl.arange(0, BLOCK_RANK)  # output index of rank-sized products
     in_rank = ranks_i < rank
-    onehot = tl.load(onehot_ptr + req) != 0
-    temp = tl.load(temps_ptr + req).to(tl.float32)
+    onehot = (tl.load(onehot_ptr + reqs, mask=in_req, other=0) != 0) & in_req
+    temp = tl.load(temps_ptr + reqs, mask=in_req, other=1.0).to(tl.float32)
     temp = tl.where(onehot, 1.0, temp)  # the reference's safe_t
-    prev = tl.load(anchors_ptr + req).to(tl.int64)
-    s_row = state_ptr + req * stride_s_r
+    sampled = in_req & ~onehot  # rows drawn by inverse CDF
+    prev = tl.load(anchors_ptr + reqs, mask=in_req, other=0).to(tl.int64)
+    s_rows = state_ptr + reqs * stride_s_r  # [BLOCK_R] pointers
 
     for k in range(0, gamma):
-        h_row = hidden_ptr + req * stride_h_r + k * stride_h_k
+        h_rows = hidden_ptr + reqs * stride_h_r + k * stride_h_k
         # Clamp a bad id rather than read out of bounds (the reference's embedding would raise).
         prev = tl.minimum(tl.maximum(prev, 0), vocab - 1)
-        w1_row = w1_ptr + prev * stride_w1  # W1[p_k]
-        if KIND > 0:
-            rows = tl.load(w1_row + ranks_i, mask=in_rank, other=0.0).to(tl.float32)
+        w1_rows = w1_ptr + prev * stride_w1  # W1[p_k]
+        rank_mask = in_req[:, None] & in_rank[None, :]
+        if KIND > 0:  # [BLOCK_R, BLOCK_RANK]
+            rows = tl.load(w1_rows[:, None] + ranks_i[None, :], mask=rank_mask, other=0.0).to(tl.float32)
         else:
-            rows = tl.zeros([BLOCK_RANK], tl.float32)
+            rows = tl.zeros([BLOCK_R, BLOCK_RANK], tl.float32)
 
         if HAS_CONF:  # c_k = w . [h_k ; W1[p_k]] + b
-            conf = _dot(conf_w_ptr, h_row, hidden_size, BLOCK_H) + tl.load(conf_b_ptr).to(tl.float32)
+            conf = _rows_dot(h_rows, in_req, conf_w_ptr, hidden_size, BLOCK_H) + tl.load(conf_b_ptr).to(tl.float32)
             if CONF_MARKOV:
                 wr = tl.load(conf_w_ptr + hidden_size + ranks_i, mask=in_rank, other=0.0).to(tl.float32)
-                conf += tl.sum(wr * rows, 0)
-            tl.store(conf_ptr + req * stride_o_r + k, conf)
+                conf += tl.sum(wr[None, :] * rows, 1)
+            tl.store(conf_ptr + reqs * stride_o_r + k, conf, mask=in_req)
 
         if KIND == 2:  # gate = sigmoid(Wg [h ; W1[p]] + bg)
-            acc = _matvec(mix_w_ptr, stride_mix, 0, 0, rank, h_row, hidden_size, ranks_i, BLOCK_H)
-            acc += _matvec(mix_w_ptr, stride_mix, 0, hidden_size, rank, w1_row, rank, ranks_i, BLOCK_H)
-            acc += tl.load(mix_b_ptr + ranks_i, mask=in_rank, other=0.0).to(tl.float32)
+            acc = _rows_matmul(h_rows, in_req, hidden_size, mix_w_ptr, stride_mix, 0, 0, rank, ranks_i,
+                               BLOCK_H, USE_DOT)
+            acc += _rows_matmul(w1_rows, in_req, rank, mix_w_ptr, stride_mix, 0, hidden_size, rank, ranks_i,
+                                BLOCK_H, USE_DOT)
+            acc += tl.load(mix_b_ptr + ranks_i, mask=in_rank, other=0.0).to(tl.float32)[None, :]
             vec = tl.sigmoid(acc) * rows
         elif KIND == 3:  # [g; c; o] = Wj [s ; W1[p] ; h] + bj, chunk j at rows j*r
             # One chunk at a time, each finished before the next starts (register pressure).
-            acc = _matvec(mix_w_ptr, stride_mix, 0, 0, rank, s_row, rank, ranks_i, BLOCK_H)
-            acc += _matvec(mix_w_ptr, stride_mix, 0, rank, rank, w1_row, rank, ranks_i, BLOCK_H)
-            acc += _matvec(mix_w_ptr, stride_mix, 0, 2 * rank, rank, h_row, hidden_size, ranks_i, BLOCK_H)
-            gate = tl.sigmoid(acc + tl.load(mix_b_ptr + ranks_i, mask=in_rank, other=0.0).to(tl.float32))
-            acc = _matvec(mix_w_ptr, stride_mix, rank, 0, rank, s_row, rank, ranks_i, BLOCK_H)
-            acc += _matvec(mix_w_ptr, stride_mix, rank, rank, rank, w1_row, rank, ranks_i, BLOCK_H)
-            acc += _matvec(mix_w_ptr, stride_mix, rank, 2 * rank, rank, h_row, hidden_size, ranks_i, BLOCK_H)
-            acc += tl.load(mix_b_ptr + rank + ranks_i, mask=in_rank, other=0.0).to(tl.float32)
+            acc = _rows_matmul(s_rows, in_req, rank, mix_w_ptr, stride_mix, 0, 0, rank, ranks_i, BLOCK_H, USE_DOT)
+            acc += _rows_matmul(w1_rows, in_req, rank, mix_w_ptr, stride_mix, 0, rank, rank, ranks_i,
+                                BLOCK_H, USE_DOT)
+            acc += _rows_matmul(h_rows, in_req, hidden_size, mix_w_ptr, stride_mix, 0, 2 * rank, rank, ranks_i,
+                                BLOCK_H, USE_DOT)
+            bias = tl.load(mix_b_ptr + ranks_i, mask=in_rank, other=0.0).to(tl.float32)
+            gate = tl.sigmoid(acc + bias[None, :])
+            acc = _rows_matmul(s_rows, in_req, rank, mix_w_ptr, stride_mix, rank, 0, rank, ranks_i,
+                               BLOCK_H, USE_DOT)
+            acc += _rows_matmul(w1_rows, in_req, rank, mix_w_ptr, stride_mix, rank, rank, rank, ranks_i,
+                                BLOCK_H, USE_DOT)
+            acc += _rows_matmul(h_rows, in_req, hidden_size, mix_w_ptr, stride_mix, rank, 2 * rank, rank, ranks_i,
+                                BLOCK_H, USE_DOT)
+            acc += tl.load(mix_b_ptr + rank + ranks_i, mask=in_rank, other=0.0).to(tl.float32)[None, :]
             tanh_c = 2.0 * tl.sigmoid(2.0 * acc) - 1.0
-            acc = _matvec(mix_w_ptr, stride_mix, 2 * rank, 0, rank, s_row, rank, ranks_i, BLOCK_H)
-            acc += _matvec(mix_w_ptr, stride_mix, 2 * rank, rank, rank, w1_row, rank, ranks_i, BLOCK_H)
-            acc += _matvec(mix_w_ptr, stride_mix, 2 * rank, 2 * rank, rank, h_row, hidden_size, ranks_i, BLOCK_H)
-            acc += tl.load(mix_b_ptr + 2 * rank + ranks_i, mask=in_rank, other=0.0).to(tl.float32)
+            acc = _rows_matmul(s_rows, in_req, rank, mix_w_ptr, stride_mix, 2 * rank, 0, rank, ranks_i,
+                               BLOCK_H, USE_DOT)
+            acc += _rows_matmul(w1_rows, in_req, rank, mix_w_ptr, stride_mix, 2 * rank, rank, rank, ranks_i,
+                                BLOCK_H, USE_DOT)
+            acc += _rows_matmul(h_rows, in_req, hidden_size, mix_w_ptr, stride_mix, 2 * rank, 2 * rank, rank,
+                                ranks_i, BLOCK_H, USE_DOT)
+            acc += tl.load(mix_b_ptr + 2 * rank + ranks_i, mask=in_rank, other=0.0).to(tl.float32)[None, :]
             vec = 2.0 * tl.sigmoid(2.0 * acc) - 1.0  # tanh(o)
-            state = tl.load(s_row + ranks_i, mask=in_rank, other=0.0)
+            state = tl.load(s_rows[:, None] + ranks_i[None, :], mask=rank_mask, other=0.0)
             tl.debug_barrier()  # every thread has read s_{k-1} before any writes s_k
-            tl.store(s_row + ranks_i, gate * state + (1.0 - gate) * tanh_c, mask=in_rank)
+            tl.store(s_rows[:, None] + ranks_i[None, :], gate * state + (1.0 - gate) * tanh_c, mask=rank_mask)
             tl.debug_barrier()  # s_k visible to the next step's matvecs
         else:
             vec = rows
 
-        # Pass A: l = U + W2 v (stored), online softmax stats of sanitize(l) / T, argmax.
-        u_row = base_ptr + req * stride_u_r + k * stride_u_k
-        l_row = logits_ptr + req * stride_l_r + k * stride_l_k
-        m_lane = tl.full([BLOCK_VW], float("-inf"), tl.float32)
-        s_lane = tl.zeros([BLOCK_VW], tl.float32)
-        best = tl.full([BLOCK_VW], float("-inf"), tl.float32)
-        best_idx = tl.zeros([BLOCK_VW], tl.int32)
+        # Pass A: l = U + W2 v (stored), online softmax stats of sanitize(l) / T, argmax. Each W2
+        # tile is read once per step for the whole request block.
+        u_rows = base_ptr + reqs * stride_u_r + k * stride_u_k
+        l_rows = logits_ptr + reqs * stride_l_r + k * stride_l_k
+        m_lane = tl.full([BLOCK_R, BLOCK_VW], float("-inf"), tl.float32)
+        s_lane = tl.zeros([BLOCK_R, BLOCK_VW], tl.float32)
+        best = tl.full([BLOCK_R, BLOCK_VW], float("-inf"), tl.float32)
+        best_idx = tl.zeros([BLOCK_R, BLOCK_VW], tl.int32)
         for v0 in range(0, vocab, BLOCK_VW):
             idx = v0 + offs_vw
             in_v = idx < vocab
-            logit = tl.load(u_row + idx, mask=in_v, other=0.0).to(tl.float32)
+            tile = in_req[:, None] & in_v[None, :]
+            logit = tl.load(u_rows[:, None] + idx[None, :], mask=tile, other=0.0).to(tl.float32)
             if KIND > 0:
-                logit += _matvec_tile(w2_ptr, stride_w2, v0, vocab - v0, rank, vec, offs_vw, ranks_i)
-            tl.store(l_row + idx, logit.to(logits_ptr.dtype.element_ty), mask=in_v)
+                w2t = tl.load(w2_ptr + idx[None, :].to(tl.int64) * stride_w2 + ranks_i[:, None],
+                              mask=in_rank[:, None] & in_v[None, :], other=0.0).to(tl.float32)  # [RANK, VW]
+                logit += _times(vec, w2t, USE_DOT)
+            tl.store(l_rows[:, None] + idx[None, :], logit.to(logits_ptr.dtype.element_ty), mask=tile)
             clean = _sanitize(logit.to(logits_ptr.dtype.element_ty).to(tl.float32))
-            better = in_v & (clean > best)
+            better = tile & (clean > best)
             best = tl.where(better, clean, best)
-            best_idx = tl.where(better, idx, best_idx)
-            x = tl.where(in_v, tl.div_rn(clean, temp), float("-inf"))  # IEEE, as torch's l / T
+            best_idx = tl.where(better, idx[None, :], best_idx)
+            x = tl.where(tile, tl.div_rn(clean, temp[:, None]), float("-inf"))  # IEEE, as torch's l / T
             m_new = tl.maximum(m_lane, x)
             safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a lane with no entry yet: no -inf - -inf
             s_lane = s_lane * tl.exp(m_lane - safe) + tl.exp(x - safe)
             m_lane = m_new
-        top = tl.max(best, 0)
-        argmax = tl.min(tl.where(best == top, best_idx, 2147483647), 0)
-        x_max = tl.max(m_lane, 0)
-        x_sum = tl.sum(s_lane * tl.exp(m_lane - x_max), 0)  # x_max is finite (vocab >= 1)
+        top = tl.max(best, 1)
+        argmax = tl.min(tl.where(best == top[:, None], best_idx, 2147483647), 1)  # [BLOCK_R]
+        x_max = tl.max(m_lane, 1)
+        x_max_safe = tl.where(in_req, x_max, 0.0)  # rows past num_reqs saw no entry (never stored)
+        x_sum = tl.sum(s_lane * tl.exp(m_lane - x_max_safe[:, None]), 1)
+        x_sum = tl.where(in_req, x_sum, 1.0)
         tl.debug_barrier()  # pass C re-reads logits other threads of this program wrote
 
         # Pass C: q (one-hot for greedy rows), float64 total and last positive index.
-        p_row = probs_ptr + req * stride_p_r + k * stride_p_k
-        acc_q = tl.zeros([BLOCK_V], tl.float64)
-        last_q = tl.full([BLOCK_V], -1, tl.int32)
+        p_rows = probs_ptr + reqs * stride_p_r + k * stride_p_k
+        acc_q = tl.zeros([BLOCK_R, BLOCK_V], tl.float64)
+        last_q = tl.full([BLOCK_R, BLOCK_V], -1, tl.int32)
         for v0 in range(0, vocab, BLOCK_V):
             idx = v0 + offs_v
-            in_v = idx < vocab
-            if onehot:
-                q = tl.where(idx == argmax, 1.0, 0.0)
-            else:
-                clean = _sanitize(tl.load(l_row + idx, mask=in_v, other=0.0).to(tl.float32))
-                q = tl.div_rn(tl.exp(tl.div_rn(clean, temp) - x_max), x_sum)
-            q = tl.where(in_v, q, 0.0)
-            tl.store(p_row + idx, q, mask=in_v)
+            tile = in_req[:, None] & (idx < vocab)[None, :]
+            clean = _sanitize(tl.load(l_rows[:, None] + idx[None, :], mask=tile, other=0.0).to(tl.float32))
+            soft = tl.div_rn(tl.exp(tl.div_rn(clean, temp[:, None]) - x_max_safe[:, None]), x_sum[:, None])
+            q = tl.where(onehot[:, None], tl.where(idx[None, :] == argmax[:, None], 1.0, 0.0), soft)
+            q = tl.where(tile, q, 0.0)
+            tl.store(p_rows[:, None] + idx[None, :], q, mask=tile)
             acc_q += q.to(tl.float64)
-            last_q = tl.maximum(last_q, tl.where(q > 0.0, idx, -1))
+            last_q = tl.maximum(last_q, tl.where(q > 0.0, idx[None, :], -1))
         tl.debug_barrier()  # pass E re-reads q
 
-        # Pass E: inverse CDF on the stored q (sampling.sample_from_probs), argmax for greedy.
-        if onehot:
-            token = argmax
-        else:
-            u = tl.load(uniforms_ptr + req * stride_un_r + k).to(tl.float64)
-            target = tl.minimum(tl.maximum(u, 0.0), 1.0) * tl.sum(acc_q, 0)
-            found = vocab
-            carry = tl.zeros([], tl.float64)
-            pos = tl.zeros([], tl.int32)  # a tensor: loop-carried values must be when compiled
-            while (pos < vocab) & (found == vocab):
-                idx = pos + offs_v
-                in_v = idx < vocab
-                w = tl.load(p_row + idx, mask=in_v, other=0.0).to(tl.float64)
-                cdf = carry + tl.cumsum(w, 0)
-                found = tl.min(tl.where((cdf > target) & in_v, idx, vocab), 0)
-                carry = tl.max(cdf, 0)
-                pos += BLOCK_V
-            token = tl.minimum(found, tl.maximum(tl.max(last_q, 0), 0))
-        token_prob = tl.load(p_row + token, mask=token < vocab, other=0.0)  # token < vocab by construction
-        tl.store(tokens_ptr + req * stride_o_r + k, token.to(tl.int64))
-        tl.store(token_probs_ptr + req * stride_o_r + k, token_prob)
+        # Pass E: inverse CDF on the stored q (sampling.sample_from_probs) for sampled rows, until
+        # every one has found its token; greedy rows take the argmax.
+        u = tl.load(uniforms_ptr + reqs * stride_un_r + k, mask=in_req, other=0.0).to(tl.float64)
+        target = tl.minimum(tl.maximum(u, 0.0), 1.0) * tl.sum(acc_q, 1)  # [BLOCK_R]
+        found = tl.where(sampled, vocab, 0)  # vocab = not found yet
+        carry = tl.zeros([BLOCK_R], tl.float64)
+        pos = tl.zeros([], tl.int32)  # a tensor: loop-carried values must be when compiled
+        while (pos < vocab) & (tl.max(found, 0) == vocab):
+            idx = pos + offs_v
+            tile = sampled[:, None] & (idx < vocab)[None, :]
+            w = tl.load(p_rows[:, None] + idx[None, :], mask=tile, other=0.0).to(tl.float64)
+            cdf = carry[:, None] + tl.cumsum(w, 1)
+            hit = tl.min(tl.where((cdf > target[:, None]) & tile, idx[None, :], vocab), 1)
+            found = tl.where(found == vocab, hit, found)
+            carry = tl.max(cdf, 1)
+            pos += BLOCK_V
+        drawn = tl.minimum(found, tl.maximum(tl.max(last_q, 1), 0))
+        token = tl.where(onehot, argmax, drawn)
+        token_prob = tl.load(p_rows + token, mask=in_req & (token < vocab), other=0.0)  # token < vocab by construction
+        tl.store(tokens_ptr + reqs * stride_o_r + k, token.to(tl.int64), mask=in_req)
+        tl.store(token_probs_ptr + reqs * stride_o_r + k, token_prob, mask=in_req)
         prev = token.to(tl.int64)
+
+
+DOT_ROWS = 16  # tl.dot's smallest dimension on NVIDIA GPUs
+
+
+def tile_sizes(num_reqs: int, vocab: int, hidden_size: int, rank: int, *, interp: bool,
+               block_v: int | None = None) -> dict[str, int | bool]:
+    """The kernel's constexpr tiles for a batch.
+
+    A program serves BLOCK_R requests (up to 16), so every W2 / mix-weight tile it loads serves all
+    of them: the Markov weight is read ceil(R / 16) times per step instead of R times. From 16
+    requests on, the products run as ``tl.dot`` (IEEE float32); fewer requests take a broadcast
+    product, whose [BLOCK_R, K, N] tile is kept at the per-request kernel's register budget (a
+    single request has exactly its old tiles). Under the interpreter, tiles are wide (its cost is
+    per block iteration) but bounded in elements (numpy memory).
+    """
+    block_r = min(DOT_ROWS, next_pow2(max(num_reqs, 1)))
+    use_dot = block_r >= DOT_ROWS
+    rows = 1 if use_dot else block_r  # the product tile holds rows x K x N elements
+    smallest = 16 if use_dot else 1
+    block_rank = max(16, next_pow2(rank))
+    if interp:
+        block_v = block_v or max(16, min(next_pow2(vocab), 16384))
+        block_vw = max(smallest, min(block_v, (1 << 20) // (block_rank * rows)))
+        block_h = max(smallest, min(next_pow2(max(hidden_size, rank)), (1 << 18) // (block_rank * rows)))
+    else:
+        # Elementwise passes: [BLOCK_R, BLOCK_V] float32 + float64 tiles of ~2k elements.
+        block_v = block_v or max(16, min(next_pow2(vocab), 2048 // block_r))
+        # Register tiles: W2 [BLOCK_RANK, BLOCK_VW] ~8k (16k for tl.dot: fewest spills, ptxas -v at
+        # rank 256) and mix [BLOCK_H, BLOCK_RANK] ~4k elements.
+        block_vw = max(smallest, min(block_v, (16384 if use_dot else 8192) // (block_rank * rows)))
+        block_h = max(smallest, min(next_pow2(max(hidden_size, rank)), 4096 // (block_rank * rows)))
+    return dict(BLOCK_R=block_r, USE_DOT=use_dot, BLOCK_V=block_v, BLOCK_VW=block_vw, BLOCK_H=block_h,
+                BLOCK_RANK=block_rank)
 
 
 def _weights(markov: MarkovHead | None, confidence: ConfidenceHead | None) -> dict:
@@ -356,28 +419,23 @@ def sequential_head(
     if num_reqs == 0 or gamma == 0:
         return block, logits
 
-    interp = interpreting()
-    block_rank = max(16, next_pow2(rank))
-    block_v = block_v or max(16, min(next_pow2(vocab), 16384 if interp else 2048))
-    # Register tiles: W2 [BLOCK_VW, BLOCK_RANK] and matvec [BLOCK_RANK, BLOCK_H] of ~8k / ~4k elements.
-    block_vw = block_v if interp else max(16, min(block_v, 8192 // block_rank))
-    block_h = max(16, min(next_pow2(max(hidden_size, rank)), 1 << 14 if interp else 4096 // block_rank))
+    tiles = tile_sizes(num_reqs, vocab, hidden_size, rank, interp=interpreting(), block_v=block_v)
     dummy = probs  # never read: behind constexpr flags
     state = torch.zeros(num_reqs, rank, dtype=torch.float32, device=device) if code == 3 else dummy
-    _sequential_head_kernel[(num_reqs,)](
+    grid = (triton.cdiv(num_reqs, tiles["BLOCK_R"]),)
+    _sequential_head_kernel[grid](
         base_logits, hidden, anchors, uniforms, temperatures, onehot,
         w1 if code else dummy, w2 if code else dummy,
         mix_w if code >= 2 else dummy, mix_b if code >= 2 else dummy,
         conf_w if has_conf else dummy, conf_b if has_conf else dummy, state,
         tokens, probs, token_probs, conf if has_conf else token_probs, logits,
-        gamma, vocab, hidden_size, max(rank, 1),
+        num_reqs, gamma, vocab, hidden_size, max(rank, 1),
         base_logits.stride(0), base_logits.stride(1), hidden.stride(0), hidden.stride(1), uniforms.stride(0),
         w1.stride(0) if code else 0, w2.stride(0) if code else 0, mix_w.stride(0) if code >= 2 else 0,
         state.stride(0),
         probs.stride(0), probs.stride(1), logits.stride(0), logits.stride(1), tokens.stride(0),
         KIND=code, HAS_CONF=has_conf, CONF_MARKOV=conf_markov,
-        BLOCK_V=block_v, BLOCK_VW=block_vw, BLOCK_H=block_h, BLOCK_RANK=block_rank,
-        num_warps=num_warps,
+        **tiles, num_warps=num_warps,
     )
     return block, logits
 

@@ -52,17 +52,18 @@ def variants():
         topk_budget._topk_budget_kernel, {"surv_ptr": "*fp32", "out_ptr": "*i64"},
         {"BLOCK_R": 64, "BLOCK_L": 8}, 4, arch)
     # Small tiles: the code paths are the same, and ptxas time grows with the unrolled tile size.
+    # Request blocks: one request (broadcast products, the per-request tiles) and 16 (tl.dot).
     for kind, has_conf in ((0, False), (1, True), (2, True), (3, True)):
-        for conf_markov in (kind > 0,):
-            yield f"sequential_head[kind={kind}]", lambda arch, kind=kind, h=has_conf, m=conf_markov: build(
+        for block_r, block_h in ((1, 16), (16, 16)):
+            yield f"sequential_head[kind={kind},BLOCK_R={block_r}]", lambda arch, kind=kind, h=has_conf, r=block_r, bh=block_h: build(
                 sequential_head._sequential_head_kernel,
                 {"base_ptr": "*fp32", "hidden_ptr": "*bf16", "anchors_ptr": "*i64", "uniforms_ptr": "*fp32",
                  "temps_ptr": "*fp32", "onehot_ptr": "*i1", "w1_ptr": "*bf16", "w2_ptr": "*bf16",
                  "mix_w_ptr": "*bf16", "mix_b_ptr": "*bf16", "conf_w_ptr": "*bf16", "conf_b_ptr": "*bf16", "state_ptr": "*fp32",
                  "tokens_ptr": "*i64", "probs_ptr": "*fp32", "token_probs_ptr": "*fp32", "conf_ptr": "*fp32",
                  "logits_ptr": "*bf16"},
-                {"KIND": kind, "HAS_CONF": h, "CONF_MARKOV": m, "BLOCK_V": 256, "BLOCK_VW": 16,
-                 "BLOCK_H": 16, "BLOCK_RANK": 16}, 4, arch)
+                {"KIND": kind, "HAS_CONF": h, "CONF_MARKOV": kind > 0, "BLOCK_R": r, "USE_DOT": r >= 16,
+                 "BLOCK_V": 256 // r, "BLOCK_VW": 16, "BLOCK_H": bh, "BLOCK_RANK": 16}, 4, arch)
     for dtype, precision in (("fp32", "ieee"), ("bf16", "tf32")):
         yield f"block_attention[{dtype}]", lambda arch, dtype=dtype, precision=precision: build(
             block_attention._paged_block_attention_kernel,

@@ -92,6 +92,39 @@ def test_equals_reference(poison_outputs, kind, num_reqs, gamma, vocab, block_v,
     assert_close(got, ref)
 
 
+@pytest.mark.parametrize(
+    "kind, num_reqs, vocab, block_v",
+    [
+        ("vanilla", 16, 300, 64),  # one program of 16 requests: tl.dot products
+        ("gated", 17, 257, None),  # two programs, the second with 1 live request and 15 masked rows
+        ("rnn", 40, 200, 64),  # three programs; the rnn state of every request across 3 steps
+        (None, 20, 100, None),
+        ("vanilla", 5, 300, 64),  # one program of 8 rows (5 live): broadcast products
+    ],
+)
+def test_request_blocks_equal_the_reference(poison_outputs, kind, num_reqs, vocab, block_v):
+    """Requests share a program (and each W2 tile it loads); masked rows past the batch stay unwritten."""
+    gamma = 3
+    markov, confidence = heads(kind, vocab, seed=num_reqs)
+    temps = [(0.0, 1.0, 0.6, 1.7)[i % 4] for i in range(num_reqs)]  # greedy and sampled rows mixed
+    u, h, anchors, uniforms = inputs(num_reqs + vocab, num_reqs, gamma, vocab)
+    args = (u, h, anchors, markov, confidence, plain(temps), uniforms)
+    assert_close(seq.sample_sequential(*args, block_v=block_v), sample_sequential_with_uniforms(*args))
+
+
+def test_tile_sizes_read_the_markov_weight_once_per_block_of_16():
+    """Programs per launch = reads of W2 per step: ceil(R / 16), not R; one request keeps the
+    per-request tiles (W2 [256, 32], mix [256, 16] at rank 256)."""
+    one = seq.tile_sizes(1, 151936, 4096, 256, interp=False)
+    assert one == dict(BLOCK_R=1, USE_DOT=False, BLOCK_V=2048, BLOCK_VW=32, BLOCK_H=16, BLOCK_RANK=256)
+    four = seq.tile_sizes(4, 151936, 4096, 256, interp=False)
+    assert (four["BLOCK_R"], four["USE_DOT"], four["BLOCK_R"] * four["BLOCK_VW"]) == (4, False, 32)
+    for num_reqs, programs in ((16, 1), (17, 2), (128, 8)):
+        tiles = seq.tile_sizes(num_reqs, 151936, 4096, 256, interp=False)
+        assert tiles["USE_DOT"] and -(-num_reqs // tiles["BLOCK_R"]) == programs
+        assert min(tiles["BLOCK_VW"], tiles["BLOCK_H"], tiles["BLOCK_RANK"]) >= 16  # tl.dot's minimum
+
+
 def test_large_vocab_tiny_case(poison_outputs):
     vocab = 49152
     markov, confidence = heads("gated", vocab, seed=1)
