@@ -57,6 +57,7 @@ setup(
             "dspark-calibrate = dspark_sglang.calibration.calibrate:main",
             "dspark-bench = dspark_sglang.benchmarks.bench:main",
             "dspark-simulate = dspark_sglang.benchmarks.simulate:main",
+            "dspark-gpu-check = dspark_sglang.benchmarks.gpu_check:main",
             "dspark-soak = dspark_sglang.benchmarks.soak:main",
             "dspark-convert = dspark_sglang.drafters.convert:main",
         ],

@@ -48,11 +48,14 @@ def copy_bandwidth(device) -> float:
     return 2 * x.numel() * 4 / (ms * 1e-3)
 
 
-def report(kernel: str, shape: dict, kernel_ms: float, ref_ms: float, nbytes: int, copy_bps: float, check):
+def report(kernel: str, shape: dict, kernel_ms: float, ref_ms: float, nbytes: int, copy_bps: float, check,
+           passed=None):
+    """One JSON line; ``check`` says what --check compared and ``passed`` whether it held (None: not checked)."""
     achieved = nbytes / (kernel_ms * 1e-3)
     emit(kernel=kernel, **shape, kernel_us=round(kernel_ms * 1e3, 1), reference_us=round(ref_ms * 1e3, 1),
          speedup=round(ref_ms / kernel_ms, 2), compulsory_bytes=nbytes,
-         achieved_GBps=round(achieved / 1e9, 1), fraction_of_copy=round(achieved / copy_bps, 3), check=check)
+         achieved_GBps=round(achieved / 1e9, 1), fraction_of_copy=round(achieved / copy_bps, 3), check=check,
+         passed=passed)
 
 
 def bench_chain_accept(num_reqs: int, device, copy_bps: float, check: bool) -> None:
@@ -73,7 +76,8 @@ def bench_chain_accept(num_reqs: int, device, copy_bps: float, check: bool) -> N
     # Compulsory: the next-token rows p_n and q_n once (ratio-test gathers are negligible).
     nbytes = num_reqs * 2 * VOCAB * 4
     report("chain_accept", dict(num_reqs=num_reqs, gamma=GAMMA, vocab=VOCAB, greedy=False),
-           bench(lambda: chain_accept(*args)), bench(lambda: chain_accept_ref(*args)), nbytes, copy_bps, status)
+           bench(lambda: chain_accept(*args)), bench(lambda: chain_accept_ref(*args)), nbytes, copy_bps, status,
+           None if status is None else status == "ok")
 
 
 def bench_topk_budget(num_reqs: int, device, copy_bps: float, check: bool) -> None:
@@ -86,7 +90,8 @@ def bench_topk_budget(num_reqs: int, device, copy_bps: float, check: bool) -> No
     if check:
         status = "ok" if torch.equal(topk_budget(surv, count), topk_budget_ref(surv, count)) else "mismatch"
     report("topk_budget", dict(num_reqs=num_reqs, gamma=GAMMA), bench(lambda: topk_budget(surv, count)),
-           bench(lambda: topk_budget_ref(surv, count)), surv.numel() * 4 + num_reqs * 8, copy_bps, status)
+           bench(lambda: topk_budget_ref(surv, count)), surv.numel() * 4 + num_reqs * 8, copy_bps, status,
+           None if status is None else status == "ok")
 
 
 def bench_sequential_head(num_reqs: int, kind: str, device, copy_bps: float, check: bool) -> None:
@@ -104,11 +109,16 @@ def bench_sequential_head(num_reqs: int, kind: str, device, copy_bps: float, che
                              torch.full((num_reqs,), -1, dtype=torch.int64, device=device),
                              torch.ones(num_reqs, device=device), torch.zeros(num_reqs, device=device))
     args = (base, hidden, anchors, markov, confidence, sampling, uniforms)
-    status = None
+    status = passed = None
     if check:
         (a, _), (b, _) = sample_sequential(*args), sample_sequential_ref(*args)
-        close = torch.allclose(a.probs, b.probs, atol=1e-3)
-        status = f"tokens_equal={float((a.tokens == b.tokens).float().mean()):.3f} probs_close={close}"
+        # bf16 logits round the Markov bias at a different point in the two (fp32 dot, then bf16;
+        # vs a bf16 matmul): a rare token flip, which changes the rest of that request's block, is
+        # expected. The first draft's q must agree everywhere; most tokens must too.
+        close = torch.allclose(a.probs[:, 0], b.probs[:, 0], atol=1e-3)
+        equal = float((a.tokens == b.tokens).float().mean())
+        status = f"tokens_equal={equal:.3f} first_q_close={close}"
+        passed = close and equal >= 0.95
     w2 = VOCAB * RANK * 2
     mix = {"vanilla": 0, "gated": RANK * (HIDDEN + RANK), "rnn": 3 * RANK * (HIDDEN + 2 * RANK)}[kind] * 2
     # Compulsory per step: W2 (and the mixing weights) once for all requests; per request U (bf16)
@@ -116,7 +126,7 @@ def bench_sequential_head(num_reqs: int, kind: str, device, copy_bps: float, che
     nbytes = GAMMA * (w2 + mix + num_reqs * VOCAB * (2 + 2 + 4))
     report("sequential_head", dict(num_reqs=num_reqs, gamma=GAMMA, vocab=VOCAB, rank=RANK, kind=kind),
            bench(lambda: sample_sequential(*args)), bench(lambda: sample_sequential_ref(*args)),
-           nbytes, copy_bps, status)
+           nbytes, copy_bps, status, passed)
 
 
 def bench_block_attention(num_reqs: int, ctx_len: int, device, copy_bps: float, check: bool) -> None:
@@ -131,15 +141,18 @@ def bench_block_attention(num_reqs: int, ctx_len: int, device, copy_bps: float, 
     ctx_k, ctx_v = rand(num_reqs, ctx_len, KV_HEADS, HEAD_DIM), rand(num_reqs, ctx_len, KV_HEADS, HEAD_DIM)
     k, v = rand(num_reqs, GAMMA, KV_HEADS, HEAD_DIM), rand(num_reqs, GAMMA, KV_HEADS, HEAD_DIM)
     scale = HEAD_DIM ** -0.5
-    status = None
+    status = passed = None
     if check:
         a, b = block_attention(q, ctx_k, ctx_v, None, k, v, scale), block_attention_ref(q, ctx_k, ctx_v, None, k, v, scale)
-        status = f"max_abs_err={float((a.float() - b.float()).abs().max()):.2e}"
+        err = float((a.float() - b.float()).abs().max())
+        status = f"max_abs_err={err:.2e}"
+        passed = err <= 2e-2  # bf16 outputs of magnitude ~1: a few units in the last place
     nbytes = 2 * (ctx_k.numel() + ctx_v.numel() + k.numel() + v.numel() + 2 * q.numel())
     report("block_attention", dict(num_reqs=num_reqs, ctx_len=ctx_len, block=GAMMA, heads=HEADS,
                                    kv_heads=KV_HEADS, head_dim=HEAD_DIM),
            bench(lambda: block_attention(q, ctx_k, ctx_v, None, k, v, scale)),
-           bench(lambda: block_attention_ref(q, ctx_k, ctx_v, None, k, v, scale)), nbytes, copy_bps, status)
+           bench(lambda: block_attention_ref(q, ctx_k, ctx_v, None, k, v, scale)), nbytes, copy_bps, status,
+           passed)
 
 
 def main(argv=None) -> None:
