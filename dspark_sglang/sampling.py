@@ -44,6 +44,9 @@ class SamplingBatch:
     # Whether any row filters (top-k / top-p / min-p), when the host knows it (SGLang's need_*_sampling
     # flags); None: `process_logits` reads it off the device, which costs a host sync on a GPU.
     filtering: bool | None = None
+    # Whether every row is greedy, when the host knows it (SGLang's is_all_greedy): acceptance then
+    # needs only the target's argmax tokens, not [R, W, V] probabilities.
+    all_greedy: bool | None = None
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """`process_logits` of [R, V] logits, one row per request."""
@@ -58,6 +61,7 @@ class SamplingBatch:
             top_ps=torch.ones(num_reqs, device=device),
             min_ps=torch.zeros(num_reqs, device=device),
             filtering=False,
+            all_greedy=True,
         )
 
     def is_greedy(self) -> torch.Tensor:
@@ -173,7 +177,7 @@ def sample_from_probs(
     _check_rows("uniforms", uniforms, probs.shape[0])
     weights = torch.nan_to_num(probs.float(), nan=0.0, posinf=0.0, neginf=0.0).clamp_min_(0.0)  # [N, V]
     rows, vocab = weights.shape
-    block = CDF_BLOCK
+    block = max(1, min(CDF_BLOCK, vocab))  # a small vocabulary is one block of exactly V entries
     full = vocab // block * block
     # Block sums in float32 (pairwise summation: relative error ~1e-7, the weights' own rounding), read
     # through a view; torch's sum(dtype=float64) would first copy the whole [N, V] to float64.
