@@ -144,6 +144,33 @@ def chain_accept(
     return AcceptanceResult(num_accepted, next_tokens, output_tokens)
 
 
+def greedy_chain_accept(
+    target_tokens: torch.Tensor,  # [R, W] int64: the target's argmax after [anchor, x_1..x_j], j < W
+    draft_tokens: torch.Tensor,  # [R, W-1] int64
+    verify_lens: torch.Tensor,  # [R] int64 in [0, W-1]
+) -> AcceptanceResult:
+    """`chain_accept` for a batch whose rows are all greedy, from the target's argmax tokens alone.
+
+    Greedy acceptance reads nothing of p but its argmax, so a greedy batch needs no [R, W, V]
+    probability block: take ``sanitize_logits(logits).argmax(-1)`` per verify row (what
+    `process_logits` puts its one-hot at) and pass it here. Same result as `chain_accept` on the
+    one-hot rows; ``output_tokens`` is [R, W].
+    """
+    num_reqs, width = target_tokens.shape
+    if draft_tokens.shape != (num_reqs, width - 1) or verify_lens.shape != (num_reqs,):
+        raise ValueError(f"draft_tokens must be [{num_reqs}, {width - 1}] and verify_lens [{num_reqs}], got "
+                         f"{list(draft_tokens.shape)} and {list(verify_lens.shape)}")
+    positions = torch.arange(width, device=target_tokens.device)  # [W]
+    verified = positions[None, :-1] < verify_lens[:, None]  # [R, W-1]
+    accept = (draft_tokens == target_tokens[:, :-1]) & verified
+    num_accepted = accept.long().cumprod(dim=1).sum(dim=1)  # [R]
+    next_tokens = target_tokens.gather(1, num_accepted[:, None]).squeeze(1)  # [R]
+    padded_drafts = torch.nn.functional.pad(draft_tokens.long(), (0, 1), value=-1)  # [R, W]
+    output_tokens = torch.where(positions[None, :] < num_accepted[:, None], padded_drafts, -1)
+    output_tokens = torch.where(positions[None, :] == num_accepted[:, None], next_tokens[:, None], output_tokens)
+    return AcceptanceResult(num_accepted, next_tokens, output_tokens)
+
+
 def chain_accept_from_logits(
     target_logits: torch.Tensor,  # [R, gamma+1, V] raw target logits
     draft_tokens: torch.Tensor,  # [R, gamma] int64

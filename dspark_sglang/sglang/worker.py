@@ -52,7 +52,9 @@ from dspark_sglang.drafters.interface import DraftBlock, TargetSpec
 from dspark_sglang.drafters.loader import load_drafter
 from dspark_sglang.host_syncs import HostSyncCounter, RoundSyncLog
 from dspark_sglang.request_control import verify_cap
-from dspark_sglang.sampling import GREEDY_EPS, SamplingBatch, process_logits
+from dspark_sglang.acceptance import greedy_chain_accept
+from dspark_sglang.sampling import GREEDY_EPS, SamplingBatch, process_logits, sanitize_logits
+from dspark_sglang.verify_tiers import parse_tiers, pick_width
 from dspark_sglang.schedulers import make_scheduler
 from dspark_sglang.sglang import cpu_gemm, test_breaks
 from dspark_sglang.sglang.feature_pool import KvSlotFeatures, kv_slot_count
@@ -88,9 +90,10 @@ def sampling_batch(sampling_info) -> SamplingBatch:
     greedy = (temperatures < GREEDY_EPS) | (top_ks == 1)
     # SGLang's host flags say whether any row filters (a greedy row's top_k of 1 counts as top-k).
     flags = ("need_top_k_sampling", "need_top_p_sampling", "need_min_p_sampling", "is_all_greedy")
-    filtering = None
+    filtering = all_greedy = None
     if all(isinstance(getattr(sampling_info, f, None), bool) for f in flags):
-        filtering = not sampling_info.is_all_greedy and (
+        all_greedy = sampling_info.is_all_greedy  # every request has top_k 1 (greedy ones are rewritten so)
+        filtering = not all_greedy and (
             sampling_info.need_top_k_sampling or sampling_info.need_top_p_sampling or sampling_info.need_min_p_sampling)
     return SamplingBatch(
         temperatures=torch.where(greedy, 0.0, temperatures),
@@ -98,6 +101,7 @@ def sampling_batch(sampling_info) -> SamplingBatch:
         top_ps=torch.where(greedy, 1.0, sampling_info.top_ps.reshape(-1).float()),
         min_ps=torch.where(greedy, 0.0, sampling_info.min_ps.reshape(-1).float()),
         filtering=filtering,
+        all_greedy=all_greedy,
     )
 
 
@@ -194,6 +198,8 @@ class DSparkPluginWorker(BaseSpecWorker):
         self._weight_load_time = time.perf_counter() - t0
         self.gamma = self.drafter.info.gamma
         capture_target_layers(model, self.drafter.info.target_layer_ids)
+        # Fixed-width verify tiers (static shapes for graphs), or None: ragged windows.
+        self.verify_tiers = parse_tiers(settings.verify_tiers, min(self.gamma, self.max_verify_len))
 
         # What a draft step costs (measured online by default): the lagged budget weighs it, and
         # skips drafting where it does not pay (on a CPU a draft step costs about a target step).
@@ -251,6 +257,9 @@ class DSparkPluginWorker(BaseSpecWorker):
             list(self.drafter.info.target_layer_ids), _vocab_label(self.drafter), self._weight_load_time,
             settings.scheduler, self.max_verify_len, settings.sts or "none",
         )
+        if self.verify_tiers is not None:
+            logger.info("dspark worker: fixed-width verify tiers %s (rows past a request's verify length are "
+                        "computed and ignored)", list(self.verify_tiers))
 
     def _prometheus_sink(self, server_args):
         """The worker's series in SGLang's /metrics, when the server exports metrics (prometheus.py)."""
@@ -278,7 +287,8 @@ class DSparkPluginWorker(BaseSpecWorker):
             stats["round_probe"] = self.probe.as_dict()
         if self.sync_log is not None:
             stats["host_syncs"] = self.sync_log.as_dict()
-        stats["cpu_gemm"] = "few-rows" if cpu_gemm.active() else "stock"
+        stats["cpu_gemm"] = cpu_gemm.active_kernel()
+        stats["verify_tiers"] = list(self.verify_tiers) if self.verify_tiers is not None else "off"
         if self.context_pool is not None:
             stats["context_pool"] = {"bytes": self.context_pool.nbytes, "bytes_per_kv_slot": self.context_pool.bytes_per_slot,
                                      "kv_slots": int(self.context_pool.keys.shape[1])}
@@ -583,8 +593,10 @@ class DSparkPluginWorker(BaseSpecWorker):
             verify_lens = verify_lens.to("cpu")
         t_draft = time.perf_counter()
 
-        # 3. one EXTEND forward over the ragged windows [anchor, x_1..x_len].
-        layout = layout_windows(anchors.to(self.device), drafts, verify_lens, seq_lens)
+        # 3. one EXTEND forward over the windows [anchor, x_1..x_len]: ragged, or all as wide as the
+        # round's verify tier (rows past a request's length are computed and never accepted).
+        width = None if self.verify_tiers is None else pick_width(int(verify_lens.max()) + 1, self.verify_tiers)
+        layout = layout_windows(anchors.to(self.device), drafts, verify_lens, seq_lens, width=width)
         return_logprob = batch.return_logprob
         want_hidden = bool(batch.return_hidden_states)  # read before the batch becomes a verify batch
         logprob_asks = (batch.top_logprobs_nums, batch.token_ids_logprobs) if return_logprob else None
@@ -611,25 +623,35 @@ class DSparkPluginWorker(BaseSpecWorker):
         # Row t of the flat verify batch is cell (owner[t], offsets[t]) of the [R, W] block: host
         # indices from host lengths, so nothing here waits on the device.
         block_rows = (layout.owner * window + layout.offsets).to(self.device)
-        owner = layout.owner.to(self.device)
-        row_params = [t[owner] for t in (sampling.temperatures, sampling.top_ks, sampling.top_ps, sampling.min_ps)]
-        if self.test_break is not None:
-            row_params[0] = test_breaks.break_temperatures(self.test_break, row_params[0])
-        probs = process_logits(logits, *row_params, filtering=sampling.filtering)  # [T, V]
-        target_probs = probs.new_zeros(num_reqs * window, self.vocab_size)  # [R * W, V]
-        target_probs[block_rows] = probs
-        target_probs = target_probs.view(num_reqs, window, self.vocab_size)  # [R, W, V]
-        # Uniforms drawn for the full block, so the random stream does not depend on W.
+        # Uniforms drawn for the full block, so the random stream does not depend on W (nor on
+        # whether this round took the greedy path).
         accept_uniforms = torch.rand(num_reqs, self.gamma, generator=self.generator, device=self.device)
         sample_uniforms = torch.rand(num_reqs, generator=self.generator, device=self.device)
         used = window - 1
-        accept = chain_accept(
-            target_probs, drafts[:, :used].contiguous(), block.probs[:, :used].contiguous(),
-            verify_lens.to(self.device), greedy, accept_uniforms[:, :used].contiguous(), sample_uniforms,
-        )
-        if self.test_break is not None:
-            accept = test_breaks.break_residual(self.test_break, accept, target_probs, verify_lens, greedy,
-                                                sample_uniforms)
+        if sampling.all_greedy and self.test_break is None:
+            # Every row greedy: the target's argmax per verify row is all acceptance reads (what
+            # process_logits would put its one-hot at), so no [R, W, V] probabilities are built.
+            row_tokens = sanitize_logits(logits).argmax(dim=-1)  # [T]
+            target_tokens = row_tokens.new_zeros(num_reqs * window)  # [R * W]; cells past a window unread
+            target_tokens[block_rows] = row_tokens
+            accept = greedy_chain_accept(target_tokens.view(num_reqs, window), drafts[:, :used],
+                                         verify_lens.to(self.device))
+        else:
+            owner = layout.owner.to(self.device)
+            row_params = [t[owner] for t in (sampling.temperatures, sampling.top_ks, sampling.top_ps, sampling.min_ps)]
+            if self.test_break is not None:
+                row_params[0] = test_breaks.break_temperatures(self.test_break, row_params[0])
+            probs = process_logits(logits, *row_params, filtering=sampling.filtering)  # [T, V]
+            target_probs = probs.new_zeros(num_reqs * window, self.vocab_size)  # [R * W, V]
+            target_probs[block_rows] = probs
+            target_probs = target_probs.view(num_reqs, window, self.vocab_size)  # [R, W, V]
+            accept = chain_accept(
+                target_probs, drafts[:, :used].contiguous(), block.probs[:, :used].contiguous(),
+                verify_lens.to(self.device), greedy, accept_uniforms[:, :used].contiguous(), sample_uniforms,
+            )
+            if self.test_break is not None:
+                accept = test_breaks.break_residual(self.test_break, accept, target_probs, verify_lens, greedy,
+                                                    sample_uniforms)
         num_accepted, output_tokens = self._tp_agree(accept.num_accepted, accept.output_tokens)
         num_accepted_cpu = num_accepted.to("cpu", torch.int64)
         t_accept = time.perf_counter()
@@ -668,7 +690,7 @@ class DSparkPluginWorker(BaseSpecWorker):
         t_end = time.perf_counter()
         phases = {"draft": t_draft - start, "verify": t_verify - t_draft, "accept": t_accept - t_verify,
                   "commit": t_end - t_accept}
-        self.stats.record(verify_lens, num_accepted_cpu, phases)
+        self.stats.record(verify_lens, num_accepted_cpu, phases, verify_rows=None if width is None else layout.num_tokens)
         if self.probe is not None:
             self.probe.record(batch=num_reqs, context_tokens=int(seq_lens.sum()), window=self.probe.window(),
                               verify_tokens=layout.num_tokens, accepted=int(num_accepted_cpu.sum()),

@@ -311,3 +311,40 @@ def test_from_logits_equals_process_then_accept(seed, num_reqs, gamma, vocab):
     from_logits = chain_accept_from_logits(logits, sampling=sampling, **common)
     expected = chain_accept(proc(logits), greedy=sampling.is_greedy(), **common)
     assert torch.equal(from_logits.output_tokens, expected.output_tokens)
+
+
+@settings(max_examples=120, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), num_reqs=st.integers(0, 6), gamma=st.integers(0, 5),
+       vocab=st.integers(1, 6))
+def test_greedy_fast_path_equals_chain_accept_on_one_hot_rows(seed, num_reqs, gamma, vocab):
+    """The worker's all-greedy path (argmax tokens only) against chain_accept on process_logits'
+    one-hot rows of the same logits: NaN and inf logits, ties (small vocabularies) and every verify
+    length. A small vocabulary makes drafts match often, so long accepted prefixes are covered."""
+    from dspark_sglang.acceptance import greedy_chain_accept
+    from dspark_sglang.sampling import sanitize_logits
+
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randint(-2, 3, (num_reqs * (gamma + 1), vocab), generator=g).float()  # ties
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    poke = torch.rand(logits.shape, generator=g) < 0.1
+    logits[poke] = specials[torch.randint(0, 3, (int(poke.sum()),), generator=g)]
+    drafts = torch.randint(0, vocab, (num_reqs, gamma), generator=g)
+    verify_lens = torch.randint(0, gamma + 1, (num_reqs,), generator=g)
+    sampling = SamplingBatch.greedy(num_reqs * (gamma + 1))
+    probs = process_logits(logits, sampling.temperatures, sampling.top_ks, sampling.top_ps, sampling.min_ps)
+    ref = chain_accept(probs.view(num_reqs, gamma + 1, vocab), drafts, torch.full((num_reqs, gamma, vocab), 1.0 / vocab),
+                       verify_lens, torch.ones(num_reqs, dtype=torch.bool), torch.rand(num_reqs, gamma, generator=g),
+                       torch.rand(num_reqs, generator=g))
+    tokens = sanitize_logits(logits).argmax(dim=-1).view(num_reqs, gamma + 1)
+    got = greedy_chain_accept(tokens, drafts, verify_lens)
+    assert torch.equal(got.num_accepted, ref.num_accepted)
+    assert torch.equal(got.next_tokens, ref.next_tokens)
+    assert torch.equal(got.output_tokens, ref.output_tokens)
+
+
+def test_greedy_fast_path_rejects_mismatched_shapes():
+    from dspark_sglang.acceptance import greedy_chain_accept
+
+    with pytest.raises(ValueError, match="draft_tokens must be"):
+        greedy_chain_accept(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long),
+                            torch.zeros(2, dtype=torch.long))
