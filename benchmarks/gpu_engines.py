@@ -8,6 +8,7 @@ target (float32, so greedy speculative output must equal plain decoding token fo
 
 - ``plain``: no speculation (SGLang's defaults on the device: CUDA graphs on a GPU);
 - ``dspark:<drafter>``: this plugin's worker with each zoo drafter (``DSPARK_USE_BUILTIN=0``);
+- ``dspark:<first drafter>@tiers``: the same with fixed-width verify tiers (``DSPARK_VERIFY_TIERS=auto``);
 - ``builtin:dspark``: SGLang's own DSPARK worker on the zoo DSpark checkpoint (``DSPARK_USE_BUILTIN=1``;
   CUDA only, where the takeover policy would pick it by default);
 - ``dspark:dspark@tp2``: this plugin with ``tp_size=2``, where two devices exist.
@@ -59,8 +60,12 @@ def engine_kwargs(device: str) -> dict:
 def configurations(args, num_devices: int) -> list[tuple[str, dict, dict]]:
     """[(name, engine kwargs beyond the base, environment)] in the order they run."""
     configs = [("plain", {}, {})]
-    for drafter in [d for d in args.drafters.split(",") if d]:
+    drafters = [d for d in args.drafters.split(",") if d]
+    for drafter in drafters:
         configs.append((f"dspark:{drafter}", {"speculative_draft_model_path": drafter}, {"DSPARK_USE_BUILTIN": "0"}))
+    if drafters:  # fixed-width verify tiers (the shapes CUDA graphs need), still eager
+        configs.append((f"dspark:{drafters[0]}@tiers", {"speculative_draft_model_path": drafters[0]},
+                        {"DSPARK_USE_BUILTIN": "0", "DSPARK_VERIFY_TIERS": "auto"}))
     if args.device == "cuda" and not args.no_builtin and "dspark" in args.drafters.split(","):
         configs.append(("builtin:dspark", {"speculative_draft_model_path": "dspark"}, {"DSPARK_USE_BUILTIN": "1"}))
     tp = args.tp or (2 if num_devices >= 2 else 0)

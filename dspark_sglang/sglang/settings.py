@@ -23,6 +23,7 @@ SGLang's own flags that we honour: `--speculative-dspark-sps-table-path` (cost t
 | DSPARK_STATS_EVERY     | stats_every     | log a worker summary every N rounds (0: never)                 |
 | DSPARK_KEEP_RADIX_CACHE| keep_radix_cache| auto (default): on for DSpark/DFlash drafters, off for Eagle3 · 1 · 0 (see below) |
 | DSPARK_DRAFT_VOCAB     | draft_vocab     | auto (default): draft_vocab.safetensors beside the drafter if present · none · a file path |
+| DSPARK_VERIFY_TIERS    | verify_tiers    | off (default): ragged verify windows · auto · W1,W2,..: fixed-width tiers (verify_tiers.py) |
 | DSPARK_TEST_FAULT      | test_fault      | TESTING ONLY: inject faults into decode rounds (see below)     |
 | DSPARK_TEST_BREAK      | test_break      | TESTING ONLY: a deliberately wrong acceptance (negative controls, see below) |
 | DSPARK_USE_BUILTIN     | —               | who serves `--speculative-algorithm DSPARK`: 1 SGLang's built-in · 0 ours · unset: `dspark_owner` |
@@ -62,6 +63,7 @@ from typing import Any, Mapping
 
 from dspark_sglang.draft_cost import DraftCostError, parse_draft_cost
 from dspark_sglang.jsonio import JSON_PARSE_ERRORS
+from dspark_sglang.verify_tiers import VerifyTierError, check_tier_spelling
 
 SCHEDULER_KINDS = ("lagged", "algorithm1", "fixed", "verify_all", "none")  # as make_scheduler names them
 OPT_OUT_ENV = "DSPARK_USE_BUILTIN"
@@ -90,6 +92,7 @@ class PluginSettings:
     test_break: str | None = None  # testing only; one of BREAK_KINDS
     draft_cost: str = "measured"  # draft_cost.parse_draft_cost's format
     draft_vocab: str = "auto"  # reduced draft vocabulary: auto | none | path (drafters/draft_vocab.py)
+    verify_tiers: str = "off"  # fixed-width verify tiers: off | auto | comma widths (verify_tiers.py)
 
     def __post_init__(self) -> None:
         if self.scheduler not in SCHEDULER_KINDS:
@@ -114,6 +117,10 @@ class PluginSettings:
             parse_draft_cost(self.draft_cost)
         except DraftCostError as exc:
             raise PluginSettingsError(str(exc)) from None
+        try:
+            check_tier_spelling(self.verify_tiers)
+        except VerifyTierError as exc:
+            raise PluginSettingsError(str(exc)) from None
         if self.draft_vocab.lower() not in ("auto", "none") and not Path(self.draft_vocab).is_file():
             raise PluginSettingsError(f"draft_vocab: file {self.draft_vocab!r} does not exist (or use auto / none)")
         for name in ("cost_table", "sts", "estimator"):
@@ -137,6 +144,7 @@ _ENV_KEYS = {
     "test_break": "DSPARK_TEST_BREAK",
     "draft_cost": "DSPARK_DRAFT_COST",
     "draft_vocab": "DSPARK_DRAFT_VOCAB",
+    "verify_tiers": "DSPARK_VERIFY_TIERS",
 }
 _INT_FIELDS = {"fixed_len", "gamma", "lag", "seed", "stats_every"}
 _BOOL_FIELDS = {"keep_radix_cache"}

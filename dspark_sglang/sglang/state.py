@@ -94,6 +94,7 @@ class WorkerStats:
         self.requests = 0  # request-rounds
         self.committed = 0  # tokens committed (accepted drafts + 1 per request-round)
         self.verify_tokens = 0  # drafts verified (anchor rows excluded)
+        self.verify_rows_padded = 0  # rows a fixed-width verify tier computed past the verify lengths
         self.verify_hist = torch.zeros(gamma + 1, dtype=torch.int64)  # [gamma+1] request-rounds by verify_len
         self.verified_at = torch.zeros(gamma, dtype=torch.int64)  # [gamma] times position k was verified
         self.accepted_at = torch.zeros(gamma, dtype=torch.int64)  # [gamma] times position k was accepted
@@ -139,8 +140,10 @@ class WorkerStats:
         if self.sink is not None:
             self.sink.drafting_skipped(reason)
 
-    def record(self, verify_lens: torch.Tensor, num_accepted: torch.Tensor, phases: dict[str, float]) -> None:
-        """verify_lens, num_accepted: [R] int64 on CPU; phases: seconds spent per phase."""
+    def record(self, verify_lens: torch.Tensor, num_accepted: torch.Tensor, phases: dict[str, float],
+               verify_rows: int | None = None) -> None:
+        """verify_lens, num_accepted: [R] int64 on CPU; phases: seconds spent per phase; verify_rows:
+        rows the verify forward computed (R x the tier width; None: the ragged windows exactly)."""
         verify_counts = torch.bincount(verify_lens, minlength=self.gamma + 1)  # [gamma + 1] requests by length
         accept_counts = torch.bincount(num_accepted, minlength=self.gamma + 1)
         # Position k (0-based) was verified by the requests with verify_len > k: a reversed cumulative sum.
@@ -152,6 +155,8 @@ class WorkerStats:
         self.requests += verify_lens.numel()
         self.committed += int(num_accepted.sum()) + verify_lens.numel()
         self.verify_tokens += int(verify_lens.sum())
+        if verify_rows is not None:
+            self.verify_rows_padded += verify_rows - int(verify_lens.sum()) - verify_lens.numel()
         self.verify_hist += verify_counts
         self.verified_at += verified_at
         self.accepted_at += accepted_at
@@ -168,6 +173,7 @@ class WorkerStats:
             "request_rounds": self.requests,
             "accept_length": self.committed / n,  # tokens per request-round, bonus included
             "verify_length": self.verify_tokens / n,  # drafts verified per request-round
+            "verify_rows_padded": self.verify_rows_padded,
             "verify_hist": self.verify_hist.tolist(),
             "accept_rate_at": (self.accepted_at / self.verified_at.clamp_min(1)).tolist(),
             "ms_per_round": 1000.0 * self.seconds / max(self.rounds, 1),

@@ -48,10 +48,23 @@ def layout_windows(
     drafts: torch.Tensor,  # [R, gamma] int64
     verify_lens: torch.Tensor,  # [R] int64 on the host, 0..gamma
     seq_lens: torch.Tensor,  # [R] int64 on the host
+    width: int | None = None,  # every window this wide (a verify tier, `verify_tiers`); None: ragged
 ) -> VerifyLayout:
+    """Request r's window [anchor, x_1 .. x_len_r], or with ``width`` W the first W cells of
+    [anchor, x_1 .. x_gamma] for every request: rows past len_r are computed, and acceptance never
+    reads them (it stops at ``verify_lens``). Their tokens are 0, a valid id whatever the drafter
+    left there (a no-draft round's block, a guarded garbage draft)."""
     widths = verify_lens + 1
-    starts = torch.cumsum(widths, 0) - widths
     full = torch.cat([anchors[:, None].to(drafts.device), drafts], dim=1)  # [R, gamma+1]
+    if width is not None:
+        longest = int(widths.max()) if len(widths) else 1
+        if not longest <= width <= full.shape[1]:
+            raise ValueError(f"verify width {width} must hold every window ({longest} rows) and be at most "
+                             f"gamma + 1 = {full.shape[1]}")
+        cols = torch.arange(full.shape[1], device=full.device)[None, :]  # [1, gamma+1]
+        full = torch.where(cols < widths.to(full.device)[:, None], full, 0)  # padding rows: token 0
+        widths = torch.full_like(widths, width)
+    starts = torch.cumsum(widths, 0) - widths
     # Flat positions of the kept cells, from host lengths: a gather, not a data-dependent mask.
     owner = torch.repeat_interleave(torch.arange(len(widths)), widths)  # [T]
     offsets = torch.arange(int(widths.sum())) - starts[owner]  # [T]

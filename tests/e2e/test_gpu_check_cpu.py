@@ -19,7 +19,8 @@ def test_gpu_check_runs_every_step_on_cpu(tmp_path):
     steps = {s["name"]: s for s in json.loads((tmp_path / "summary.json").read_text())}
     assert [steps[n]["status"] for n in ("env", "kernels", "engines")] == ["passed"] * 3
     engines = json.loads((tmp_path / "engines.json").read_text())["configs"]
-    assert set(engines) == {"plain", "dspark:dspark"}
+    assert set(engines) == {"plain", "dspark:dspark", "dspark:dspark@tiers"}
     assert engines["dspark:dspark"]["parity"] == {"identical": 2, "total": 2}
+    assert engines["dspark:dspark@tiers"]["parity"] == {"identical": 2, "total": 2}
     assert engines["dspark:dspark"]["worker"] == "dspark-sglang"
     assert "greedy parity 2/2" in (tmp_path / "summary.md").read_text()

@@ -57,3 +57,29 @@ def test_zoo_drafter_parity_and_accept_floor(zoo_setup, reference, family):
     accept_length = tokens / rounds
     print(f"{family}: accepted length {accept_length:.3f} over {rounds} rounds")
     assert accept_length > FLOORS[family], (family, accept_length)
+
+
+def test_fixed_width_verify_tiers_keep_greedy_parity(zoo_setup, reference, monkeypatch):
+    """DSPARK_VERIFY_TIERS=auto: every round verifies R x W rows for W in (2, 4, 8), the static shapes
+    a CUDA graph replays; rows past a request's verify length are computed and never accepted. The
+    lagged scheduler (drafting priced free, so it drafts every round) picks different lengths per
+    request, so windows are padded (counted in /server_info), and the output stays the plain engine's."""
+    import sglang as sgl
+
+    from dspark_sglang.cpu_mode import cpu_engine_kwargs
+    from dspark_sglang.models import zoo_drafter
+
+    monkeypatch.setenv("DSPARK_VERIFY_TIERS", "auto")
+    monkeypatch.setenv("DSPARK_DRAFT_COST", "none")
+    target, texts = zoo_setup
+    engine = sgl.Engine(model_path=str(target), **cpu_engine_kwargs(speculative=True), speculative_algorithm="DSPARK",
+                        speculative_draft_model_path=str(zoo_drafter("dspark")))
+    try:
+        outs = engine.generate(texts, {"temperature": 0.0, "max_new_tokens": MAX_NEW})
+        stats = engine.get_server_info()["internal_states"][0]["dspark_plugin"]
+    finally:
+        engine.shutdown()
+    assert [o["output_ids"] for o in outs] == reference
+    assert stats["verify_rows_padded"] > 0, stats
+    tokens = sum(o["meta_info"]["completion_tokens"] for o in outs)
+    assert tokens / sum(o["meta_info"]["spec_verify_ct"] for o in outs) > FLOORS["dspark"]

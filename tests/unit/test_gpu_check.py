@@ -87,7 +87,8 @@ def configs(device, devices, **kw):
 
 def test_engine_configurations_per_host():
     assert configs("cpu", 1) == [("plain", {}), ("dspark:dspark", {"DSPARK_USE_BUILTIN": "0"}),
-                                 ("dspark:dflash", {"DSPARK_USE_BUILTIN": "0"}), ("dspark:eagle3", {"DSPARK_USE_BUILTIN": "0"})]
+                                 ("dspark:dflash", {"DSPARK_USE_BUILTIN": "0"}), ("dspark:eagle3", {"DSPARK_USE_BUILTIN": "0"}),
+                                 ("dspark:dspark@tiers", {"DSPARK_USE_BUILTIN": "0", "DSPARK_VERIFY_TIERS": "auto"})]
     one_gpu = configs("cuda", 1)
     assert ("builtin:dspark", {"DSPARK_USE_BUILTIN": "1"}) in one_gpu  # the built-in only runs on CUDA
     assert not any("@tp" in name for name, _ in one_gpu)

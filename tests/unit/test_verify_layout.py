@@ -62,3 +62,26 @@ def test_all_anchor_windows_stay_a_decode_batch():
     assert batch.forward_mode == ForwardMode.DECODE
     assert batch.input_ids.tolist() == [11, 12, 13]
     assert batch.out_cache_loc.tolist() == [1000 + 6 * 16 + 5, 1000 + 0 * 16 + 2, 1000 + 3 * 16 + 7]
+
+
+def test_a_verify_tier_pads_every_window_to_its_width():
+    """Width 4 (the tier of the longest window, 1 + 3): every request gets 4 rows; cells past its
+    verify length hold token 0, never a leftover draft (acceptance stops at verify_lens anyway)."""
+    layout = layout_windows(ANCHORS, DRAFTS, VERIFY_LENS, SEQ_LENS, width=4)
+    assert layout.widths.tolist() == [4, 4, 4] and layout.starts.tolist() == [0, 4, 8]
+    assert layout.tokens.tolist() == [11, 21, 22, 0, 12, 0, 0, 0, 13, 41, 42, 43]
+    assert layout.owner.tolist() == [0] * 4 + [1] * 4 + [2] * 4 and layout.offsets.tolist() == [0, 1, 2, 3] * 3
+    batch = _batch(torch.tensor([6, 0, 3]))
+    turn_into_verify_extend(batch, layout, torch.tensor([6, 0, 3]))
+    assert batch.extend_lens == [4, 4, 4] and batch.extend_num_tokens == 12
+    # the padded rows write KV at slots the scheduler reserved past the window (2N per request)
+    assert batch.out_cache_loc.tolist()[4:8] == [1000 + 0 * 16 + p for p in (2, 3, 4, 5)]
+
+
+def test_a_verify_tier_must_hold_every_window():
+    import pytest
+
+    with pytest.raises(ValueError, match="must hold every window"):
+        layout_windows(ANCHORS, DRAFTS, VERIFY_LENS, SEQ_LENS, width=3)
+    with pytest.raises(ValueError, match="at most gamma"):
+        layout_windows(ANCHORS, DRAFTS, VERIFY_LENS, SEQ_LENS, width=5)
