@@ -9,7 +9,8 @@ bundled SmolLM2-135M: every decoder layer's q/k/v, o, gate/up and down projectio
 weights, so they stream from memory as in a model, then the LM head), for:
 - stock: `F.linear(x, W)`, SGLang's path for an unquantized layer;
 - few-rows: `W @ x^T` with one row padded to two (`dspark_sglang/sglang/cpu_gemm.py`,
-  `DSPARK_CPU_GEMM=few-rows`).
+  `DSPARK_CPU_GEMM=few-rows`);
+- row-dot: M dot products per weight row, compiled with numba (`cpu_gemm.row_dot_linear`).
 Each point is the best of `--repeats` passes, both methods interleaved, on the threads torch is set to
 (set OMP_NUM_THREADS=1 as the engine benchmarks do). Prints a table and writes results.json.
 Run it on an otherwise idle machine: matmuls share memory bandwidth with anything else running.
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from dspark_sglang.sglang.cpu_gemm import few_row_linear
+from dspark_sglang.sglang.cpu_gemm import few_row_linear, row_dot_linear
 
 
 def layer_shapes(config: dict) -> tuple[list[tuple[int, int]], tuple[int, int]]:
@@ -42,7 +43,7 @@ def stock(x, w):
     return torch.nn.functional.linear(x, w)
 
 
-METHODS = {"stock": stock, "few-rows": few_row_linear}
+METHODS = {"stock": stock, "few-rows": few_row_linear, "row-dot": row_dot_linear}
 
 
 def one_pass(fn, layers, lm_head, rows: int) -> tuple[float, float]:
@@ -95,6 +96,8 @@ def main(argv=None) -> int:
     layers = [[torch.randn(*s) for s in shapes] for _ in range(config["num_hidden_layers"])]  # float32
     lm_head = torch.randn(*head_shape)
     row_counts = [int(r) for r in args.rows.split(",")]
+    for fn in METHODS.values():  # compile / load compiled code before anything is timed
+        fn(torch.randn(2, 8), torch.randn(4, 8))
     best: dict[tuple[str, int], list[float]] = {}
     for _ in range(args.repeats):
         for rows in row_counts:
@@ -105,15 +108,19 @@ def main(argv=None) -> int:
 
     points = []
     print(f"{config['num_hidden_layers']} layers {shapes} + LM head {head_shape}, float32, "
-          f"{torch.get_num_threads()} thread(s); milliseconds, best of {args.repeats}")
-    print(f"{'rows':>4} | {'stock layers':>12} {'LM head':>8} {'total':>7} | {'few-rows layers':>15} {'LM head':>8} "
-          f"{'total':>7} | few/stock")
+          f"{torch.get_num_threads()} thread(s); milliseconds (layers + LM head = total), best of {args.repeats}")
+    print(f"{'rows':>4} | " + " | ".join(f"{name:>22}" for name in METHODS) + " | vs stock")
     for rows in row_counts:
-        s, f = best[("stock", rows)], best[("few-rows", rows)]
-        points.append({"rows": rows, "stock_layers_ms": s[0] * 1e3, "stock_lm_head_ms": s[1] * 1e3,
-                       "few_rows_layers_ms": f[0] * 1e3, "few_rows_lm_head_ms": f[1] * 1e3})
-        print(f"{rows:>4} | {s[0]*1e3:12.1f} {s[1]*1e3:8.1f} {sum(s)*1e3:7.1f} | {f[0]*1e3:15.1f} {f[1]*1e3:8.1f} "
-              f"{sum(f)*1e3:7.1f} | {sum(f)/sum(s):.2f}")
+        cells, point = [], {"rows": rows}
+        for name in METHODS:
+            layers_s, head_s = best[(name, rows)]
+            key = name.replace("-", "_")
+            point[f"{key}_layers_ms"], point[f"{key}_lm_head_ms"] = layers_s * 1e3, head_s * 1e3
+            cells.append(f"{layers_s*1e3:7.1f} + {head_s*1e3:5.1f} = {(layers_s + head_s)*1e3:5.1f}")
+        stock_total = sum(best[("stock", rows)])
+        ratios = " ".join(f"{sum(best[(name, rows)]) / stock_total:.2f}" for name in METHODS if name != "stock")
+        points.append(point)
+        print(f"{rows:>4} | " + " | ".join(cells) + f" | {ratios}")
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import os
 
+import numba
+import numpy as np
 import torch
 
-from dspark_sglang.sglang.settings import opt_in
 
 ENV = "DSPARK_CPU_GEMM"
 LINEAR_TARGET = "sglang.srt.layers.quantization.unquant.UnquantizedLinearMethod.apply"
@@ -39,8 +40,19 @@ MAX_ROWS_LINEAR = 5
 MAX_ROWS_LM_HEAD = 8
 
 
+def requested_kernel(environ=os.environ) -> str | None:
+    """The kernel `DSPARK_CPU_GEMM` names (few-rows | row-dot), or None (unset, "", "stock", "0").
+    Anything else is refused: a typo must not silently leave the stock path on."""
+    value = environ.get(ENV, "").strip().lower()
+    if value in ("", "stock", "0"):
+        return None
+    if value in KERNELS:
+        return value
+    raise ValueError(f"{ENV}={value!r}: expected one of {', '.join(KERNELS)} or 'stock'")
+
+
 def requested(environ=os.environ) -> bool:
-    return opt_in(environ, ENV, "few-rows")
+    return requested_kernel(environ) is not None
 
 
 def few_row_linear(
@@ -54,6 +66,30 @@ def few_row_linear(
     return out if bias is None else out + bias
 
 
+@numba.njit(fastmath=True, cache=True, nogil=True)
+def _row_dots(x, weight, out):  # x [M, K], weight [N, K], out [M, N]: float32 numpy views
+    rows, k_dim = x.shape
+    for j in range(weight.shape[0]):
+        for m in range(rows):  # weight row j is read from memory once, then from L1
+            acc = np.float32(0.0)
+            for k in range(k_dim):
+                acc += x[m, k] * weight[j, k]
+            out[m, j] = acc
+
+
+def row_dot_linear(
+    x: torch.Tensor,  # [M, K]
+    weight: torch.Tensor,  # [N, K]
+    bias: torch.Tensor | None = None,  # [N]
+) -> torch.Tensor:
+    """x @ weight.T + bias ([M, N]) as M dot products per weight row, compiled (numba): the weight
+    streams once for all M rows, and row m's result does not depend on M (the same loop computes it
+    whatever the batch), so a verify row equals the decode step's for the same input bit for bit."""
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+    _row_dots(x.contiguous().numpy(), weight.contiguous().numpy(), out.numpy())
+    return out if bias is None else out + bias
+
+
 def serves(x: torch.Tensor, weight: torch.Tensor, max_rows: int) -> bool:
     """Whether `few_row_linear` should replace the stock matmul for these operands."""
     return (
@@ -64,6 +100,10 @@ def serves(x: torch.Tensor, weight: torch.Tensor, max_rows: int) -> bool:
     )
 
 
+KERNELS = {"few-rows": few_row_linear, "row-dot": row_dot_linear}
+_kernel = few_row_linear  # what the hooks call; install() sets it from DSPARK_CPU_GEMM
+
+
 def _linear_apply(original, self, layer, x, bias=None):
     """AROUND `UnquantizedLinearMethod.apply`: few float32 rows on CPU take `few_row_linear`."""
     weight = getattr(layer, "weight", None)
@@ -71,7 +111,7 @@ def _linear_apply(original, self, layer, x, bias=None):
         isinstance(weight, torch.Tensor) and not getattr(layer, "use_intel_amx_backend", False)
         and serves(x, weight, MAX_ROWS_LINEAR) and (bias is None or bias.dtype == torch.float32)
     ):
-        return few_row_linear(x, weight, bias)
+        return _kernel(x, weight, bias)
     return original(self, layer, x, bias)
 
 
@@ -90,7 +130,7 @@ def _compute_lm_head(original, self, hidden_states, lm_head, embedding_bias=None
         and getattr(self, "rl_on_policy_target", None) is None
         and serves(hidden_states, weight, MAX_ROWS_LM_HEAD)
     ):
-        return few_row_linear(hidden_states, weight)
+        return _kernel(hidden_states, weight)
     return original(self, hidden_states, lm_head, embedding_bias, out=out)
 
 
@@ -102,10 +142,18 @@ def active() -> bool:
                for target in (LINEAR_TARGET, LM_HEAD_TARGET))
 
 
+def active_kernel() -> str:
+    """The kernel the hooks run in this process ("stock" when they are not installed)."""
+    return next((name for name, fn in KERNELS.items() if fn is _kernel), "stock") if active() else "stock"
+
+
 def install() -> bool:
     """Register both AROUND hooks when the environment asks for it (called from the plugin's register)."""
-    if not requested():
+    global _kernel
+    name = requested_kernel()
+    if name is None:
         return False
+    _kernel = KERNELS[name]
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     for target, hook in ((LINEAR_TARGET, _linear_apply), (LM_HEAD_TARGET, _compute_lm_head)):

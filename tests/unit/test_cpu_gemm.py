@@ -103,6 +103,58 @@ def test_requested(value, expected):
     assert cpu_gemm.requested({cpu_gemm.ENV: value}) is expected
 
 
+@pytest.mark.parametrize("value,expected", [("", None), ("stock", None), ("few-rows", "few-rows"),
+                                            ("Row-Dot", "row-dot")])
+def test_requested_kernel(value, expected):
+    assert cpu_gemm.requested_kernel({cpu_gemm.ENV: value}) == expected
+
+
+def test_the_hooks_run_the_chosen_kernel(monkeypatch):
+    x, weight, bias = _operands(3, k=200, n=40)
+    monkeypatch.setattr(cpu_gemm, "_kernel", cpu_gemm.row_dot_linear)
+    route, out = _route(x, _Layer(weight), bias)
+    assert route == "few" and torch.equal(out, cpu_gemm.row_dot_linear(x, weight, bias))
+
+
 def test_requested_refuses_unknown_values():
     with pytest.raises(ValueError, match="DSPARK_CPU_GEMM"):
         cpu_gemm.requested({cpu_gemm.ENV: "fast"})
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_row_dot_linear_matches_f_linear(rows, with_bias):
+    x, weight, bias = _operands(rows, seed=rows)
+    bias = bias if with_bias else None
+    got = cpu_gemm.row_dot_linear(x, weight, bias)
+    want = torch.nn.functional.linear(x, weight, bias)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_row_dot_rows_do_not_depend_on_the_batch():
+    """Each row is the same loop whatever M: a verify row equals the 1-row decode result bit for bit."""
+    x, weight, _ = _operands(6, k=300, n=70)
+    together = cpu_gemm.row_dot_linear(x, weight)
+    for m in range(6):
+        assert torch.equal(together[m], cpu_gemm.row_dot_linear(x[m:m + 1], weight)[0])
+    strided = cpu_gemm.row_dot_linear(x.t().contiguous().t(), weight)  # a non-contiguous input
+    assert torch.equal(strided, together)
+
+
+def test_the_gemm_benchmark_measures_every_method(tmp_path):
+    import json
+
+    from dspark_sglang.benchmarks import cpu_gemm as bench
+
+    target = tmp_path / "tiny"
+    target.mkdir()
+    (target / "config.json").write_text(json.dumps({
+        "hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 48,
+        "vocab_size": 100, "num_hidden_layers": 2}))
+    assert bench.main(["--target", str(target), "--rows", "1,3", "--repeats", "1", "--out", str(tmp_path / "out")]) == 0
+    points = json.loads((tmp_path / "out" / "results.json").read_text())["points"]
+    assert [p["rows"] for p in points] == [1, 3]
+    for point in points:
+        for method in ("stock", "few_rows", "row_dot"):
+            assert point[f"{method}_layers_ms"] > 0 and point[f"{method}_lm_head_ms"] > 0
