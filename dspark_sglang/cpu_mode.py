@@ -86,6 +86,24 @@ def cpu_engine_kwargs(speculative: bool = False, **overrides) -> dict:
     return kwargs
 
 
+def tensor_parallel_environment(tp_size: int, cpu_count: int | None = None) -> dict[str, str]:
+    """The variables SGLang's CPU engine needs for ``tp_size > 1`` on an ordinary (one NUMA node) box.
+
+    - ``SGLANG_CPU_OMP_THREADS_BIND``: SGLang binds each rank to a NUMA node and refuses more ranks
+      than nodes unless told which cores each rank gets; rank i gets core i (wrapping around when
+      there are fewer cores than ranks).
+    - ``SGLANG_NCCL_SO_PATH`` pointing nowhere: a CUDA build of torch ships libnccl, which SGLang
+      would then load and try to bind to a CUDA device; without it the ranks talk over gloo.
+    """
+    if tp_size < 2:
+        return {}
+    cores = max(1, cpu_count if cpu_count is not None else (os.cpu_count() or 1))
+    return {
+        "SGLANG_CPU_OMP_THREADS_BIND": "|".join(str(rank % cores) for rank in range(tp_size)),
+        "SGLANG_NCCL_SO_PATH": "/nonexistent/libnccl.so.2",
+    }
+
+
 def main_env(argv=None) -> int:
     """`dspark-cpu-env`: print `export` lines for a POSIX shell."""
     parser = argparse.ArgumentParser(

@@ -39,3 +39,13 @@ def test_shell_exports_round_trip(capsys):
     shown = subprocess.run(["bash", "-c", f'{out}\necho "$PYTHONPATH"'], env=env, capture_output=True,
                            text=True, check=True).stdout.strip()
     assert shown.split(os.pathsep)[0] == shim_dir()
+
+
+def test_tensor_parallel_environment_binds_one_core_per_rank():
+    from dspark_sglang.cpu_mode import tensor_parallel_environment
+
+    assert tensor_parallel_environment(1) == {}
+    env = tensor_parallel_environment(2, cpu_count=2)
+    assert env["SGLANG_CPU_OMP_THREADS_BIND"] == "0|1"
+    assert env["SGLANG_NCCL_SO_PATH"].startswith("/nonexistent/")
+    assert tensor_parallel_environment(4, cpu_count=2)["SGLANG_CPU_OMP_THREADS_BIND"] == "0|1|0|1"
