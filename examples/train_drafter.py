@@ -31,6 +31,7 @@ import json
 import math
 import os
 import random
+import re
 import shlex
 import sys
 import time
@@ -477,19 +478,42 @@ def main(argv=None) -> None:
           f"train {train_seconds / 60:.1f} min, total {(time.time() - t0) / 60:.1f} min", flush=True)
 
 
+def grown_layer_source(name: str, theirs: dict) -> tuple[str, bool] | None:
+    """For a decoder layer the source checkpoint lacks (a deeper drafter): the source tensor to start
+    it from (the same tensor of the source's last layer) and whether to zero it instead. The new
+    layer's output projections (attention o_proj, MLP down_proj) start at zero, so it adds nothing
+    to the residual stream at first: the deeper drafter starts as exactly the source's function."""
+    match = re.fullmatch(r"(.*layers)\.(\d+)\.(.+)", name)  # e.g. backbone.layers.1.mlp.down_proj.weight
+    if match is None:
+        return None
+    prefix, index, rest = match.group(1), int(match.group(2)), match.group(3)
+    source_ids = [int(m.group(1)) for m in (re.fullmatch(re.escape(prefix) + r"\.(\d+)\..+", n) for n in theirs) if m]
+    if not source_ids or index <= max(source_ids):
+        return None
+    return f"{prefix}.{max(source_ids)}.{rest}", rest.endswith(("o_proj.weight", "down_proj.weight"))
+
+
 def warm_start(drafter, path: Path, spec) -> None:
-    """Copy every trainable weight from an exported checkpoint of the same architecture."""
+    """Copy every trainable weight from an exported checkpoint of the same architecture; a drafter
+    with more decoder layers than the checkpoint starts its extra layers as identities
+    (`grown_layer_source`)."""
     source = load_drafter(path, spec, torch.float32, "cpu", draft_vocab=None)
     theirs = dict(source.named_parameters()) if args_family(drafter) != "eagle3" else dict(source.model.named_parameters())
     mine = {n: p for n, p in (drafter.named_parameters() if args_family(drafter) != "eagle3"
                               else drafter.model.named_parameters()) if p.requires_grad}
-    missing = sorted(n for n in mine if n not in theirs or theirs[n].shape != mine[n].shape)
-    if missing:
-        raise SystemExit(f"--init-from {path}: not the same architecture ({missing[:3]} differ)")
+    plan = {}
+    for name, p in mine.items():
+        grown = None if name in theirs else grown_layer_source(name, theirs)
+        source_name, zero = grown if grown is not None else (name, False)
+        if source_name not in theirs or theirs[source_name].shape != p.shape:
+            raise SystemExit(f"--init-from {path}: not the same architecture ({name} has no counterpart)")
+        plan[name] = (source_name, zero)
     with torch.no_grad():
-        for name, p in mine.items():
-            p.copy_(theirs[name])
-    print(f"[train] warm start from {path} ({len(mine)} tensors)", flush=True)
+        for name, (source_name, zero) in plan.items():
+            mine[name].copy_(torch.zeros_like(mine[name]) if zero else theirs[source_name])
+    grown = sum(1 for n, (s, _) in plan.items() if s != n)
+    print(f"[train] warm start from {path} ({len(mine)} tensors"
+          + (f"; {grown} of them start new layers as identities" if grown else "") + ")", flush=True)
 
 
 def args_family(drafter) -> str:

@@ -197,3 +197,32 @@ def test_sampled_vocabulary_estimates_the_normaliser_without_bias():
     assert abs(mean / float(z.exp().sum()) - 1) < 0.01
     # negative control: without the weights the same draws miss ~90 % of the rest's mass
     assert float((z[ids]).exp().sum()) < 0.3 * float(z.exp().sum())
+
+
+def test_a_deeper_drafter_warm_started_from_a_shallower_one_computes_the_same_function(tmp_path):
+    """--init-from a 1-layer checkpoint into a 2-layer drafter: the extra layer starts as an identity
+    (its output projections zero), so the depth ablation starts from the very model it is compared with."""
+    from examples.train_drafter import warm_start
+    from examples.training.export import save_checkpoint
+
+    one = _build("dspark", layers=1)
+    cfg = drafter_config("dspark", _TinyTargetConfig, num_layers=1, intermediate_size=48, layer_ids=[0, 2, 4],
+                         block_size=5, mask_token_id=V - 1, markov_rank=8, markov_head_type="vanilla", ttt_length=4,
+                         target_name="tiny")
+    save_checkpoint(tmp_path / "one", "dspark", cfg, one)
+    two = _build("dspark", layers=2)
+    warm_start(two, tmp_path / "one", _target())
+    feats, tokens = _data(2, 20, one.config.context_width)
+    valid = torch.ones(2, 20, dtype=torch.bool)
+    anchors = torch.tensor([[2, 9], [5, 11]])
+    from dspark_sglang.drafters.loader import load_drafter
+
+    saved = load_drafter(tmp_path / "one", _target(), dtype=torch.float32, device="cpu", draft_vocab=None)
+    want = block_hidden_train(saved.eval(), feats, valid, tokens, anchors)  # the function the checkpoint defines
+    save_checkpoint(tmp_path / "two", "dspark", dict(cfg, num_hidden_layers=2, layer_types=["full_attention"] * 2), two)
+    grown = load_drafter(tmp_path / "two", _target(), dtype=torch.float32, device="cpu", draft_vocab=None)
+    assert len(grown.backbone.layers) == 2
+    got = block_hidden_train(grown.eval(), feats, valid, tokens, anchors)
+    assert close(got, want)
+    assert float(two.backbone.layers[1].mlp.down_proj.weight.abs().sum()) == 0.0  # the identity start
+    assert torch.equal(two.backbone.layers[1].mlp.up_proj.weight, saved.backbone.layers[0].mlp.up_proj.weight)
