@@ -43,6 +43,7 @@ from sglang.srt.runtime_context import get_parallel, get_serving, get_spec
 from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
 
 # Fused Triton kernel on CUDA tensors, the torch reference otherwise (DSPARK_KERNELS=auto|triton|torch).
+from dspark_sglang.acceptance import AcceptanceResult, greedy_chain_accept
 from dspark_sglang.kernels import dispatch as kernel_dispatch
 from dspark_sglang.kernels.dispatch import chain_accept
 from dspark_sglang.confidence import ProposalProbEstimator, StsCalibration, head_less_feature
@@ -52,9 +53,7 @@ from dspark_sglang.drafters.interface import DraftBlock, TargetSpec
 from dspark_sglang.drafters.loader import load_drafter
 from dspark_sglang.host_syncs import HostSyncCounter, RoundSyncLog
 from dspark_sglang.request_control import verify_cap
-from dspark_sglang.acceptance import greedy_chain_accept
 from dspark_sglang.sampling import GREEDY_EPS, SamplingBatch, process_logits, sanitize_logits
-from dspark_sglang.verify_tiers import parse_tiers, pick_width
 from dspark_sglang.schedulers import make_scheduler
 from dspark_sglang.sglang import cpu_gemm, test_breaks
 from dspark_sglang.sglang.feature_pool import KvSlotFeatures, kv_slot_count
@@ -74,6 +73,7 @@ from dspark_sglang.sglang.verify import (
     plain_hidden_states,
     turn_into_verify_extend,
 )
+from dspark_sglang.verify_tiers import parse_tiers, pick_width
 
 logger = logging.getLogger("dspark_sglang")
 
@@ -620,38 +620,7 @@ class DSparkPluginWorker(BaseSpecWorker):
         # window stay zero, never read): a round that verifies few drafts does not pay for
         # gamma + 1 rows of V probabilities per request.
         window = int(layout.widths.max())  # W = 1 + the longest verify length
-        # Row t of the flat verify batch is cell (owner[t], offsets[t]) of the [R, W] block: host
-        # indices from host lengths, so nothing here waits on the device.
-        block_rows = (layout.owner * window + layout.offsets).to(self.device)
-        # Uniforms drawn for the full block, so the random stream does not depend on W (nor on
-        # whether this round took the greedy path).
-        accept_uniforms = torch.rand(num_reqs, self.gamma, generator=self.generator, device=self.device)
-        sample_uniforms = torch.rand(num_reqs, generator=self.generator, device=self.device)
-        used = window - 1
-        if sampling.all_greedy and self.test_break is None:
-            # Every row greedy: the target's argmax per verify row is all acceptance reads (what
-            # process_logits would put its one-hot at), so no [R, W, V] probabilities are built.
-            row_tokens = sanitize_logits(logits).argmax(dim=-1)  # [T]
-            target_tokens = row_tokens.new_zeros(num_reqs * window)  # [R * W]; cells past a window unread
-            target_tokens[block_rows] = row_tokens
-            accept = greedy_chain_accept(target_tokens.view(num_reqs, window), drafts[:, :used],
-                                         verify_lens.to(self.device))
-        else:
-            owner = layout.owner.to(self.device)
-            row_params = [t[owner] for t in (sampling.temperatures, sampling.top_ks, sampling.top_ps, sampling.min_ps)]
-            if self.test_break is not None:
-                row_params[0] = test_breaks.break_temperatures(self.test_break, row_params[0])
-            probs = process_logits(logits, *row_params, filtering=sampling.filtering)  # [T, V]
-            target_probs = probs.new_zeros(num_reqs * window, self.vocab_size)  # [R * W, V]
-            target_probs[block_rows] = probs
-            target_probs = target_probs.view(num_reqs, window, self.vocab_size)  # [R, W, V]
-            accept = chain_accept(
-                target_probs, drafts[:, :used].contiguous(), block.probs[:, :used].contiguous(),
-                verify_lens.to(self.device), greedy, accept_uniforms[:, :used].contiguous(), sample_uniforms,
-            )
-            if self.test_break is not None:
-                accept = test_breaks.break_residual(self.test_break, accept, target_probs, verify_lens, greedy,
-                                                    sample_uniforms)
+        accept = self._accept(logits, layout, window, block, drafts, verify_lens, greedy, sampling)
         num_accepted, output_tokens = self._tp_agree(accept.num_accepted, accept.output_tokens)
         num_accepted_cpu = num_accepted.to("cpu", torch.int64)
         t_accept = time.perf_counter()
@@ -705,6 +674,45 @@ class DSparkPluginWorker(BaseSpecWorker):
             speculative_num_draft_tokens=stride,
             can_run_cuda_graph=False,
         )
+
+    def _accept(self, logits, layout, window: int, block: DraftBlock, drafts, verify_lens, greedy,
+                sampling: SamplingBatch) -> AcceptanceResult:
+        """Chain acceptance of the round over its widest window W: logits [T, V] of the flat verify
+        rows, drafts [R, gamma], verify_lens [R] on the host; output_tokens [R, W]."""
+        num_reqs = drafts.shape[0]
+        # Row t of the flat verify batch is cell (owner[t], offsets[t]) of the [R, W] block: host
+        # indices from host lengths, so nothing here waits on the device.
+        block_rows = (layout.owner * window + layout.offsets).to(self.device)
+        # Uniforms drawn for the full block, so the random stream does not depend on W (nor on
+        # whether this round took the greedy path).
+        accept_uniforms = torch.rand(num_reqs, self.gamma, generator=self.generator, device=self.device)
+        sample_uniforms = torch.rand(num_reqs, generator=self.generator, device=self.device)
+        used = window - 1
+        if sampling.all_greedy and self.test_break is None:
+            # Every row greedy: the target's argmax per verify row is all acceptance reads (what
+            # process_logits would put its one-hot at), so no [R, W, V] probabilities are built.
+            row_tokens = sanitize_logits(logits).argmax(dim=-1)  # [T]
+            target_tokens = row_tokens.new_zeros(num_reqs * window)  # [R * W]; cells past a window unread
+            target_tokens[block_rows] = row_tokens
+            accept = greedy_chain_accept(target_tokens.view(num_reqs, window), drafts[:, :used],
+                                         verify_lens.to(self.device))
+        else:
+            owner = layout.owner.to(self.device)
+            row_params = [t[owner] for t in (sampling.temperatures, sampling.top_ks, sampling.top_ps, sampling.min_ps)]
+            if self.test_break is not None:
+                row_params[0] = test_breaks.break_temperatures(self.test_break, row_params[0])
+            probs = process_logits(logits, *row_params, filtering=sampling.filtering)  # [T, V]
+            target_probs = probs.new_zeros(num_reqs * window, self.vocab_size)  # [R * W, V]
+            target_probs[block_rows] = probs
+            target_probs = target_probs.view(num_reqs, window, self.vocab_size)  # [R, W, V]
+            accept = chain_accept(
+                target_probs, drafts[:, :used].contiguous(), block.probs[:, :used].contiguous(),
+                verify_lens.to(self.device), greedy, accept_uniforms[:, :used].contiguous(), sample_uniforms,
+            )
+            if self.test_break is not None:
+                accept = test_breaks.break_residual(self.test_break, accept, target_probs, verify_lens, greedy,
+                                                    sample_uniforms)
+        return accept
 
     def _output_logprobs(
         self,
