@@ -4,21 +4,28 @@ On a CPU, a decode step of a small model and a speculative verify of a few token
 weight-bound: every matmul streams its whole weight for 1-8 rows of activations. PyTorch's
 `F.linear(x, W)` for such rows takes a path that does not stay weight-bound in float32. Measured
 on this project's 2-core machine (one thread, SmolLM2-135M's shapes, 30 layers + LM head, weights
-streamed from memory; `python -m dspark_sglang.benchmarks.cpu_gemm` re-measures it on yours):
+streamed from memory, best of 5; `python -m dspark_sglang.benchmarks.cpu_gemm` re-measures it on yours;
+examples/bench/cpu-gemm-row-dot/results.json, 2026-12-08):
 
-    rows                 1      2      3      4      5      6      8
-    F.linear (stock)   45 ms  76 ms  96 ms  61 ms  71 ms  70 ms  71 ms
-    W @ x^T            29 ms  29 ms  45 ms  46 ms  58 ms  70 ms  75 ms   (1 row: padded to 2)
+    rows                      1      2      3      4      5      6      8
+    F.linear (stock)        50 ms 105 ms 143 ms  81 ms  93 ms 106 ms  94 ms
+    few-rows: W @ x^T       38 ms  37 ms  51 ms  61 ms  68 ms  79 ms 101 ms   (1 row: padded to 2)
+    row-dot (numba)         37 ms  37 ms  44 ms  46 ms  42 ms  50 ms  71 ms
 
-(examples/bench/cpu-gemm/results.json.) So `W @ x^T` (the weight as the left operand) keeps 2 rows at
-the cost of one and 3-4 at the cost of a stock row, and one row padded to two costs two thirds of
-the stock one-row step. In bfloat16 the stock path is already
-weight-bound and `W @ x^T` is slower: only float32 is served here.
+Two kernels, chosen by `DSPARK_CPU_GEMM`:
+- ``few-rows``: `W @ x^T` (the weight as the left operand of BLAS's GEMM) keeps 2 rows at the cost of
+  one;
+- ``row-dot``: M dot products per weight row, compiled with numba. It keeps 3-5 rows within 1.2x of
+  one, and a row's result does not depend on how many rows came with it, so a verify row equals the
+  decode step's bit for bit.
+In the engine the two give the same verify cost at W = 2 and 4 within noise, row-dot is cheaper at
+W = 3, and dearer at W = 8, past its 5-row range in the layers (examples/bench/round-cost, session
+5). In bfloat16 the stock path is already weight-bound: only float32 is served here.
 
-It changes the last bits of float32 results (another BLAS kernel), so it is opt-in and applies to
-every engine of a process tree alike: `DSPARK_CPU_GEMM=few-rows` in the environment of a plain
-or a speculative server. Benchmarks that compare plain with speculative decoding set it for both
-or for neither.
+Both change the last bits of float32 results against stock, so they are opt-in and apply to every
+engine of a process tree alike: `DSPARK_CPU_GEMM=few-rows|row-dot` in the environment of a plain or a
+speculative server. Benchmarks that compare plain with speculative decoding set it for both or for
+neither.
 """
 
 from __future__ import annotations
