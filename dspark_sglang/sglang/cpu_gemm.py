@@ -18,9 +18,9 @@ Two kernels, chosen by `DSPARK_CPU_GEMM`:
 - ``row-dot``: M dot products per weight row, compiled with numba. It keeps 3-5 rows within 1.2x of
   one, and a row's result does not depend on how many rows came with it, so a verify row equals the
   decode step's bit for bit.
-In the engine the two give the same verify cost at W = 2 and 4 within noise, row-dot is cheaper at
-W = 3, and dearer at W = 8, past its 5-row range in the layers (examples/bench/round-cost, session
-5). In bfloat16 the stock path is already weight-bound: only float32 is served here.
+In the engine the two gave the same verify cost at W = 2 and 4 within noise, row-dot a cheaper W = 3,
+and a dearer W = 8, which was then past its range in the layers (5 rows; now 8, not re-measured in the
+engine: examples/bench/round-cost, session 5). In bfloat16 the stock path is already weight-bound: only float32 is served here.
 
 Both change the last bits of float32 results against stock, so they are opt-in and apply to every
 engine of a process tree alike: `DSPARK_CPU_GEMM=few-rows|row-dot` in the environment of a plain or a
@@ -45,6 +45,7 @@ LM_HEAD_TARGET = "sglang.srt.layers.logits_processor.LogitsProcessor._compute_lm
 # shapes, up to 8 for the wide LM head, where the stock path stays slower for longer.
 MAX_ROWS_LINEAR = 5
 MAX_ROWS_LM_HEAD = 8
+ROW_DOT_MAX_ROWS_LINEAR = 8  # row-dot stays ahead of stock through 8 rows in the layers too (table above)
 
 
 def requested_kernel(environ=os.environ) -> str | None:
@@ -109,6 +110,7 @@ def serves(x: torch.Tensor, weight: torch.Tensor, max_rows: int) -> bool:
 
 KERNELS = {"few-rows": few_row_linear, "row-dot": row_dot_linear}
 _kernel = few_row_linear  # what the hooks call; install() sets it from DSPARK_CPU_GEMM
+_max_rows_linear = MAX_ROWS_LINEAR  # the layers' row range of that kernel
 
 
 def _linear_apply(original, self, layer, x, bias=None):
@@ -116,7 +118,7 @@ def _linear_apply(original, self, layer, x, bias=None):
     weight = getattr(layer, "weight", None)
     if (
         isinstance(weight, torch.Tensor) and not getattr(layer, "use_intel_amx_backend", False)
-        and serves(x, weight, MAX_ROWS_LINEAR) and (bias is None or bias.dtype == torch.float32)
+        and serves(x, weight, _max_rows_linear) and (bias is None or bias.dtype == torch.float32)
     ):
         return _kernel(x, weight, bias)
     return original(self, layer, x, bias)
@@ -156,11 +158,12 @@ def active_kernel() -> str:
 
 def install() -> bool:
     """Register both AROUND hooks when the environment asks for it (called from the plugin's register)."""
-    global _kernel
+    global _kernel, _max_rows_linear
     name = requested_kernel()
     if name is None:
         return False
     _kernel = KERNELS[name]
+    _max_rows_linear = ROW_DOT_MAX_ROWS_LINEAR if name == "row-dot" else MAX_ROWS_LINEAR
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     for target, hook in ((LINEAR_TARGET, _linear_apply), (LM_HEAD_TARGET, _compute_lm_head)):

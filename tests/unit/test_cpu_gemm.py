@@ -116,6 +116,14 @@ def test_the_hooks_run_the_chosen_kernel(monkeypatch):
     assert route == "few" and torch.equal(out, cpu_gemm.row_dot_linear(x, weight, bias))
 
 
+def test_row_dot_serves_up_to_eight_rows_in_the_layers(monkeypatch):
+    monkeypatch.setattr(cpu_gemm, "_kernel", cpu_gemm.row_dot_linear)
+    monkeypatch.setattr(cpu_gemm, "_max_rows_linear", cpu_gemm.ROW_DOT_MAX_ROWS_LINEAR)
+    x, weight, _ = _operands(8)
+    assert _route(x, _Layer(weight))[0] == "few"
+    assert _route(_operands(9)[0], _Layer(weight))[0] == "stock"
+
+
 def test_requested_refuses_unknown_values():
     with pytest.raises(ValueError, match="DSPARK_CPU_GEMM"):
         cpu_gemm.requested({cpu_gemm.ENV: "fast"})
