@@ -89,6 +89,15 @@ def make_spec_class():
             return False
 
         def handle_server_args(self, server_args) -> None:
+            if getattr(server_args, "enable_dp_attention", False):
+                # DP attention gathers every rank's token count before the forward, for a verify of
+                # speculative_num_draft_tokens rows per request; our ragged verify sends a different
+                # count, and no rank can know the others' before drafting. Refused until that is wired.
+                raise ValueError(
+                    "--speculative-algorithm DSPARK_PLUGIN does not support --enable-dp-attention: its verify "
+                    "changes the per-rank token counts DP attention gathers beforehand. Serve DSPARK with "
+                    "SGLang's built-in worker (DSPARK_USE_BUILTIN=1, DeepSpec DSpark checkpoints on CUDA) or "
+                    "without DP attention")
             config = resolve_plugin_config(server_args)
             # One chain, one step: the verify window is the anchor plus up to max_verify_len drafts.
             server_args.speculative_num_steps = 1

@@ -138,3 +138,16 @@ def test_a_cuda_server_declines_the_graphs_our_round_never_replays():
     forced = run_probe("normal", draft=str(ZOO / "smollm2-135m-dspark"), device="cuda", model=target,
                        DSPARK_USE_BUILTIN="0")
     assert forced.get("resolved") == "DSPARK_PLUGIN" and forced["disable_cuda_graph"] is True, forced
+
+
+def test_dp_attention_is_refused_with_a_clear_error():
+    """Our verify changes the per-rank token counts DP attention gathers before the forward: the
+    server must refuse at startup, naming the flag and the alternative, before anything is loaded."""
+    from types import SimpleNamespace
+
+    from dspark_sglang.sglang.spec_class import make_spec_class
+
+    spec = make_spec_class()("DSPARK_PLUGIN", factory=None)
+    args = SimpleNamespace(enable_dp_attention=True, speculative_draft_model_path=str(ZOO / "smollm2-135m-dspark"))
+    with pytest.raises(ValueError, match="does not support --enable-dp-attention.*DSPARK_USE_BUILTIN=1"):
+        spec.handle_server_args(args)
