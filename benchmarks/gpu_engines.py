@@ -30,6 +30,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from unittest import mock
 
 ZOO = ("dspark", "dflash", "eagle3")
 
@@ -105,14 +106,9 @@ def run_one(name: str, extra: dict, env: dict, base: dict, target: str, texts, b
     if "speculative_draft_model_path" in kwargs:
         kwargs["speculative_draft_model_path"] = str(zoo_drafter(kwargs["speculative_draft_model_path"]))
         kwargs["speculative_algorithm"] = "DSPARK"
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     start = time.perf_counter()
-    try:
+    with mock.patch.dict(os.environ, env):  # the scheduler process inherits it; restored afterwards
         engine = sglang.Engine(model_path=target, **kwargs)
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     try:
         result = {"ready_s": round(time.perf_counter() - start, 1)}
         result.update(measure(engine, texts, batch_texts, args.max_new_tokens))

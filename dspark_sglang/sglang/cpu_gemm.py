@@ -109,6 +109,8 @@ def serves(x: torch.Tensor, weight: torch.Tensor, max_rows: int) -> bool:
 
 
 KERNELS = {"few-rows": few_row_linear, "row-dot": row_dot_linear}
+# The layers' row range of each kernel (the LM head's is MAX_ROWS_LM_HEAD for both).
+KERNEL_MAX_ROWS_LINEAR = {"few-rows": MAX_ROWS_LINEAR, "row-dot": ROW_DOT_MAX_ROWS_LINEAR}
 _kernel = few_row_linear  # what the hooks call; install() sets it from DSPARK_CPU_GEMM
 _max_rows_linear = MAX_ROWS_LINEAR  # the layers' row range of that kernel
 
@@ -163,7 +165,7 @@ def install() -> bool:
     if name is None:
         return False
     _kernel = KERNELS[name]
-    _max_rows_linear = ROW_DOT_MAX_ROWS_LINEAR if name == "row-dot" else MAX_ROWS_LINEAR
+    _max_rows_linear = KERNEL_MAX_ROWS_LINEAR[name]
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     for target, hook in ((LINEAR_TARGET, _linear_apply), (LM_HEAD_TARGET, _compute_lm_head)):
