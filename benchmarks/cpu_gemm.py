@@ -10,7 +10,8 @@ weights, so they stream from memory as in a model, then the LM head), for:
 - stock: `F.linear(x, W)`, SGLang's path for an unquantized layer;
 - few-rows: `W @ x^T` with one row padded to two (`dspark_sglang/sglang/cpu_gemm.py`,
   `DSPARK_CPU_GEMM=few-rows`);
-- row-dot: M dot products per weight row, compiled with numba (`cpu_gemm.row_dot_linear`).
+- row-dot: blocks of up to 5 rows, one pass over the weight per block, compiled with numba
+  (`cpu_gemm.row_dot_linear`, `DSPARK_CPU_GEMM=row-dot`).
 Each point is the best of `--repeats` passes, both methods interleaved, on the threads torch is set to
 (set OMP_NUM_THREADS=1 as the engine benchmarks do). Prints a table and writes results.json.
 Run it on an otherwise idle machine: matmuls share memory bandwidth with anything else running.
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dspark_sglang.benchmarks.cpu_gemm",
                                      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default=None, help="transformers folder (default: the bundled SmolLM2-135M)")
-    parser.add_argument("--rows", default="1,2,3,4,5,6,8,12,16", help="row counts to measure")
+    parser.add_argument("--rows", default="1,2,3,4,5,6,8,12,16,24,32", help="row counts to measure")
     parser.add_argument("--repeats", type=int, default=5, help="passes per point; the best counts (default: 5)")
     parser.add_argument("--out", default=None, help="folder for results.json")
     args = parser.parse_args(argv)
@@ -97,7 +98,8 @@ def main(argv=None) -> int:
     lm_head = torch.randn(*head_shape)
     row_counts = [int(r) for r in args.rows.split(",")]
     for fn in METHODS.values():  # compile / load compiled code before anything is timed
-        fn(torch.randn(2, 8), torch.randn(4, 8))
+        for rows in range(1, 7):
+            fn(torch.randn(rows, 8), torch.randn(4, 8))
     best: dict[tuple[str, int], list[float]] = {}
     for _ in range(args.repeats):
         for rows in row_counts:

@@ -30,6 +30,7 @@ neither.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numba
@@ -45,7 +46,7 @@ LM_HEAD_TARGET = "sglang.srt.layers.logits_processor.LogitsProcessor._compute_lm
 # shapes, up to 8 for the wide LM head, where the stock path stays slower for longer.
 MAX_ROWS_LINEAR = 5
 MAX_ROWS_LM_HEAD = 8
-ROW_DOT_MAX_ROWS_LINEAR = 8  # row-dot stays ahead of stock through 8 rows in the layers too (table above)
+ROW_DOT_MAX_ROWS = 16  # row-dot stays ahead of stock through 16 rows, in the layers and the LM head (table above)
 
 
 def requested_kernel(environ=os.environ) -> str | None:
@@ -74,15 +75,41 @@ def few_row_linear(
     return out if bias is None else out + bias
 
 
-@numba.njit(fastmath=True, cache=True, nogil=True)
-def _row_dots(x, weight, out):  # x [M, K], weight [N, K], out [M, N]: float32 numpy views
-    rows, k_dim = x.shape
-    for j in range(weight.shape[0]):
-        for m in range(rows):  # weight row j is read from memory once, then from L1
-            acc = np.float32(0.0)
-            for k in range(k_dim):
-                acc += x[m, k] * weight[j, k]
-            out[m, j] = acc
+ROW_BLOCK_MAX = 5  # rows one pass over a weight serves (6+ gave no gain; 8 spills registers: see row_block_kernel)
+
+
+def _row_block_source(block: int) -> str:
+    """Source of the kernel for `block` activation rows: one pass over weight row j feeds `block` scalar
+    accumulators, so the row streams from memory once and is read from L1 once per k for all of them."""
+    acc = [f"acc{i}" for i in range(block)]
+    return "\n".join([
+        "def kernel(x, weight, out):  # x [block, K], weight [N, K], out [block, N]: float32 numpy views",
+        "    for j in range(weight.shape[0]):",
+        *[f"        {a} = np.float32(0.0)" for a in acc],
+        "        for k in range(x.shape[1]):",
+        "            w = weight[j, k]",
+        *[f"            {a} += x[{i}, k] * w" for i, a in enumerate(acc)],
+        *[f"        out[{i}, j] = {a}" for i, a in enumerate(acc)],
+    ])
+
+
+@functools.cache
+def row_block_kernel(block: int):
+    """The compiled kernel for `block` (1..ROW_BLOCK_MAX) rows. Every accumulator is the same vectorized
+    reduction over k whatever `block` is, so a row's result does not depend on the rows beside it
+    (tests/unit/test_cpu_gemm.py checks it bit for bit; at 8 accumulators LLVM splits the reduction
+    differently, so blocks stop at 5)."""
+    if not 1 <= block <= ROW_BLOCK_MAX:
+        raise ValueError(f"row block of {block} rows: expected 1..{ROW_BLOCK_MAX}")
+    namespace = {"np": np}
+    exec(compile(_row_block_source(block), f"<row_block_kernel {block}>", "exec"), namespace)
+    return numba.njit(fastmath=True, nogil=True)(namespace["kernel"])
+
+
+def row_blocks(rows: int) -> list[int]:
+    """Near-equal block sizes of at most ROW_BLOCK_MAX that add up to `rows` (7 -> [4, 3])."""
+    count = -(-rows // ROW_BLOCK_MAX)
+    return [rows // count + (i < rows % count) for i in range(count)]
 
 
 def row_dot_linear(
@@ -90,12 +117,24 @@ def row_dot_linear(
     weight: torch.Tensor,  # [N, K]
     bias: torch.Tensor | None = None,  # [N]
 ) -> torch.Tensor:
-    """x @ weight.T + bias ([M, N]) as M dot products per weight row, compiled (numba): the weight
-    streams once for all M rows, and row m's result does not depend on M (the same loop computes it
-    whatever the batch), so a verify row equals the decode step's for the same input bit for bit."""
+    """x @ weight.T + bias ([M, N]) in blocks of up to ROW_BLOCK_MAX rows, one pass over the weight per
+    block (numba): up to 5 rows cost about what one row costs, and row m's result does not depend on M,
+    so a verify row equals the decode step's for the same input bit for bit."""
+    rows = x.contiguous().numpy()
     out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
-    _row_dots(x.contiguous().numpy(), weight.contiguous().numpy(), out.numpy())
+    weight_np, out_np = weight.contiguous().numpy(), out.numpy()
+    start = 0
+    for block in row_blocks(x.shape[0]):
+        row_block_kernel(block)(rows[start:start + block], weight_np, out_np[start:start + block])
+        start += block
     return out if bias is None else out + bias
+
+
+def compile_row_blocks() -> None:
+    """Compile every block kernel now (about a second in all; a server compiles each on first use,
+    in SGLang's warm-up request, since only the processes that run the model need them)."""
+    for block in range(1, ROW_BLOCK_MAX + 1):
+        row_dot_linear(torch.zeros(block, 16), torch.zeros(4, 16))
 
 
 def serves(x: torch.Tensor, weight: torch.Tensor, max_rows: int) -> bool:
@@ -109,10 +148,10 @@ def serves(x: torch.Tensor, weight: torch.Tensor, max_rows: int) -> bool:
 
 
 KERNELS = {"few-rows": few_row_linear, "row-dot": row_dot_linear}
-# The layers' row range of each kernel (the LM head's is MAX_ROWS_LM_HEAD for both).
-KERNEL_MAX_ROWS_LINEAR = {"few-rows": MAX_ROWS_LINEAR, "row-dot": ROW_DOT_MAX_ROWS_LINEAR}
+# Each kernel's row range: (decoder layers, LM head).
+KERNEL_MAX_ROWS = {"few-rows": (MAX_ROWS_LINEAR, MAX_ROWS_LM_HEAD), "row-dot": (ROW_DOT_MAX_ROWS, ROW_DOT_MAX_ROWS)}
 _kernel = few_row_linear  # what the hooks call; install() sets it from DSPARK_CPU_GEMM
-_max_rows_linear = MAX_ROWS_LINEAR  # the layers' row range of that kernel
+_max_rows_linear, _max_rows_lm_head = KERNEL_MAX_ROWS["few-rows"]  # that kernel's row ranges
 
 
 def _linear_apply(original, self, layer, x, bias=None):
@@ -139,7 +178,7 @@ def _compute_lm_head(original, self, hidden_states, lm_head, embedding_bias=None
         and not should_apply_lm_head_quant_method(lm_head, getattr(lm_head, "quant_method", None))
         and not getattr(lm_head, "use_intel_amx_backend", False)
         and getattr(self, "rl_on_policy_target", None) is None
-        and serves(hidden_states, weight, MAX_ROWS_LM_HEAD)
+        and serves(hidden_states, weight, _max_rows_lm_head)
     ):
         return _kernel(hidden_states, weight)
     return original(self, hidden_states, lm_head, embedding_bias, out=out)
@@ -160,12 +199,12 @@ def active_kernel() -> str:
 
 def install() -> bool:
     """Register both AROUND hooks when the environment asks for it (called from the plugin's register)."""
-    global _kernel, _max_rows_linear
+    global _kernel, _max_rows_linear, _max_rows_lm_head
     name = requested_kernel()
     if name is None:
         return False
     _kernel = KERNELS[name]
-    _max_rows_linear = KERNEL_MAX_ROWS_LINEAR[name]
+    _max_rows_linear, _max_rows_lm_head = KERNEL_MAX_ROWS[name]
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     for target, hook in ((LINEAR_TARGET, _linear_apply), (LM_HEAD_TARGET, _compute_lm_head)):

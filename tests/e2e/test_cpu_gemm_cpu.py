@@ -1,6 +1,6 @@
-"""`DSPARK_CPU_GEMM=few-rows` (dspark_sglang/sglang/cpu_gemm.py) in real SGLang CPU engines.
+"""`DSPARK_CPU_GEMM=few-rows|row-dot` (dspark_sglang/sglang/cpu_gemm.py) in real SGLang CPU engines.
 
-With the few-row GEMM in both engines, the zoo DSpark drafter's greedy output still equals the plain
+With either kernel in both engines, the zoo DSpark drafter's greedy output still equals the plain
 engine's token for token (4 real prompts x 48 tokens, batched), verify windows of several rows
 included (accepted length above 1.2). The hooks are proven live: the speculative engine reports them in
 `/server_info`, and the plain engine's logprobs move off the stock engine's in the last bits.
@@ -46,20 +46,21 @@ def _logprobs(out: dict) -> list[float]:
     return [entry[0] for entry in out["meta_info"]["output_token_logprobs"]]
 
 
-def test_few_row_gemm_keeps_greedy_parity(zoo_setup):
+@pytest.mark.parametrize("gemm", ["few-rows", "row-dot"])
+def test_few_row_gemm_keeps_greedy_parity(zoo_setup, gemm):
     from dspark_sglang.models import zoo_drafter
 
     target, texts = zoo_setup
     stock, _ = _run(target, texts, "stock")
-    plain, _ = _run(target, texts, "few-rows")
-    spec, plugin = _run(target, texts, "few-rows", speculative_algorithm="DSPARK",
+    plain, _ = _run(target, texts, gemm)
+    spec, plugin = _run(target, texts, gemm, speculative_algorithm="DSPARK",
                         speculative_draft_model_path=str(zoo_drafter("dspark")))
 
-    assert plugin["cpu_gemm"] == "few-rows"
+    assert plugin["cpu_gemm"] == gemm
     assert [o["output_ids"] for o in spec] == [o["output_ids"] for o in plain]
     tokens = sum(o["meta_info"]["completion_tokens"] for o in spec)
     rounds = sum(o["meta_info"]["spec_verify_ct"] for o in spec)
-    print(f"few-rows GEMM: accepted length {tokens / rounds:.3f} over {rounds} rounds")
+    print(f"{gemm} GEMM: accepted length {tokens / rounds:.3f} over {rounds} rounds")
     assert tokens / rounds > 1.2
 
     # The plain engine really ran the other GEMM: same first tokens, logprobs apart in the last bits.

@@ -116,12 +116,23 @@ def test_the_hooks_run_the_chosen_kernel(monkeypatch):
     assert route == "few" and torch.equal(out, cpu_gemm.row_dot_linear(x, weight, bias))
 
 
-def test_row_dot_serves_up_to_eight_rows_in_the_layers(monkeypatch):
+def test_row_dot_serves_its_own_row_range_in_the_layers(monkeypatch):
     monkeypatch.setattr(cpu_gemm, "_kernel", cpu_gemm.row_dot_linear)
-    monkeypatch.setattr(cpu_gemm, "_max_rows_linear", cpu_gemm.ROW_DOT_MAX_ROWS_LINEAR)
-    x, weight, _ = _operands(8)
+    monkeypatch.setattr(cpu_gemm, "_max_rows_linear", cpu_gemm.KERNEL_MAX_ROWS["row-dot"][0])
+    x, weight, _ = _operands(cpu_gemm.ROW_DOT_MAX_ROWS)
     assert _route(x, _Layer(weight))[0] == "few"
-    assert _route(_operands(9)[0], _Layer(weight))[0] == "stock"
+    assert _route(_operands(cpu_gemm.ROW_DOT_MAX_ROWS + 1)[0], _Layer(weight))[0] == "stock"
+
+
+@pytest.mark.parametrize("rows,blocks", [(1, [1]), (5, [5]), (6, [3, 3]), (7, [4, 3]), (11, [4, 4, 3]),
+                                         (16, [4, 4, 4, 4])])
+def test_row_blocks_split_rows_into_near_equal_blocks(rows, blocks):
+    assert cpu_gemm.row_blocks(rows) == blocks
+
+
+def test_row_block_kernels_refuse_blocks_past_the_limit():
+    with pytest.raises(ValueError, match="row block"):
+        cpu_gemm.row_block_kernel(cpu_gemm.ROW_BLOCK_MAX + 1)
 
 
 def test_requested_refuses_unknown_values():
@@ -129,7 +140,7 @@ def test_requested_refuses_unknown_values():
         cpu_gemm.requested({cpu_gemm.ENV: "fast"})
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 8, 13])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_row_dot_linear_matches_f_linear(rows, with_bias):
     x, weight, bias = _operands(rows, seed=rows)
@@ -140,14 +151,26 @@ def test_row_dot_linear_matches_f_linear(rows, with_bias):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_row_dot_rows_do_not_depend_on_the_batch():
-    """Each row is the same loop whatever M: a verify row equals the 1-row decode result bit for bit."""
-    x, weight, _ = _operands(6, k=300, n=70)
-    together = cpu_gemm.row_dot_linear(x, weight)
-    for m in range(6):
-        assert torch.equal(together[m], cpu_gemm.row_dot_linear(x[m:m + 1], weight)[0])
+@pytest.mark.parametrize("k", [300, 576, 1536])  # 576 and 1536: SmolLM2-135M's inner dimensions
+def test_row_dot_rows_do_not_depend_on_the_batch(k):
+    """Every block size reduces each row the same way: a row's result is the same bit for bit whether it
+    comes alone (a decode step) or with up to 15 others (a verify), in whichever block slot."""
+    x, weight, _ = _operands(16, k=k, n=70)
+    alone = torch.cat([cpu_gemm.row_dot_linear(x[m:m + 1], weight) for m in range(16)])
+    for rows in range(2, 17):
+        assert torch.equal(cpu_gemm.row_dot_linear(x[:rows], weight), alone[:rows]), rows
+    shifted = cpu_gemm.row_dot_linear(x[3:8], weight)  # the same rows in other block slots
+    assert torch.equal(shifted, alone[3:8])
     strided = cpu_gemm.row_dot_linear(x.t().contiguous().t(), weight)  # a non-contiguous input
-    assert torch.equal(strided, together)
+    assert torch.equal(strided, alone)
+
+
+def test_the_batch_independence_check_can_fail():
+    """Negative control: a reduction in another order (torch's GEMM) differs in the last bits, so the
+    bit-for-bit check above would see a block kernel that summed differently."""
+    x, weight, _ = _operands(16, k=1536, n=70)
+    alone = torch.cat([cpu_gemm.row_dot_linear(x[m:m + 1], weight) for m in range(16)])
+    assert not torch.equal(torch.nn.functional.linear(x, weight), alone)
 
 
 def test_the_gemm_benchmark_measures_every_method(tmp_path):
