@@ -1,26 +1,28 @@
 """Opt-in faster float32 matmuls for few-row batches on CPU: SGLang's linear layers and LM head.
 
 On a CPU, a decode step of a small model and a speculative verify of a few tokens are
-weight-bound: every matmul streams its whole weight for 1-8 rows of activations. PyTorch's
+weight-bound: every matmul streams its whole weight for 1-16 rows of activations. PyTorch's
 `F.linear(x, W)` for such rows takes a path that does not stay weight-bound in float32. Measured
 on this project's 2-core machine (one thread, SmolLM2-135M's shapes, 30 layers + LM head, weights
-streamed from memory, best of 5; `python -m dspark_sglang.benchmarks.cpu_gemm` re-measures it on yours;
-examples/bench/cpu-gemm-row-dot/results.json, 2026-12-08):
+streamed from memory, best of 5, nothing else running; `python -m dspark_sglang.benchmarks.cpu_gemm`
+re-measures it on yours; examples/bench/cpu-gemm-row-block/results.json, 2026-12-08):
 
-    rows                      1      2      3      4      5      6      8
-    F.linear (stock)        50 ms 105 ms 143 ms  81 ms  93 ms 106 ms  94 ms
-    few-rows: W @ x^T       38 ms  37 ms  51 ms  61 ms  68 ms  79 ms 101 ms   (1 row: padded to 2)
-    row-dot (numba)         37 ms  37 ms  44 ms  46 ms  42 ms  50 ms  71 ms
+    rows                      1      2      3      4      5      6      8     16     24     32
+    F.linear (stock)        45 ms  78 ms 102 ms  65 ms  75 ms  73 ms  74 ms  96 ms 118 ms 142 ms
+    few-rows: W @ x^T       30 ms  30 ms  46 ms  50 ms  60 ms  71 ms  77 ms 115 ms 150 ms 161 ms
+    row-dot (numba)         25 ms  28 ms  28 ms  33 ms  37 ms  44 ms  53 ms  89 ms 118 ms 151 ms
 
 Two kernels, chosen by `DSPARK_CPU_GEMM`:
 - ``few-rows``: `W @ x^T` (the weight as the left operand of BLAS's GEMM) keeps 2 rows at the cost of
-  one;
-- ``row-dot``: M dot products per weight row, compiled with numba. It keeps 3-5 rows within 1.2x of
-  one, and a row's result does not depend on how many rows came with it, so a verify row equals the
-  decode step's bit for bit.
-In the engine the two gave the same verify cost at W = 2 and 4 within noise, row-dot a cheaper W = 3,
-and a dearer W = 8, which was then past its range in the layers (5 rows; now 8, not re-measured in the
-engine: examples/bench/round-cost, session 5). In bfloat16 the stock path is already weight-bound: only float32 is served here.
+  one (1-5 rows in the layers, 1-8 in the LM head);
+- ``row-dot``: blocks of up to 5 activation rows, one pass over the weight per block, compiled with
+  numba (1-16 rows). It keeps 3 rows at 1.15x and 4 at 1.34x the cost of one, and a row's result does
+  not depend on how many rows came with it, so a verify row equals the decode step's bit for bit.
+  Past 5 rows it is 2+ passes; from 24 rows on the stock GEMM is as fast, and the hooks hand it back.
+In the engine, row-dot made the batch-1 decode step 0.79x few-rows' (42.5 vs 53.7 ms) and a W = 3 verify
+1.15x that step (examples/bench/round-cost, session 6). Why not register-block several weight rows
+per pass: examples/bench/cpu-gemm-row-block/variants.py. In bfloat16 the stock path is already
+weight-bound: only float32 is served here.
 
 Both change the last bits of float32 results against stock, so they are opt-in and apply to every
 engine of a process tree alike: `DSPARK_CPU_GEMM=few-rows|row-dot` in the environment of a plain or a
@@ -46,7 +48,7 @@ LM_HEAD_TARGET = "sglang.srt.layers.logits_processor.LogitsProcessor._compute_lm
 # shapes, up to 8 for the wide LM head, where the stock path stays slower for longer.
 MAX_ROWS_LINEAR = 5
 MAX_ROWS_LM_HEAD = 8
-ROW_DOT_MAX_ROWS = 16  # row-dot stays ahead of stock through 16 rows, in the layers and the LM head (table above)
+ROW_DOT_MAX_ROWS = 16  # row-dot is ahead of stock through 16 rows and level at 24 (table above)
 
 
 def requested_kernel(environ=os.environ) -> str | None:

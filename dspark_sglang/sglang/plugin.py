@@ -41,7 +41,7 @@ Hook points, and why these:
 
 8. Opt-in, for every engine of a process tree: `DSPARK_CPU_DECODE_ATTENTION=fast` replaces
    torch_native's per-request decode attention loop with a 3-5x faster one (cpu_attention.py), and
-   `DSPARK_CPU_GEMM=few-rows` serves float32 matmuls of 1-8 rows with a faster GEMM (cpu_gemm.py).
+   `DSPARK_CPU_GEMM=few-rows|row-dot` serves float32 matmuls of few rows faster (cpu_gemm.py).
 
 Who serves `DSPARK` (settings.dspark_owner): our worker on CPU and for every checkpoint the built-in cannot
 serve; on CUDA, SGLang's built-in worker for DeepSpec DSpark checkpoints (it has CUDA graphs and
@@ -82,7 +82,7 @@ def register() -> None:
     from dspark_sglang.sglang import cpu_attention, cpu_gemm
 
     cpu_attention.install()  # opt-in (DSPARK_CPU_DECODE_ATTENTION=fast), plain and speculative engines alike
-    cpu_gemm.install()  # opt-in (DSPARK_CPU_GEMM=few-rows), plain and speculative engines alike
+    cpu_gemm.install()  # opt-in (DSPARK_CPU_GEMM=few-rows|row-dot), plain and speculative engines alike
 
     try:
         SpeculativeAlgorithm.from_string(ALGORITHM_NAME)
