@@ -8,10 +8,10 @@ This measures whether they do, for the matmul shapes of a transformers target fo
 bundled SmolLM2-135M: every decoder layer's q/k/v, o, gate/up and down projections with their own
 weights, so they stream from memory as in a model, then the LM head), for:
 - stock: `F.linear(x, W)`, SGLang's path for an unquantized layer;
-- few-rows: `W @ x^T` with one row padded to two (`dspark_sglang/sglang/cpu_gemm.py`,
+- few-rows: `W @ x^T` with one row padded to two (`dspark_sglang/cpu_linear.py`,
   `DSPARK_CPU_GEMM=few-rows`);
 - row-dot: blocks of up to 5 rows, one pass over the weight per block, compiled with numba
-  (`cpu_gemm.row_dot_linear`, `DSPARK_CPU_GEMM=row-dot`).
+  (`cpu_linear.row_dot_linear`, `DSPARK_CPU_GEMM=row-dot`).
 Each point is the best of `--repeats` passes, both methods interleaved, on the threads torch is set to
 (set OMP_NUM_THREADS=1 as the engine benchmarks do). Prints a table and writes results.json.
 Run it on an otherwise idle machine: matmuls share memory bandwidth with anything else running.
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from dspark_sglang.sglang.cpu_gemm import few_row_linear, row_dot_linear
+from dspark_sglang.cpu_linear import few_row_linear, row_dot_linear
 
 
 def layer_shapes(config: dict) -> tuple[list[tuple[int, int]], tuple[int, int]]:

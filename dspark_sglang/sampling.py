@@ -198,6 +198,24 @@ def sample_from_probs(
     return chosen.squeeze(1) * block + offset  # a row without positive weight: block 0, offset 0
 
 
+def draw(
+    sampling: SamplingBatch,  # N rows
+    logits: torch.Tensor,  # [N, V]
+    uniforms: torch.Tensor,  # [N] U(0, 1)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q [N, V] float32, token [N] int64): `sampling.probs(logits)` and the inverse-CDF draw from it.
+
+    A batch the host knows to be all greedy skips the softmax and the CDF: `process_logits` makes a
+    greedy row one-hot at the argmax of its sanitized logits, and the draw from a one-hot row is that
+    argmax, so both are computed directly (the same tensors; the uniforms go unused either way)."""
+    if sampling.all_greedy:
+        token = sanitize_logits(logits).argmax(dim=-1)  # [N]
+        return torch.zeros(logits.shape, dtype=torch.float32, device=logits.device).scatter_(
+            -1, token[:, None], 1.0), token
+    q = sampling.probs(logits)
+    return q, sample_from_probs(q, uniforms)
+
+
 def _last_positive(weights: torch.Tensor) -> torch.Tensor:
     """[N] index of each row's last positive entry (0 for a row without one). weights [N, K]."""
     positive = weights > 0

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dspark_sglang.cpu_linear import Linear
 from dspark_sglang.drafters.config import BlockDrafterConfig, DecoderDims
 from dspark_sglang.drafters.layers import Attention, RMSNorm, SwiGLU, apply_rope, rope_cos_sin
 
@@ -168,7 +169,7 @@ class BlockBackbone(nn.Module):
         super().__init__()
         self.dims = dims
         h = dims.hidden_size
-        self.fc = nn.Linear(num_context_layers * h, h, bias=False)
+        self.fc = Linear(num_context_layers * h, h, bias=False)
         self.hidden_norm = RMSNorm(h, dims.rms_norm_eps)
         self.layers = nn.ModuleList(BlockDecoderLayer(dims) for _ in range(dims.num_layers))
         self.norm = RMSNorm(h, dims.rms_norm_eps)

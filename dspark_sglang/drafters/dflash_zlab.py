@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dspark_sglang.cpu_linear import linear
 from dspark_sglang.drafters.block import BlockBackbone, BlockDrafterBase
 from dspark_sglang.drafters.checkpoint import check_target_tensor, load_weights
 from dspark_sglang.drafters.config import BlockDrafterConfig
@@ -95,7 +96,7 @@ class ZlabDFlashDrafter(BlockDrafterBase, nn.Module):
     def _draft_logits(self, slots, anchor_tokens, anchor_positions, head: torch.Tensor | None = None) -> torch.Tensor:
         hidden = self.block_hidden(slots, anchor_tokens, anchor_positions)  # [R, B, H]
         head = self.target_lm_head if head is None else head
-        return F.linear(hidden[:, 1:], head)  # [R, B-1, V or Vd]: mask slot j -> a + j
+        return linear(hidden[:, 1:], head)  # [R, B-1, V or Vd]: mask slot j -> a + j
 
     @torch.no_grad()
     def propose_with_logits(

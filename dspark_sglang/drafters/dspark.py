@@ -27,9 +27,9 @@ must have the target's [V, H] shape (config validation checks V and H against th
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from dspark_sglang.cpu_linear import Linear, linear
 from dspark_sglang.drafters.block import BlockBackbone, BlockDrafterBase
 from dspark_sglang.drafters.checkpoint import load_weights
 from dspark_sglang.drafters.config import FORMAT_FAMILY, BlockDrafterConfig
@@ -71,7 +71,7 @@ class DSparkDrafter(BlockDrafterBase, nn.Module):
         with torch.device("meta" if meta else device):
             self.backbone = BlockBackbone(dims, len(config.target_layer_ids))
             self.embed_tokens = nn.Embedding(dims.vocab_size, dims.hidden_size)
-            self.lm_head = nn.Linear(dims.hidden_size, config.draft_vocab_size or dims.vocab_size, bias=False)
+            self.lm_head = Linear(dims.hidden_size, config.draft_vocab_size or dims.vocab_size, bias=False)
             self.markov_head = (
                 MarkovHead(config.markov_head_type, dims.vocab_size, dims.hidden_size, config.markov_rank,
                            config.draft_vocab_size)
@@ -135,7 +135,7 @@ class DSparkDrafter(BlockDrafterBase, nn.Module):
         hidden, state = self._drafting_rows(self.block_hidden(slots, anchor_tokens, anchor_positions), anchor_tokens)
         vocab = self.draft_vocab
         # [R, gamma, V] (or [R, gamma, Vd] over a reduced vocabulary); drafting row k predicts anchor + k + 1
-        base_logits = self.lm_head(hidden) if vocab is None else F.linear(hidden, self._head_rows)
+        base_logits = self.lm_head(hidden) if vocab is None else linear(hidden, self._head_rows)
         if self.markov_head is None and self.confidence_head is None:  # DFlash: independent slots
             block = sample_independent(base_logits, sampling, generator)
             return (block if vocab is None else vocab.lift(block)), base_logits

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dspark_sglang.cpu_linear import Linear, linear
 from dspark_sglang.drafters.checkpoint import check_target_tensor, load_weights
 from dspark_sglang.drafters.config import DecoderDims
 from dspark_sglang.drafters.dspark import empty_block
@@ -38,7 +39,7 @@ from dspark_sglang.drafters.eagle3_cache import Eagle3Cache
 from dspark_sglang.drafters.eagle3_config import Eagle3Layout, check_vocab_map, parse_layout
 from dspark_sglang.drafters.interface import DraftBlock, DrafterInfo, TargetSpec
 from dspark_sglang.drafters.layers import Attention, RMSNorm, SwiGLU, apply_rope, rope_cos_sin
-from dspark_sglang.sampling import SamplingBatch, sample_from_probs, top1_of_logits
+from dspark_sglang.sampling import SamplingBatch, draw, top1_of_logits
 
 
 class Eagle3Layer(nn.Module):
@@ -113,7 +114,7 @@ class Eagle3Model(nn.Module):
         cfg, dims = layout.config, layout.config.dims
         h = dims.hidden_size
         n = len(cfg.target_layer_ids)
-        self.fc = nn.Linear(n * h, h, bias=False)
+        self.fc = Linear(n * h, h, bias=False)
         self.fc_input_norm = cfg.fc_input_norm
         if cfg.fc_input_norm == "concat":  # speculators norm_before_fc
             self.input_norm = RMSNorm(n * h, dims.rms_norm_eps)
@@ -125,7 +126,7 @@ class Eagle3Model(nn.Module):
         else:
             self.layers = nn.ModuleList([layer])
         self.norm = RMSNorm(h, dims.rms_norm_eps)
-        self.lm_head = nn.Linear(h, cfg.draft_vocab_size, bias=False)
+        self.lm_head = Linear(h, cfg.draft_vocab_size, bias=False)
         if layout.embed_in_checkpoint:
             self.embed_tokens = nn.Embedding(dims.vocab_size, h)
         if layout.has_vocab_map:
@@ -216,7 +217,7 @@ class Eagle3Drafter(nn.Module):
     def _logits(self, x: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., Vd]
         if self._head_rows is None:
             return self.model.logits(x)
-        return F.linear(self.model.norm(x), self._head_rows)
+        return linear(self.model.norm(x), self._head_rows)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:  # [...] int64 TARGET ids -> [..., H]
         weight = self.model.embed_tokens.weight if self.layout.embed_in_checkpoint else self.target_embed
@@ -324,7 +325,7 @@ class Eagle3Drafter(nn.Module):
             g = layer.step(self.embed(tokens), g, positions + j, keys, values, n_max + j, mask)
             if self.config.norm_output:  # speculators Eagle 3.1: the next step reads norm(x); logits = head(norm(x))
                 g = self.model.norm(g)
-                logits.append(self.model.lm_head(g) if self._head_rows is None else F.linear(g, self._head_rows))
+                logits.append(self.model.lm_head(g) if self._head_rows is None else linear(g, self._head_rows))
             else:
                 logits.append(self._logits(g))
             hidden.append(g)
@@ -352,8 +353,7 @@ class Eagle3Drafter(nn.Module):
         probs, indices, tokens = [], [], []
 
         def pick(j: int, logits: torch.Tensor) -> torch.Tensor:
-            q = sampling.probs(logits)
-            idx = sample_from_probs(q, uniforms[:, j].to(q.device))  # inverse CDF; greedy rows: argmax
+            q, idx = draw(sampling, logits, uniforms[:, j].to(logits.device))  # inverse CDF; greedy rows: argmax
             probs.append(q)
             indices.append(idx)
             tokens.append(self.to_target(idx))

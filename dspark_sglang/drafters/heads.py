@@ -20,11 +20,11 @@ Attribute names equal the checkpoint's (`markov_w1`, `markov_w2`, `gate_proj`, `
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from dspark_sglang.cpu_linear import Linear, linear
 from dspark_sglang.drafters.interface import DraftBlock
-from dspark_sglang.sampling import SamplingBatch, process_logits, sample_from_probs, top1_of_logits
+from dspark_sglang.sampling import SamplingBatch, draw, top1_of_logits
 
 
 class MarkovHead(nn.Module):
@@ -35,11 +35,11 @@ class MarkovHead(nn.Module):
         self.kind, self.rank = kind, rank
         self.markov_w1 = nn.Embedding(vocab_size, rank)  # indexed by the previous TARGET id
         # W2 projects onto the logits' vocabulary: a checkpoint's own draft vocabulary when it has one.
-        self.markov_w2 = nn.Linear(rank, draft_vocab_size or vocab_size, bias=False)
+        self.markov_w2 = Linear(rank, draft_vocab_size or vocab_size, bias=False)
         if kind == "gated":
-            self.gate_proj = nn.Linear(hidden_size + rank, rank)
+            self.gate_proj = Linear(hidden_size + rank, rank)
         elif kind == "rnn":
-            self.joint_proj = nn.Linear(2 * rank + hidden_size, 3 * rank)
+            self.joint_proj = Linear(2 * rank + hidden_size, 3 * rank)
 
     def initial_state(self, num_reqs: int, like: torch.Tensor) -> torch.Tensor | None:
         """s_{-1} = 0 for the RNN head ([R, rank]); None for the stateless heads."""
@@ -53,7 +53,7 @@ class MarkovHead(nn.Module):
         w2_rows: torch.Tensor | None = None,  # [Vd, rank] W2's rows of a reduced draft vocabulary
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Bias B_k [R, V] (or [R, Vd] with `w2_rows`) for one slot, and the next RNN state."""
-        project = self.markov_w2 if w2_rows is None else (lambda x: F.linear(x, w2_rows))
+        project = self.markov_w2 if w2_rows is None else (lambda x: linear(x, w2_rows))
         if self.kind == "vanilla":
             return project(prev_rows), None
         if self.kind == "gated":
@@ -100,7 +100,7 @@ class ConfidenceHead(nn.Module):
     def __init__(self, hidden_size: int, markov_rank: int):
         super().__init__()
         self.with_markov = markov_rank > 0  # features [h ; W1[prev]] rather than [h]
-        self.proj = nn.Linear(hidden_size + markov_rank, 1)
+        self.proj = Linear(hidden_size + markov_rank, 1)
 
     def forward(
         self,
@@ -127,12 +127,11 @@ def sample_independent(
 ) -> DraftBlock:
     """DFlash: every slot sampled on its own from process_logits(U_k) (no sequential head)."""
     num_reqs, gamma, vocab = logits.shape
-    probs = process_logits(
-        logits.reshape(num_reqs * gamma, vocab),
-        _repeat(sampling.temperatures, gamma), _repeat(sampling.top_ks, gamma),
-        _repeat(sampling.top_ps, gamma), _repeat(sampling.min_ps, gamma), filtering=sampling.filtering,
-    )  # [R * G, V]
-    tokens = sample_from_probs(probs, _uniforms((num_reqs * gamma,), logits, generator))
+    slots = SamplingBatch(  # one row per (request, slot)
+        _repeat(sampling.temperatures, gamma), _repeat(sampling.top_ks, gamma), _repeat(sampling.top_ps, gamma),
+        _repeat(sampling.min_ps, gamma), filtering=sampling.filtering, all_greedy=sampling.all_greedy,
+    )
+    probs, tokens = draw(slots, logits.reshape(num_reqs * gamma, vocab), _uniforms((num_reqs * gamma,), logits, generator))
     token_probs = probs.gather(-1, tokens[:, None]).squeeze(-1)
     return DraftBlock(
         tokens=tokens.view(num_reqs, gamma),
@@ -202,8 +201,7 @@ def sample_sequential_with_uniforms(
         if markov is not None:
             bias, state = markov.step(hidden[:, k], rows, state, w2_rows)
             step_logits = step_logits + bias
-        q = sampling.probs(step_logits)
-        index = sample_from_probs(q, uniforms[:, k])  # [R] over the scored vocabulary
+        q, index = draw(sampling, step_logits, uniforms[:, k])  # [R, V or Vd], [R] over the scored vocabulary
         prev = index if vocab is None else vocab.to_target(index)
         tokens.append(prev)
         indices.append(index)

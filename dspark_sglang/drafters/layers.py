@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dspark_sglang.cpu_linear import Linear
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -34,9 +36,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_proj = Linear(hidden, intermediate, bias=False)
+        self.up_proj = Linear(hidden, intermediate, bias=False)
+        self.down_proj = Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -88,10 +90,10 @@ class Attention(nn.Module):
         if num_heads % num_kv_heads:
             raise ValueError(f"num_attention_heads={num_heads} is not a multiple of num_key_value_heads={num_kv_heads}")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.q_proj = nn.Linear(in_features, num_heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(in_features, num_kv_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(in_features, num_kv_heads * head_dim, bias=False)
-        self.o_proj = nn.Linear(num_heads * head_dim, out_features, bias=False)
+        self.q_proj = Linear(in_features, num_heads * head_dim, bias=False)
+        self.k_proj = Linear(in_features, num_kv_heads * head_dim, bias=False)
+        self.v_proj = Linear(in_features, num_kv_heads * head_dim, bias=False)
+        self.o_proj = Linear(num_heads * head_dim, out_features, bias=False)
         self.qk_norm = qk_norm
         if qk_norm:
             self.q_norm = RMSNorm(head_dim, eps)

@@ -1,54 +1,24 @@
-"""Opt-in faster float32 matmuls for few-row batches on CPU: SGLang's linear layers and LM head.
+"""Opt-in faster float32 matmuls for few-row batches on CPU, in SGLang's linear layers and LM head.
 
-On a CPU, a decode step of a small model and a speculative verify of a few tokens are
-weight-bound: every matmul streams its whole weight for 1-16 rows of activations. PyTorch's
-`F.linear(x, W)` for such rows takes a path that does not stay weight-bound in float32. Measured
-on this project's 2-core machine (one thread, SmolLM2-135M's shapes, 30 layers + LM head, weights
-streamed from memory, best of 5, nothing else running; `python -m dspark_sglang.benchmarks.cpu_gemm`
-re-measures it on yours; examples/bench/cpu-gemm-row-block/results.json, 2026-12-08):
-
-    rows                      1      2      3      4      5      6      8     16     24     32
-    F.linear (stock)        45 ms  78 ms 102 ms  65 ms  75 ms  73 ms  74 ms  96 ms 118 ms 142 ms
-    few-rows: W @ x^T       30 ms  30 ms  46 ms  50 ms  60 ms  71 ms  77 ms 115 ms 150 ms 161 ms
-    row-dot (numba)         25 ms  28 ms  28 ms  33 ms  37 ms  44 ms  53 ms  89 ms 118 ms 151 ms
-
-Two kernels, chosen by `DSPARK_CPU_GEMM`:
-- ``few-rows``: `W @ x^T` (the weight as the left operand of BLAS's GEMM) keeps 2 rows at the cost of
-  one (1-5 rows in the layers, 1-8 in the LM head);
-- ``row-dot``: blocks of up to 5 activation rows, one pass over the weight per block, compiled with
-  numba (1-16 rows). It keeps 3 rows at 1.15x and 4 at 1.34x the cost of one, and a row's result does
-  not depend on how many rows came with it, so a verify row equals the decode step's bit for bit.
-  Past 5 rows it is 2+ passes; from 24 rows on the stock GEMM is as fast, and the hooks hand it back.
-In the engine, row-dot made the batch-1 decode step 0.79x few-rows' (42.5 vs 53.7 ms) and a W = 3 verify
-1.15x that step (examples/bench/round-cost, session 6). Why not register-block several weight rows
-per pass: examples/bench/cpu-gemm-row-block/variants.py. In bfloat16 the stock path is already
-weight-bound: only float32 is served here.
-
-Both change the last bits of float32 results against stock, so they are opt-in and apply to every
-engine of a process tree alike: `DSPARK_CPU_GEMM=few-rows|row-dot` in the environment of a plain or a
-speculative server. Benchmarks that compare plain with speculative decoding set it for both or for
-neither.
+`DSPARK_CPU_GEMM=few-rows|row-dot` in a server's environment registers two AROUND hooks that hand
+SGLang's unquantized linear layers and its LM head to a few-row kernel of `dspark_sglang.cpu_linear`
+(measured there, and in examples/bench/cpu-gemm-row-block), and selects the same kernel for the
+drafter's own matmuls. Both kernels change the last bits of float32 results against stock, so they
+are opt-in and apply to every engine of a process tree alike: plain and speculative servers.
+Benchmarks that compare plain with speculative decoding set the variable for both or for neither.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 
-import numba
-import numpy as np
 import torch
 
+from dspark_sglang import cpu_linear
 
 ENV = "DSPARK_CPU_GEMM"
 LINEAR_TARGET = "sglang.srt.layers.quantization.unquant.UnquantizedLinearMethod.apply"
 LM_HEAD_TARGET = "sglang.srt.layers.logits_processor.LogitsProcessor._compute_lm_head"
-
-# Row counts served by W @ x^T (measured table above): up to 5 rows for the decoder layers' mixed
-# shapes, up to 8 for the wide LM head, where the stock path stays slower for longer.
-MAX_ROWS_LINEAR = 5
-MAX_ROWS_LM_HEAD = 8
-ROW_DOT_MAX_ROWS = 16  # row-dot is ahead of stock through 16 rows and level at 24 (table above)
 
 
 def requested_kernel(environ=os.environ) -> str | None:
@@ -57,113 +27,24 @@ def requested_kernel(environ=os.environ) -> str | None:
     value = environ.get(ENV, "").strip().lower()
     if value in ("", "stock", "0"):
         return None
-    if value in KERNELS:
+    if value in cpu_linear.KERNELS:
         return value
-    raise ValueError(f"{ENV}={value!r}: expected one of {', '.join(KERNELS)} or 'stock'")
+    raise ValueError(f"{ENV}={value!r}: expected one of {', '.join(cpu_linear.KERNELS)} or 'stock'")
 
 
 def requested(environ=os.environ) -> bool:
     return requested_kernel(environ) is not None
 
 
-def few_row_linear(
-    x: torch.Tensor,  # [M, K]
-    weight: torch.Tensor,  # [N, K]
-    bias: torch.Tensor | None = None,  # [N]
-) -> torch.Tensor:
-    """x @ weight.T + bias ([M, N], contiguous) with the weight as the left operand of the GEMM."""
-    rows = x if x.shape[0] > 1 else torch.cat([x, x])  # one row: a GEMV, the slow path; two: a GEMM
-    out = torch.mm(weight, rows.t()).t()[: x.shape[0]].contiguous()  # [M, N]
-    return out if bias is None else out + bias
-
-
-ROW_BLOCK_MAX = 5  # rows one pass over a weight serves (6+ gave no gain; 8 spills registers: see row_block_kernel)
-
-
-def _row_block_source(block: int) -> str:
-    """Source of the kernel for `block` activation rows: one pass over weight row j feeds `block` scalar
-    accumulators, so the row streams from memory once and is read from L1 once per k for all of them."""
-    acc = [f"acc{i}" for i in range(block)]
-    return "\n".join([
-        "def kernel(x, weight, out):  # x [block, K], weight [N, K], out [block, N]: float32 numpy views",
-        "    for j in range(weight.shape[0]):",
-        *[f"        {a} = np.float32(0.0)" for a in acc],
-        "        for k in range(x.shape[1]):",
-        "            w = weight[j, k]",
-        *[f"            {a} += x[{i}, k] * w" for i, a in enumerate(acc)],
-        *[f"        out[{i}, j] = {a}" for i, a in enumerate(acc)],
-    ])
-
-
-@functools.cache
-def row_block_kernel(block: int):
-    """The compiled kernel for `block` (1..ROW_BLOCK_MAX) rows. Every accumulator is the same vectorized
-    reduction over k whatever `block` is, so a row's result does not depend on the rows beside it
-    (tests/unit/test_cpu_gemm.py checks it bit for bit; at 8 accumulators LLVM splits the reduction
-    differently, so blocks stop at 5)."""
-    if not 1 <= block <= ROW_BLOCK_MAX:
-        raise ValueError(f"row block of {block} rows: expected 1..{ROW_BLOCK_MAX}")
-    namespace = {"np": np}
-    exec(compile(_row_block_source(block), f"<row_block_kernel {block}>", "exec"), namespace)
-    return numba.njit(fastmath=True, nogil=True)(namespace["kernel"])
-
-
-def row_blocks(rows: int) -> list[int]:
-    """Near-equal block sizes of at most ROW_BLOCK_MAX that add up to `rows` (7 -> [4, 3])."""
-    count = -(-rows // ROW_BLOCK_MAX)
-    return [rows // count + (i < rows % count) for i in range(count)]
-
-
-def row_dot_linear(
-    x: torch.Tensor,  # [M, K]
-    weight: torch.Tensor,  # [N, K]
-    bias: torch.Tensor | None = None,  # [N]
-) -> torch.Tensor:
-    """x @ weight.T + bias ([M, N]) in blocks of up to ROW_BLOCK_MAX rows, one pass over the weight per
-    block (numba): up to 5 rows cost about what one row costs, and row m's result does not depend on M,
-    so a verify row equals the decode step's for the same input bit for bit."""
-    rows = x.contiguous().numpy()
-    out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
-    weight_np, out_np = weight.contiguous().numpy(), out.numpy()
-    start = 0
-    for block in row_blocks(x.shape[0]):
-        row_block_kernel(block)(rows[start:start + block], weight_np, out_np[start:start + block])
-        start += block
-    return out if bias is None else out + bias
-
-
-def compile_row_blocks() -> None:
-    """Compile every block kernel now (about a second in all; a server compiles each on first use,
-    in SGLang's warm-up request, since only the processes that run the model need them)."""
-    for block in range(1, ROW_BLOCK_MAX + 1):
-        row_dot_linear(torch.zeros(block, 16), torch.zeros(4, 16))
-
-
-def serves(x: torch.Tensor, weight: torch.Tensor, max_rows: int) -> bool:
-    """Whether `few_row_linear` should replace the stock matmul for these operands."""
-    return (
-        x.device.type == "cpu" and weight.device.type == "cpu"
-        and x.dtype == torch.float32 and weight.dtype == torch.float32
-        and x.dim() == 2 and weight.dim() == 2 and 0 < x.shape[0] <= max_rows
-        and x.shape[1] == weight.shape[1]
-    )
-
-
-KERNELS = {"few-rows": few_row_linear, "row-dot": row_dot_linear}
-# Each kernel's row range: (decoder layers, LM head).
-KERNEL_MAX_ROWS = {"few-rows": (MAX_ROWS_LINEAR, MAX_ROWS_LM_HEAD), "row-dot": (ROW_DOT_MAX_ROWS, ROW_DOT_MAX_ROWS)}
-_kernel = few_row_linear  # what the hooks call; install() sets it from DSPARK_CPU_GEMM
-_max_rows_linear, _max_rows_lm_head = KERNEL_MAX_ROWS["few-rows"]  # that kernel's row ranges
-
-
 def _linear_apply(original, self, layer, x, bias=None):
-    """AROUND `UnquantizedLinearMethod.apply`: few float32 rows on CPU take `few_row_linear`."""
-    weight = getattr(layer, "weight", None)
+    """AROUND `UnquantizedLinearMethod.apply`: few float32 rows on CPU take the selected kernel."""
+    chosen, weight = cpu_linear.selection(), getattr(layer, "weight", None)
     if (
-        isinstance(weight, torch.Tensor) and not getattr(layer, "use_intel_amx_backend", False)
-        and serves(x, weight, _max_rows_linear) and (bias is None or bias.dtype == torch.float32)
+        chosen is not None and isinstance(weight, torch.Tensor)
+        and not getattr(layer, "use_intel_amx_backend", False)
+        and cpu_linear.serves(x, weight, chosen.max_rows_linear) and (bias is None or bias.dtype == torch.float32)
     ):
-        return _kernel(x, weight, bias)
+        return chosen.kernel(x, weight, bias)
     return original(self, layer, x, bias)
 
 
@@ -173,16 +54,16 @@ def _compute_lm_head(original, self, hidden_states, lm_head, embedding_bias=None
     ignores `out` (only CUDA writes into it) and `embedding_bias` (only a quantized head adds it)."""
     from sglang.srt.layers.logits_processor import should_apply_lm_head_quant_method
 
-    weight = getattr(lm_head, "weight", None)
+    chosen, weight = cpu_linear.selection(), getattr(lm_head, "weight", None)
     if (
-        isinstance(weight, torch.Tensor)
+        chosen is not None and isinstance(weight, torch.Tensor)
         and not (hasattr(lm_head, "set_lora") and hasattr(lm_head, "apply_lora"))
         and not should_apply_lm_head_quant_method(lm_head, getattr(lm_head, "quant_method", None))
         and not getattr(lm_head, "use_intel_amx_backend", False)
         and getattr(self, "rl_on_policy_target", None) is None
-        and serves(hidden_states, weight, _max_rows_lm_head)
+        and cpu_linear.serves(hidden_states, weight, chosen.max_rows_lm_head)
     ):
-        return _kernel(hidden_states, weight)
+        return chosen.kernel(hidden_states, weight)
     return original(self, hidden_states, lm_head, embedding_bias, out=out)
 
 
@@ -196,17 +77,17 @@ def active() -> bool:
 
 def active_kernel() -> str:
     """The kernel the hooks run in this process ("stock" when they are not installed)."""
-    return next((name for name, fn in KERNELS.items() if fn is _kernel), "stock") if active() else "stock"
+    chosen = cpu_linear.selection()
+    return chosen.name if chosen is not None and active() else "stock"
 
 
 def install() -> bool:
-    """Register both AROUND hooks when the environment asks for it (called from the plugin's register)."""
-    global _kernel, _max_rows_linear, _max_rows_lm_head
+    """Select the kernel `DSPARK_CPU_GEMM` names and register both AROUND hooks (called from the
+    plugin's register); nothing when it names none."""
     name = requested_kernel()
     if name is None:
         return False
-    _kernel = KERNELS[name]
-    _max_rows_linear, _max_rows_lm_head = KERNEL_MAX_ROWS[name]
+    cpu_linear.select(name)
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     for target, hook in ((LINEAR_TARGET, _linear_apply), (LM_HEAD_TARGET, _compute_lm_head)):

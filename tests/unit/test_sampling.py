@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dspark_sglang.sampling import SamplingBatch, is_greedy, process_logits, sample_from_probs
+from dspark_sglang.sampling import SamplingBatch, draw, is_greedy, process_logits, sample_from_probs
 
 INF = float("inf")
 NAN = float("nan")
@@ -295,3 +295,50 @@ def test_worker_reads_the_filter_flag_off_sglangs_host_flags():
     none = dict(need_top_k_sampling=False, need_top_p_sampling=False, need_min_p_sampling=False)
     assert sampling_batch(info([0.7, 0.7], [1 << 30, 1 << 30], is_all_greedy=False, **none)).filtering is False
     assert sampling_batch(info([0.7], [1 << 30])).filtering is None  # no flags: process_logits checks
+
+
+# ---------------------------------------------------------------------------------------------
+# draw: the all-greedy shortcut
+
+
+_LOGIT = st.one_of(st.floats(-50, 50, width=32), st.sampled_from([INF, -INF, NAN, 0.0, 1.0]))
+
+
+def _greedy_batch(rows: int, top_k_one: list[bool]) -> SamplingBatch:
+    """Greedy rows both ways SGLang marks them: temperature 0, or top_k 1 (how greedy requests arrive)."""
+    return SamplingBatch(
+        temperatures=torch.tensor([1.0 if k else 0.0 for k in top_k_one]),
+        top_ks=torch.tensor([1 if k else -1 for k in top_k_one], dtype=torch.int64),
+        top_ps=torch.ones(rows), min_ps=torch.zeros(rows), filtering=False, all_greedy=True,
+    )
+
+
+@given(st.data())
+@settings(max_examples=200, deadline=None)
+def test_draw_shortcut_equals_the_general_path_on_greedy_batches(data):
+    """NaN/inf logits and ties included: the one-hot q and the token are the very tensors the softmax +
+    inverse-CDF path gives."""
+    rows, vocab = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 9))
+    logits = torch.tensor(data.draw(st.lists(st.lists(_LOGIT, min_size=vocab, max_size=vocab), min_size=rows,
+                                             max_size=rows)), dtype=torch.float32)
+    batch = _greedy_batch(rows, data.draw(st.lists(st.booleans(), min_size=rows, max_size=rows)))
+    uniforms = torch.tensor(data.draw(st.lists(st.floats(0, 1), min_size=rows, max_size=rows)), dtype=torch.float32)
+    q, token = draw(batch, logits, uniforms)
+    general = SamplingBatch(batch.temperatures, batch.top_ks, batch.top_ps, batch.min_ps, filtering=False,
+                            all_greedy=None)
+    q_ref, token_ref = draw(general, logits, uniforms)
+    assert torch.equal(q_ref, general.probs(logits)) and torch.equal(token_ref, sample_from_probs(q_ref, uniforms))
+    assert q.dtype == q_ref.dtype == torch.float32
+    assert torch.equal(q, q_ref)
+    assert torch.equal(token, token_ref)
+
+
+def test_draw_shortcut_is_only_exact_for_greedy_rows():
+    """Negative control: flagging a sampled batch all-greedy would change its draws, so the equality above
+    is not one any path passes."""
+    logits = torch.tensor([[0.0, 1.0, 0.5, 0.9]] * 64)
+    uniforms = torch.linspace(0.01, 0.99, 64)
+    sampled = SamplingBatch(torch.ones(64), torch.full((64,), -1), torch.ones(64), torch.zeros(64), filtering=False)
+    flagged = SamplingBatch(sampled.temperatures, sampled.top_ks, sampled.top_ps, sampled.min_ps, filtering=False,
+                            all_greedy=True)
+    assert not torch.equal(draw(sampled, logits, uniforms)[1], draw(flagged, logits, uniforms)[1])

@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python examples/bench/cpu-gemm-row-block/variants.py
 
-Row-dot (dspark_sglang/sglang/cpu_gemm.py) reads, per k, one weight value and M activation values for M
+Row-dot (dspark_sglang/cpu_linear.py) reads, per k, one weight value and M activation values for M
 FMAs: about one L1 load per FMA, which caps it near 35 % of the FMA peak once M rows make it compute-bound.
 The textbook fix is register blocking: 4 weight rows x 2 activation rows per inner loop (6 loads per 8
 FMAs). This times both on one (3072 x 576) projection, float32, best of 10:
@@ -15,7 +15,7 @@ import time
 import numba
 import numpy as np
 
-from dspark_sglang.sglang.cpu_gemm import row_block_kernel
+from dspark_sglang.cpu_linear import row_block_kernel
 
 
 @numba.njit(fastmath=True, nogil=True)
