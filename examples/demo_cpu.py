@@ -22,15 +22,16 @@ from dspark_sglang.cpu_mode import cpu_engine_kwargs, enable_cpu_mode
 PROMPT_SETS = ("gsm8k", "humaneval", "mtbench")
 PROFILES = Path(__file__).resolve().parent / "profiles"
 # The CPU profile of this target, made with the same matmuls the engines run (--cpu-gemm).
-COST_TABLES = {"stock": PROFILES / "smollm2-135m-cpu.json", "few-rows": PROFILES / "smollm2-135m-cpu-few-rows.json"}
+COST_TABLES = {"stock": PROFILES / "smollm2-135m-cpu.json", "few-rows": PROFILES / "smollm2-135m-cpu-few-rows.json",
+               "row-dot": PROFILES / "smollm2-135m-cpu-row-dot.json"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--drafter", default=None, help="drafter checkpoint (default: the zoo DSpark drafter)")
-    parser.add_argument("--cpu-gemm", choices=sorted(COST_TABLES), default="few-rows",
-                        help="DSPARK_CPU_GEMM for both engines, speculative and plain (default: few-rows, the "
-                        "faster float32 matmuls for 1-8 rows: README, 'DSPARK_CPU_GEMM')")
+    parser.add_argument("--cpu-gemm", choices=sorted(COST_TABLES), default="row-dot",
+                        help="DSPARK_CPU_GEMM for both engines, speculative and plain, unless the environment sets "
+                        "it (default: row-dot, the faster float32 matmuls for 1-16 rows: README, 'DSPARK_CPU_GEMM')")
     parser.add_argument("--cost-table", default=None,
                         help="steps/s table the scheduler sizes verification with (default: the committed "
                         "CPU profile of this target made with --cpu-gemm's matmuls; '' for none, which "
@@ -68,9 +69,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     enable_cpu_mode()  # before sglang is imported: its scheduler processes inherit the environment
     os.environ.setdefault("DSPARK_CPU_GEMM", args.cpu_gemm)  # inherited by both engines' schedulers
-    from dspark_sglang.sglang.cpu_gemm import requested as few_rows_requested
+    from dspark_sglang.sglang.cpu_gemm import requested_kernel
 
-    gemm = "few-rows" if few_rows_requested() else "stock"  # what both engines will run
+    gemm = requested_kernel() or "stock"  # what both engines will run (the environment may have set it)
     cost_table = str(COST_TABLES[gemm]) if args.cost_table is None else args.cost_table
     if cost_table:
         os.environ.setdefault("DSPARK_COST_TABLE", cost_table)  # read by the plugin's settings

@@ -8,9 +8,12 @@ this process (no scheduler, no server, the way SGLang's `benchmark/one_batch.py`
 every repeat sees the same committed contexts.
 
 The worker needs logits at every verified position; an EXTEND without input logprobs returns only
-the last one, so with ``all_logits=True`` (the default) the step captures the final hidden states
-(`CaptureHiddenMode.FULL`) and multiplies them by the LM head, as the worker does, inside the timed
-region.
+the last one, so with ``all_logits=True`` (the default) the step runs under the worker's own
+`verify.every_position_logits`: SGLang's LogitsProcessor computes every position's logits in its one
+LM-head pass (through whatever LM-head hook is installed, e.g. `DSPARK_CPU_GEMM`), and the final hidden
+states are captured (`CaptureHiddenMode.FULL`), as in the worker's verify. (Until 2026-12-08 the
+profile multiplied the captured states by the LM head in a second, unhooked pass: on CPU that added a
+stock float32 GEMM of 2-3 rows, 24-35 ms, to every multi-token probe.)
 
 CPU: the engine needs `SGLANG_USE_CPU_ENGINE=1` before sglang is imported and the `sgl_kernel`
 fallback (`common_ops`) on `sys.path`; `dspark_sglang.cpu_mode.enable_cpu_mode()` does both.
@@ -108,7 +111,7 @@ class SglangStepRunner:
         from sglang.srt.managers.schedule_batch import ScheduleBatch
         from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardBatch, ForwardMode
 
-        from dspark_sglang.sglang.verify import fast_verify_attention
+        from dspark_sglang.sglang.verify import every_position_logits, fast_verify_attention
         from sglang.srt.runtime_context import get_schedule
         from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 
@@ -134,11 +137,12 @@ class SglangStepRunner:
         mode = CaptureHiddenMode.FULL if capture_all else None
         forward_batch = ForwardBatch.init_new(batch, runner, capture_hidden_mode=mode,
                                               return_hidden_states_before_norm=False)
-        with fast_verify_attention(runner.attn_backend):  # the worker's verify attention
+        # The worker's verify attention, and its one-pass logits at every position ([sum(widths), V]).
+        with fast_verify_attention(runner.attn_backend), \
+                every_position_logits(runner.model, active=capture_all and not as_decode):
             output = runner.forward(forward_batch).logits_output
-        if capture_all:
-            hidden = output.hidden_states  # [sum(widths), H]
-            _ = hidden @ runner.model.lm_head.weight.t()  # [sum(widths), V] all-position logits
+        if capture_all and not as_decode and output.next_token_logits.shape[0] != forward_batch.input_ids.shape[0]:
+            raise RuntimeError("the profiled verify step did not compute every position's logits")
         return batch
 
     def _synchronize(self) -> None:
