@@ -119,13 +119,6 @@ def row_dot_linear(
     return out if bias is None else out + bias
 
 
-def compile_row_blocks() -> None:
-    """Compile every block kernel now (about a second in all; a server compiles each on first use,
-    in SGLang's warm-up request, since only the processes that run the model need them)."""
-    for block in range(1, ROW_BLOCK_MAX + 1):
-        row_dot_linear(torch.zeros(block, 16), torch.zeros(4, 16))
-
-
 def serves(x: torch.Tensor, weight: torch.Tensor, max_rows: int) -> bool:
     """Whether a few-row kernel should replace the stock matmul for these operands."""
     return (
