@@ -162,6 +162,18 @@ def selection() -> Selection | None:
     return _selection
 
 
+def kernel_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, lm_head: bool = False):
+    """The selected kernel when it should compute `F.linear(x [M, K], weight, bias)` (float32 on CPU,
+    within its row range for a decoder layer or an LM head), else None: the stock path."""
+    chosen = _selection
+    if chosen is None:
+        return None
+    max_rows = chosen.max_rows_lm_head if lm_head else chosen.max_rows_linear
+    if serves(x, weight, max_rows) and (bias is None or bias.dtype == torch.float32):
+        return chosen.kernel
+    return None
+
+
 def linear(
     x: torch.Tensor,  # [..., K]
     weight: torch.Tensor,  # [N, K]
@@ -169,11 +181,11 @@ def linear(
 ) -> torch.Tensor:
     """`F.linear`, through the selected few-row kernel when one is selected and the operands qualify
     (no gradients needed, float32 on CPU, at most its row range of rows)."""
-    chosen = _selection
-    if chosen is not None and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+    if _selection is not None and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         rows = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x  # [M, K]
-        if serves(rows, weight, chosen.max_rows_linear) and (bias is None or bias.dtype == torch.float32):
-            return chosen.kernel(rows, weight, bias).reshape(*x.shape[:-1], weight.shape[0])
+        kernel = kernel_for(rows, weight, bias)
+        if kernel is not None:
+            return kernel(rows, weight, bias).reshape(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 
 

@@ -32,19 +32,13 @@ def requested_kernel(environ=os.environ) -> str | None:
     raise ValueError(f"{ENV}={value!r}: expected one of {', '.join(cpu_linear.KERNELS)} or 'stock'")
 
 
-def requested(environ=os.environ) -> bool:
-    return requested_kernel(environ) is not None
-
-
 def _linear_apply(original, self, layer, x, bias=None):
     """AROUND `UnquantizedLinearMethod.apply`: few float32 rows on CPU take the selected kernel."""
-    chosen, weight = cpu_linear.selection(), getattr(layer, "weight", None)
-    if (
-        chosen is not None and isinstance(weight, torch.Tensor)
-        and not getattr(layer, "use_intel_amx_backend", False)
-        and cpu_linear.serves(x, weight, chosen.max_rows_linear) and (bias is None or bias.dtype == torch.float32)
-    ):
-        return chosen.kernel(x, weight, bias)
+    weight = getattr(layer, "weight", None)
+    if isinstance(weight, torch.Tensor) and not getattr(layer, "use_intel_amx_backend", False):
+        kernel = cpu_linear.kernel_for(x, weight, bias)
+        if kernel is not None:
+            return kernel(x, weight, bias)
     return original(self, layer, x, bias)
 
 
@@ -54,16 +48,17 @@ def _compute_lm_head(original, self, hidden_states, lm_head, embedding_bias=None
     ignores `out` (only CUDA writes into it) and `embedding_bias` (only a quantized head adds it)."""
     from sglang.srt.layers.logits_processor import should_apply_lm_head_quant_method
 
-    chosen, weight = cpu_linear.selection(), getattr(lm_head, "weight", None)
+    weight = getattr(lm_head, "weight", None)
     if (
-        chosen is not None and isinstance(weight, torch.Tensor)
+        isinstance(weight, torch.Tensor)
         and not (hasattr(lm_head, "set_lora") and hasattr(lm_head, "apply_lora"))
         and not should_apply_lm_head_quant_method(lm_head, getattr(lm_head, "quant_method", None))
         and not getattr(lm_head, "use_intel_amx_backend", False)
         and getattr(self, "rl_on_policy_target", None) is None
-        and cpu_linear.serves(hidden_states, weight, chosen.max_rows_lm_head)
     ):
-        return chosen.kernel(hidden_states, weight)
+        kernel = cpu_linear.kernel_for(hidden_states, weight, lm_head=True)
+        if kernel is not None:
+            return kernel(hidden_states, weight)
     return original(self, hidden_states, lm_head, embedding_bias, out=out)
 
 

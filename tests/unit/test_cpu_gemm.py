@@ -108,14 +108,8 @@ def test_lm_head_hook_matches_sglangs_own(select_kernel):
     assert len(calls) == 2  # too many rows, an on-policy cast: SGLang's own path
 
 
-@pytest.mark.parametrize("value,expected", [("", False), ("stock", False), ("0", False), ("few-rows", True),
-                                            ("FEW-ROWS", True)])
-def test_requested(value, expected):
-    assert cpu_gemm.requested({cpu_gemm.ENV: value}) is expected
-
-
-@pytest.mark.parametrize("value,expected", [("", None), ("stock", None), ("few-rows", "few-rows"),
-                                            ("Row-Dot", "row-dot")])
+@pytest.mark.parametrize("value,expected", [("", None), ("stock", None), ("0", None), ("few-rows", "few-rows"),
+                                            ("FEW-ROWS", "few-rows"), ("Row-Dot", "row-dot")])
 def test_requested_kernel(value, expected):
     assert cpu_gemm.requested_kernel({cpu_gemm.ENV: value}) == expected
 
@@ -147,7 +141,7 @@ def test_row_block_kernels_refuse_blocks_past_the_limit():
 
 def test_requested_refuses_unknown_values():
     with pytest.raises(ValueError, match="DSPARK_CPU_GEMM"):
-        cpu_gemm.requested({cpu_gemm.ENV: "fast"})
+        cpu_gemm.requested_kernel({cpu_gemm.ENV: "fast"})
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 8, 13])
